@@ -1,0 +1,61 @@
+"""The `qlora-pipeline` flow: the DAG and nothing else. Stage logic lives in `tasks/`."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel
+
+from pipeline_config import load_config
+from tasks.evaluate import evaluate_quantized_task, evaluate_task
+from tasks.gate import gate_task
+from tasks.merge import merge_task
+from tasks.publish import Release, publish_task
+from tasks.quantize import quantize_task
+from tasks.stage import StageResult
+from tasks.train import train_task
+from tasks.validate import validate_task
+
+
+class PipelineResult(BaseModel):
+    release: Release
+    stages: list[StageResult]
+
+
+@flow(name="qlora-pipeline", log_prints=True)
+def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None) -> PipelineResult:
+    """Validate -> train -> evaluate -> gate -> merge -> quantize -> evaluate quantized -> gate -> publish.
+
+    config: path of a pipeline YAML (the embedded default when empty); overrides: `section.key=value`.
+    """
+    cfg = load_config(config, overrides or [])
+
+    data = validate_task(cfg)
+    adapter = train_task(cfg, data)
+    evaluation = evaluate_task(cfg, data, adapter)
+    finetune_gate = gate_task(cfg, "finetune", evaluation)
+    merged = merge_task(cfg, data, adapter)
+    quantized = quantize_task(cfg, data, merged)
+    quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized)
+    quantized_gate = gate_task(cfg, "quantized", quantized_evaluation)
+    release = publish_task(cfg, {
+        "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,
+        "merged": merged, "gptq": quantized, "quantized_evaluation": quantized_evaluation,
+        "gate_quantized": quantized_gate,
+    })
+
+    stages = [data, adapter, evaluation, finetune_gate, merged, quantized, quantized_evaluation, quantized_gate]
+    summarize(stages, release)
+    return PipelineResult(release=release, stages=stages)
+
+
+def summarize(stages: list[StageResult], release: Release) -> None:
+    rows = [{"stage": s.stage, "cache": "hit" if s.cache_hit else "built", "seconds": round(s.seconds, 1),
+             "artifact": s.ref.uri} for s in stages]
+    rows.append({"stage": "publish", "cache": "new" if release.created else "existing",
+                 "seconds": round(release.seconds, 1), "artifact": release.path})
+    create_table_artifact(key="run-summary", table=rows, description="qlora-pipeline run summary")
+    width = max(len(r["stage"]) for r in rows)
+    print("stage".ljust(width), "  cache     seconds  artifact")
+    for r in rows:
+        print(r["stage"].ljust(width), f"  {r['cache']:<8} {r['seconds']:>8.1f}  {r['artifact']}")

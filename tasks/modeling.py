@@ -1,0 +1,77 @@
+"""Loading the models every stage works with, in one place so they are loaded the same way."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# transformers and gptqmodel print progress bars and advisory warnings by default; a pipeline log
+# is read by people, so keep it to what we log ourselves.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders; never reach for a hub
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        # bf16 matmuls on this CPU run ~50x slower than fp32; on a GPU bf16 is the fast path.
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # With pad == eos, code that strips or masks pads also drops the end-of-turn token and the
+        # model never learns to stop; use a distinct token the vocabulary already has.
+        vocab = tokenizer.get_vocab()
+        for candidate in ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>"):
+            if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                break
+    tokenizer.padding_side = "left"  # batched greedy generation needs prompts flush right
+    return tokenizer
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,
+    )
+
+
+def load_base_4bit(path: str | Path, compute_dtype: torch.dtype, device: str):
+    """The base model with NF4 + double-quantized linear layers, the way QLoRA trains it."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), quantization_config=nf4_config(compute_dtype), dtype=compute_dtype, device_map=device
+    )
+
+
+def load_full(path: str | Path, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device)
+
+
+def load_finetuned(base_path: str | Path, adapter_path: str | Path, compute_dtype: torch.dtype, device: str):
+    """The trained model exactly as trained: 4-bit base plus the LoRA adapter."""
+    from peft import PeftModel
+
+    base = load_base_4bit(base_path, compute_dtype, device)
+    return PeftModel.from_pretrained(base, str(adapter_path))

@@ -1,0 +1,61 @@
+"""What every stage task shares: cache lookup, building into a fresh folder, sealing, timing."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+from pydantic import BaseModel
+
+from tasks.artifacts import ArtifactRef, ArtifactStore, cache_key
+
+
+class StageResult(BaseModel):
+    """What a stage task returns to the flow: a reference to its artifact and how it was obtained."""
+
+    stage: str
+    ref: ArtifactRef
+    cache_hit: bool
+    seconds: float
+
+
+def run_stage(
+    stage: str,
+    store: ArtifactStore,
+    *,
+    code: str,
+    config: Any,
+    inputs: dict[str, str],
+    build: Callable[[Path, str], None],
+) -> StageResult:
+    """Return the cached artifact for this stage's key, or build it with `build(workdir, key)`.
+
+    `build` writes the artifact's files into workdir; the key is passed along so a stage can keep
+    resumable scratch state (checkpoints) under it. A failing build leaves nothing behind.
+    """
+    logger = get_run_logger()
+    start = time.perf_counter()
+    key = cache_key(stage, code, config, inputs)
+    if (ref := store.lookup(stage, key)) is not None:
+        logger.info("%s: cache hit (key %s) -> %s", stage, key[:12], ref.uri)
+        return StageResult(stage=stage, ref=ref, cache_hit=True, seconds=time.perf_counter() - start)
+    workdir = store.new_workdir()
+    try:
+        build(workdir, key)
+        ref = store.put(workdir, kind=stage)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    store.record(stage, key, ref)
+    seconds = time.perf_counter() - start
+    logger.info("%s: built %s in %.1f s", stage, ref.uri, seconds)
+    return StageResult(stage=stage, ref=ref, cache_hit=False, seconds=seconds)
+
+
+def section(config: BaseModel) -> dict[str, Any]:
+    """A config section as plain JSON data, for cache keys."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,132 @@
+"""Shared test fixtures: one real Prefect server per test session, the embedded assets, a tiny model.
+
+The Prefect server is started in pytest_configure, before any test module imports prefect, so
+every in-process flow and every subprocess (CLI, worker) talks to the same real server instead
+of each starting an ephemeral one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+ASSETS = REPO / ".qlora" / "assets"
+_server: subprocess.Popen | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True, and everything it started."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _server
+    os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1",
+                      GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
+    if os.environ.get("PREFECT_API_URL"):
+        return  # a server was given to us
+    home = Path(config.rootpath) / ".qlora" / "test-prefect-home"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    log = open(home / "server.log", "wb")
+    _server = subprocess.Popen(
+        [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    wait_http(f"{url}/health", timeout=120, process=_server)
+    os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _server is not None:
+        stop(_server)
+
+
+@pytest.fixture(scope="session")
+def assets() -> dict[str, Path]:
+    """The embedded default's model and data (prepared once; `make test` prepares them first)."""
+    from pipeline_config.embedded import prepare_assets
+
+    return prepare_assets(ASSETS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(assets, tmp_path_factory) -> Path:
+    """A 2-layer Llama with SmolLM2's real tokenizer and chat template and random weights: every
+    stage runs for real on it in seconds. Dimensions are multiples of 64 for NF4 and GPTQ groups."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    config = AutoConfig.from_pretrained(assets["model"])
+    config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(assets["model"]).save_pretrained(out)
+    return out
+
+
+def write_config(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, assets, tiny_model) -> Path:
+    """A pipeline config that runs every stage on the tiny model in about a minute."""
+    return write_config(
+        tmp_path / "tiny.yaml",
+        run_name="tiny",
+        data={"train_path": str(assets["data"] / "train.jsonl"), "eval_path": str(assets["data"] / "eval.jsonl"),
+              "contract": str(REPO / "data_contracts" / "alpaca.json"), "max_seq_len": 128},
+        model={"base": str(tiny_model), "name": "tiny-llama"},
+        lora={"r": 4, "alpha": 8},
+        train={"max_steps": 4, "tokens_per_step": 256, "learning_rate": 1e-3, "warmup_steps": 0,
+               "checkpoint_every": 2, "log_every": 2},
+        eval={"max_examples": 16, "exact_match_examples": 4, "max_new_tokens": 4},
+        gates={"max_perplexity": 1e9, "min_perplexity_gain": 0.0, "max_quantized_perplexity_increase": 1.0},
+        quantize={"calibration_examples": 8, "calibration_seq_len": 64},
+        publish={"registry": str(tmp_path / "registry"), "repo": "tiny-release"},
+        artifacts={"root": str(tmp_path / "artifacts")},
+    )

@@ -1,0 +1,68 @@
+"""The whole flow, every stage for real, on a tiny model: publish, caching, gates."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import qlora_pipeline
+from pipeline_config import load_config
+
+
+def cache_hits(result) -> dict[str, bool]:
+    return {stage.stage: stage.cache_hit for stage in result.stages}
+
+
+@pytest.mark.slow
+def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
+    cfg = load_config(tiny_config)
+    first = qlora_pipeline(config=str(tiny_config))
+    release = first.release
+    assert release.created and release.version == "v1"
+    assert not any(cache_hits(first).values())
+
+    version_dir = Path(release.path)
+    for name in ("config.json", "model.safetensors", "README.md", "metrics.json", "release.json",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "tokenizer.json"):
+        assert (version_dir / name).is_file(), name
+    assert json.loads((version_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    metrics = json.loads((version_dir / "metrics.json").read_text())
+    assert {"finetune", "quantized", "gates"} <= metrics.keys()
+    card = (version_dir / "README.md").read_text()
+    assert card.startswith("---\n") and "base_model: tiny-llama" in card and "gptq-perplexity-increase" in card
+
+    # The published GPTQ model loads through transformers and generates.
+    from tasks.gptq import load_quantized
+    from tasks.modeling import load_tokenizer
+
+    model, tokenizer = load_quantized(version_dir), load_tokenizer(version_dir)
+    prompt = tokenizer("Hello", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+    adapter_metrics = json.loads(
+        (Path(cfg.artifacts.root) / "objects" / first.stages[1].ref.sha256 / "train_metrics.json").read_text())
+    assert adapter_metrics["last_loss"] < adapter_metrics["first_loss"]
+
+    # Nothing changed: every stage is a cache hit and no new version appears.
+    second = qlora_pipeline(config=str(tiny_config))
+    assert all(cache_hits(second).values())
+    assert not second.release.created and second.release.version == "v1"
+
+    # Only a gate threshold changed: the gates re-run, stages whose inputs are unchanged do not.
+    third = qlora_pipeline(config=str(tiny_config), overrides=["gates.max_perplexity=1e8"])
+    hits = cache_hits(third)
+    assert hits == {"validate": True, "train": True, "evaluate": True, "gate-finetune": False, "merge": True,
+                    "quantize": True, "evaluate-quantized": True, "gate-quantized": False}
+    assert third.release.created and third.release.version == "v2"
+
+
+@pytest.mark.slow
+def test_failed_gate_fails_the_run_and_publishes_nothing(tiny_config):
+    cfg = load_config(tiny_config)
+    state = qlora_pipeline(config=str(tiny_config), overrides=["gates.max_perplexity=0.001"], return_state=True)
+    assert state.is_failed()
+    assert "max-perplexity" in state.message
+    registry = Path(cfg.publish.registry)
+    assert not registry.exists() or not any(registry.rglob("release.json"))
+
