@@ -63,14 +63,26 @@ def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_path_hashes: dict[tuple, str] = {}
+
+
 def sha256_path(path: Path) -> str:
-    """Content hash of a file or a folder, for inputs that live outside the store."""
-    path = Path(path)
-    return sha256_tree(path)[0] if path.is_dir() else sha256_file(path)
+    """Content hash of a file or a folder, for inputs that live outside the store.
+
+    Several stages hash the same base model (hundreds of MB) in one run; the hash is memoized per
+    process on (path, size, mtime) of every file, so an edited file is always hashed again.
+    """
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    signature = (str(path), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if signature not in _path_hashes:
+        _path_hashes[signature] = sha256_tree(path)[0] if path.is_dir() else sha256_file(path)
+    return _path_hashes[signature]
 
 
 def code_hash(*objects: Any) -> str:
-    """Hash of the source files that define the given modules/functions: a code change invalidates the cache."""
+    """Hash of the source files of the given modules (or of the modules defining the given functions):
+    a stage lists the modules it runs, so a change there, and only there, invalidates its cache."""
     sources = sorted({inspect.getsourcefile(obj) for obj in objects})
     return sha256_json({Path(s).name: sha256_file(Path(s)) for s in sources})
 

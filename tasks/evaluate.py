@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 from pathlib import Path
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 
 from pipeline_config import PipelineConfig
-from tasks import artifacts, dataset, metrics, modeling, stage
+from tasks import artifacts, dataset, gptq, metrics, modeling, stage
 from tasks.artifacts import ArtifactStore
 from tasks.stage import StageResult
 
@@ -59,8 +60,6 @@ def evaluate_finetune(cfg: PipelineConfig, data_dir: Path, adapter_dir: Path, ou
 
 def evaluate_quantized(cfg: PipelineConfig, data_dir: Path, merged_dir: Path, gptq_dir: Path, out_dir: Path) -> dict:
     """Score the merged model and its GPTQ quantization on the same held-out rows."""
-    from tasks import gptq
-
     device = modeling.resolve_device(cfg.train.device)
     tokenizer = modeling.load_tokenizer(gptq_dir)
     rows = dataset.read_jsonl(data_dir / "eval.jsonl")
@@ -76,7 +75,7 @@ def evaluate_quantized(cfg: PipelineConfig, data_dir: Path, merged_dir: Path, gp
 
 
 def _log(results: dict) -> None:
-    logger = get_run_logger()
+    logger = stage.logger()
     for name, scores in results.items():
         shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float)}
         logger.info("evaluate: %s %s", name, shown)
@@ -92,7 +91,7 @@ def evaluate_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult) 
     return stage.run_stage(
         "evaluate",
         store,
-        code=artifacts.code_hash(evaluate_finetune, metrics.response_perplexity, dataset.render_prompt),
+        code=artifacts.code_hash(sys.modules[__name__], metrics, dataset, modeling),
         config={"eval": stage.section(cfg.eval), "model": stage.section(cfg.model), "device": cfg.train.device},
         inputs={"data": data.ref.sha256, "adapter": adapter.ref.sha256,
                 "base_model": artifacts.sha256_path(Path(cfg.model.base))},
@@ -113,7 +112,7 @@ def evaluate_quantized_task(
     return stage.run_stage(
         "evaluate-quantized",
         store,
-        code=artifacts.code_hash(evaluate_quantized, metrics.response_perplexity, dataset.render_prompt),
+        code=artifacts.code_hash(sys.modules[__name__], metrics, dataset, modeling, gptq),
         config={"eval": stage.section(cfg.eval), "device": cfg.train.device},
         inputs={"data": data.ref.sha256, "merged": merged.ref.sha256, "gptq": quantized.ref.sha256},
         build=build,

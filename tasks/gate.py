@@ -7,9 +7,10 @@ release can always say why it was allowed out.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
@@ -87,7 +88,7 @@ def apply_gates(name: str, gates: GatesConfig, metrics_dir: Path, out_dir: Path)
         raise GateFailed(f"{name} gates failed: " + "; ".join(
             f"{d.gate} ({d.metric} = {d.value:.4f}, required {d.comparison} {d.threshold:.4f})" for d in failing))
     (out_dir / "gates.json").write_text(json.dumps([d.model_dump() for d in decisions], indent=1))
-    get_run_logger().info("gate %s: all %d gates passed", name, len(decisions))
+    stage.logger().info("gate %s: all %d gates passed", name, len(decisions))
     return decisions
 
 
@@ -97,7 +98,7 @@ def gate_task(cfg: PipelineConfig, name: str, evaluation: StageResult) -> StageR
     return stage.run_stage(
         f"gate-{name}",
         store,
-        code=artifacts.code_hash(apply_gates),
+        code=artifacts.code_hash(sys.modules[__name__]),
         config=stage.section(cfg.gates),
         inputs={"metrics": evaluation.ref.sha256},
         build=lambda workdir, key: apply_gates(name, cfg.gates, store.local_path(evaluation.ref), workdir),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,8 +30,10 @@ from torch import nn
 # Kernel used when loading on CUDA. The automatic choice on Hopper is Machete, which downloads CUTLASS at run
 # time and therefore fails offline; the Triton GPTQ kernel needs nothing beyond the installed triton package.
 DEFAULT_CUDA_BACKEND = "gptq_triton"
-# Kernel used when loading on CPU: gptqmodel's pure-torch GPTQ kernel (dequantize + matmul), no compilation.
-DEFAULT_CPU_BACKEND = "gptq_torch"
+# Kernel used when loading on CPU: ATen's int4-packed CPU matmul (what gptqmodel's "auto" picks on CPU). It needs
+# no compilation; "gptq_torch" instead wraps every layer's dequantization in torch.compile, which on CPU costs
+# minutes of (re)compilation on first forward.
+DEFAULT_CPU_BACKEND = "gptq_torch_aten"
 
 
 def _configure_gptqmodel_env() -> None:
@@ -92,7 +95,13 @@ def gptq_quantize(
     load_s = time.perf_counter() - load_start
 
     quantize_start = time.perf_counter()
-    model.quantize(calibration, batch_size=1, tokenizer=tokenizer)
+    # gptqmodel writes per-layer log files into ./logs of whatever the working directory is; keep
+    # them out of the user's checkout (and out of the artifact) in a folder removed afterwards.
+    from gptqmodel.looper import loop_processor
+
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-logs-") as log_dir:
+        loop_processor._PROJECT_LOG_DIR = Path(log_dir)
+        model.quantize(calibration, batch_size=1, tokenizer=tokenizer)
     quantize_s = time.perf_counter() - quantize_start
 
     save_start = time.perf_counter()

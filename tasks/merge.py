@@ -8,12 +8,12 @@ error back in. A fidelity check measures how far the merged logits are from the 
 
 from __future__ import annotations
 
-import gc
 import json
+import sys
 from pathlib import Path
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 
 from pipeline_config import PipelineConfig
 from tasks import artifacts, dataset, modeling, stage
@@ -24,32 +24,14 @@ FIDELITY_PROMPTS = 8
 
 
 @torch.no_grad()
-def dequantized_nf4_weights(base_path: str | Path) -> dict[str, torch.Tensor]:
-    """Every NF4 linear weight of the base, quantized exactly as in training, then dequantized (fp32)."""
-    import bitsandbytes as bnb
-
-    quantized = modeling.load_base_4bit(base_path, torch.float32, "cpu")
-    weights = {}
-    for name, module in quantized.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weights[f"{name}.weight"] = bnb.functional.dequantize_4bit(
-                module.weight.data, module.weight.quant_state
-            ).to(torch.float32)
-    del quantized
-    gc.collect()
-    return weights
-
-
-@torch.no_grad()
 def merge_adapter(base_path: str | Path, adapter_dir: Path, mode: str = "dequantize"):
     """The merged model (fp32, CPU) as a plain transformers model."""
     from peft import PeftModel
 
-    model = modeling.load_full(base_path, torch.float32, "cpu")
     if mode == "dequantize":
-        params = dict(model.named_parameters())
-        for name, weight in dequantized_nf4_weights(base_path).items():
-            params[name].copy_(weight)
+        model = modeling.load_dequantized_base(base_path, torch.float32, "cpu")
+    else:
+        model = modeling.load_full(base_path, torch.float32, "cpu")
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
 
@@ -70,14 +52,15 @@ def logit_difference(reference, candidate, tokenizer, rows: list[dict]) -> dict[
 def merge_model(cfg: PipelineConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
     merged = merge_adapter(cfg.model.base, adapter_dir, cfg.merge.mode)
     tokenizer = modeling.load_tokenizer(adapter_dir)
-    trained = modeling.load_finetuned(cfg.model.base, adapter_dir, torch.float32, "cpu").eval()
+    # The reference is the trained model on the bitsandbytes 4-bit kernels, as in training.
+    trained = modeling.load_finetuned(cfg.model.base, adapter_dir, torch.float32, "cpu", kernel="bnb").eval()
     rows = dataset.read_jsonl(data_dir / "eval.jsonl")[:FIDELITY_PROMPTS]
     fidelity = {"mode": cfg.merge.mode, **logit_difference(trained, merged.eval(), tokenizer, rows)}
     del trained
     merged.to(getattr(torch, cfg.merge.dtype)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "fidelity.json").write_text(json.dumps(fidelity, indent=1))
-    get_run_logger().info("merge: %s merge, max |logit diff| vs trained model %.4g",
+    stage.logger().info("merge: %s merge, max |logit diff| vs trained model %.4g",
                           cfg.merge.mode, fidelity["max_abs_logit_diff"])
     return fidelity
 
@@ -88,7 +71,7 @@ def merge_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult) -> 
     return stage.run_stage(
         "merge",
         store,
-        code=artifacts.code_hash(merge_model, modeling.load_base_4bit),
+        code=artifacts.code_hash(sys.modules[__name__], modeling, dataset),
         config=stage.section(cfg.merge),
         inputs={"adapter": adapter.ref.sha256, "data": data.ref.sha256,
                 "base_model": artifacts.sha256_path(Path(cfg.model.base))},

@@ -69,9 +69,47 @@ def load_full(path: str | Path, dtype: torch.dtype, device: str):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device)
 
 
-def load_finetuned(base_path: str | Path, adapter_path: str | Path, compute_dtype: torch.dtype, device: str):
-    """The trained model exactly as trained: 4-bit base plus the LoRA adapter."""
+@torch.no_grad()
+def dequantized_nf4_weights(base_path: str | Path) -> dict[str, torch.Tensor]:
+    """Every NF4 linear weight of the base, quantized exactly as in training, then dequantized (fp32)."""
+    import bitsandbytes as bnb
+
+    quantized = load_base_4bit(base_path, torch.float32, "cpu")
+    weights = {}
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weights[f"{name}.weight"] = bnb.functional.dequantize_4bit(
+                module.weight.data, module.weight.quant_state
+            ).to(torch.float32)
+    return weights
+
+
+@torch.no_grad()
+def load_dequantized_base(base_path: str | Path, dtype: torch.dtype, device: str):
+    """The base with every linear weight replaced by dequant(NF4(W)): the weights the adapter was
+    trained against, held in ordinary tensors."""
+    model = load_full(base_path, dtype, device)
+    params = dict(model.named_parameters())
+    for name, weight in dequantized_nf4_weights(base_path).items():
+        params[name].copy_(weight)
+    return model
+
+
+def load_finetuned(base_path: str | Path, adapter_path: str | Path, compute_dtype: torch.dtype, device: str,
+                   kernel: str = "auto"):
+    """The trained model: NF4 base plus the LoRA adapter.
+
+    kernel "bnb" runs the bitsandbytes 4-bit layers, as training did. "dequantized" holds the same
+    dequantized NF4 values in plain fp32 layers: the same function up to float rounding, and on the
+    CPU several times faster for generation, where bitsandbytes dequantizes every weight for every
+    token. "auto" picks bnb on a GPU and dequantized on the CPU.
+    """
     from peft import PeftModel
 
-    base = load_base_4bit(base_path, compute_dtype, device)
+    if kernel == "auto":
+        kernel = "bnb" if device == "cuda" else "dequantized"
+    if kernel == "bnb":
+        base = load_base_4bit(base_path, compute_dtype, device)
+    else:
+        base = load_dequantized_base(base_path, compute_dtype, device)
     return PeftModel.from_pretrained(base, str(adapter_path))

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from pipeline_config import PipelineConfig
 from tasks import artifacts, dataset, gptq, modeling, stage
@@ -36,7 +37,7 @@ def quantize_model(cfg: PipelineConfig, data_dir: Path, merged_dir: Path, out_di
     )
     report["calibration_fingerprint"] = artifacts.sha256_json(texts)
     (out_dir / "quantization.json").write_text(json.dumps(report, indent=1, default=str))
-    get_run_logger().info("quantize: GPTQ %d-bit, group %d, %d calibration examples, %.0f s",
+    stage.logger().info("quantize: GPTQ %d-bit, group %d, %d calibration examples, %.0f s",
                           q.bits, q.group_size, len(texts), report["timings_s"]["total"])
     return report
 
@@ -47,7 +48,7 @@ def quantize_task(cfg: PipelineConfig, data: StageResult, merged: StageResult) -
     return stage.run_stage(
         "quantize",
         store,
-        code=artifacts.code_hash(quantize_model, gptq.gptq_quantize, dataset.render_chat),
+        code=artifacts.code_hash(sys.modules[__name__], gptq, dataset, modeling),
         config={"quantize": stage.section(cfg.quantize), "seed": cfg.seed},
         inputs={"merged": merged.ref.sha256, "data": data.ref.sha256},
         build=lambda workdir, key: quantize_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -9,9 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 from pydantic import BaseModel
 
 from tasks.artifacts import ArtifactRef, ArtifactStore, cache_key
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task run (lines reach the UI); a plain logger when a
+    stage function is called directly, e.g. from a test or a notebook."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("qlora_pipeline")
 
 
 class StageResult(BaseModel):
@@ -37,11 +48,11 @@ def run_stage(
     `build` writes the artifact's files into workdir; the key is passed along so a stage can keep
     resumable scratch state (checkpoints) under it. A failing build leaves nothing behind.
     """
-    logger = get_run_logger()
+    log = logger()
     start = time.perf_counter()
     key = cache_key(stage, code, config, inputs)
     if (ref := store.lookup(stage, key)) is not None:
-        logger.info("%s: cache hit (key %s) -> %s", stage, key[:12], ref.uri)
+        log.info("%s: cache hit (key %s) -> %s", stage, key[:12], ref.uri)
         return StageResult(stage=stage, ref=ref, cache_hit=True, seconds=time.perf_counter() - start)
     workdir = store.new_workdir()
     try:
@@ -52,7 +63,7 @@ def run_stage(
         raise
     store.record(stage, key, ref)
     seconds = time.perf_counter() - start
-    logger.info("%s: built %s in %.1f s", stage, ref.uri, seconds)
+    log.info("%s: built %s in %.1f s", stage, ref.uri, seconds)
     return StageResult(stage=stage, ref=ref, cache_hit=False, seconds=seconds)
 
 

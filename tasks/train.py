@@ -12,14 +12,17 @@ stage's cache key, so a retry or a re-run after a crash resumes instead of start
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 
 from pipeline_config import PipelineConfig
 from tasks import artifacts, dataset, modeling, stage
@@ -27,6 +30,9 @@ from tasks.artifacts import ArtifactStore
 from tasks.stage import StageResult
 
 CHECKPOINT = "checkpoint.pt"
+# Training loss on these first packs, before and after training, is the "did it learn" signal:
+# per-step losses on different packs are too noisy to compare over a few dozen steps.
+PROBE_PACKS = 4
 
 
 def seed_everything(seed: int) -> None:
@@ -74,11 +80,25 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict]) -> None:
+def as_batch(pack: dataset.Pack, device: str) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor([getattr(pack, name)], device=device) for name in ("input_ids", "labels", "position_ids")}
+
+
+@torch.no_grad()
+def probe_loss(model, packs: list[dataset.Pack], device: str) -> float:
+    model.eval()
+    losses = [model(**as_batch(pack, device), use_cache=False).loss.item() for pack in packs]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict],
+                    probe_before: float) -> None:
     from peft import get_peft_model_state_dict
 
     state = {
         "step": step,
+        "probe_loss_before": probe_before,
         "adapter": get_peft_model_state_dict(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -90,7 +110,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history:
     tmp.replace(path)  # only complete checkpoints ever carry the final name
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[dict], float]:
     from peft import set_peft_model_state_dict
 
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -99,20 +119,16 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
-    return state["step"], state["history"]
+    return state["step"], state["history"], state["probe_loss_before"]
 
 
 def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, scratch_dir: Path) -> dict:
     """Train the LoRA adapter; write it, the tokenizer and train_metrics.json into out_dir."""
-    logger = get_run_logger()
+    logger = stage.logger()
     seed_everything(cfg.seed)
     device = modeling.resolve_device(cfg.train.device)
-    tokenizer = modeling.load_tokenizer(cfg.model.base)
-
-    rows = dataset.read_jsonl(dataset_dir / "train.jsonl")
-    examples, dropped = dataset.tokenize_rows(
-        tokenizer, rows, cfg.data.max_seq_len, cfg.train.loss_on_responses_only
-    )
+    # The validate artifact's tokenizer (chat template, pad) and tokenized examples; packed below.
+    tokenizer, examples, dropped = dataset.load_training_data(dataset_dir, cfg)
     budget = max(cfg.train.tokens_per_step, cfg.data.max_seq_len)
     logger.info("train: %d examples (%d over %d tokens dropped)", len(examples), dropped, cfg.data.max_seq_len)
 
@@ -125,10 +141,13 @@ def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, scratch
 
     scratch_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = scratch_dir / CHECKPOINT
+    probe = list(itertools.islice(dataset.pack_stream(examples, budget, cfg.seed), PROBE_PACKS))
     step, history = 0, []
     if checkpoint.exists():
-        step, history = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        step, history, probe_before = load_checkpoint(checkpoint, model, optimizer, scheduler)
         logger.info("train: resumed from checkpoint at step %d of %d", step, cfg.train.max_steps)
+    else:
+        probe_before = probe_loss(model, probe, device)
     resumed_from = step
 
     model.train()
@@ -138,11 +157,7 @@ def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, scratch
         next(packs)
     while step < cfg.train.max_steps:
         pack = next(packs)
-        batch = {
-            name: torch.tensor([getattr(pack, name)], device=device)
-            for name in ("input_ids", "labels", "position_ids")
-        }
-        loss = model(**batch, use_cache=False).loss
+        loss = model(**as_batch(pack, device), use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -160,18 +175,17 @@ def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, scratch
                 step, cfg.train.max_steps, loss.item(), rate, eta,
             )
         if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, step, history)
+            save_checkpoint(checkpoint, model, optimizer, scheduler, step, history, probe_before)
 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    window = max(1, min(5, len(history) // 2))
     metrics = {
         "examples": len(examples),
         "dropped_over_length": dropped,
         "steps": step,
         "resumed_from_step": resumed_from,
-        "first_loss": sum(h["loss"] for h in history[:window]) / window,
-        "last_loss": sum(h["loss"] for h in history[-window:]) / window,
+        "probe_loss_before": probe_before,
+        "probe_loss_after": probe_loss(model, probe, device),
         "history": history,
         "device": device,
     }
@@ -186,11 +200,12 @@ def train_task(cfg: PipelineConfig, data: StageResult) -> StageResult:
     def build(workdir: Path, key: str) -> None:
         scratch = store.scratch_dir("train", key)
         train_adapter(cfg, store.local_path(data.ref), workdir, scratch)
+        shutil.rmtree(scratch, ignore_errors=True)  # the finished adapter supersedes its checkpoints
 
     return stage.run_stage(
         "train",
         store,
-        code=artifacts.code_hash(train_adapter, dataset.tokenize_example, modeling.load_base_4bit),
+        code=artifacts.code_hash(sys.modules[__name__], dataset, modeling),
         config={
             "seed": cfg.seed,
             "model": stage.section(cfg.model),
@@ -201,3 +216,31 @@ def train_task(cfg: PipelineConfig, data: StageResult) -> StageResult:
         inputs={"data": data.ref.sha256, "base_model": artifacts.sha256_path(Path(cfg.model.base))},
         build=build,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the trainer alone, outside Prefect: `python -m tasks.train --config C --data-dir D --out-dir O`.
+
+    The same entry point a multi-process launcher (accelerate launch) starts; a test uses it to kill
+    training mid-run and check that the next run resumes.
+    """
+    import argparse
+    import logging
+
+    from pipeline_config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.train")
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--data-dir", required=True, help="a validate artifact (train.jsonl)")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--scratch-dir", required=True, help="checkpoints; reused to resume")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_adapter(load_config(args.config, args.set), Path(args.data_dir), out, Path(args.scratch_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,7 @@ def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
 
     adapter_metrics = json.loads(
         (Path(cfg.artifacts.root) / "objects" / first.stages[1].ref.sha256 / "train_metrics.json").read_text())
-    assert adapter_metrics["last_loss"] < adapter_metrics["first_loss"]
+    assert adapter_metrics["probe_loss_after"] < adapter_metrics["probe_loss_before"]
 
     # Nothing changed: every stage is a cache hit and no new version appears.
     second = qlora_pipeline(config=str(tiny_config))
@@ -66,3 +66,18 @@ def test_failed_gate_fails_the_run_and_publishes_nothing(tiny_config):
     registry = Path(cfg.publish.registry)
     assert not registry.exists() or not any(registry.rglob("release.json"))
 
+
+
+def test_bad_data_stops_the_run_before_training(tiny_config, tmp_path, assets):
+    rows = (assets["data"] / "train.jsonl").read_text().splitlines()
+    broken = json.loads(rows[6])
+    broken["output"] = ""  # line 7 breaks the non-empty rule
+    rows[6] = json.dumps(broken)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+
+    state = qlora_pipeline(config=str(tiny_config), overrides=[f"data.train_path={bad}"], return_state=True)
+    assert state.is_failed()
+    assert "output-length-1-to-4000" in state.message and "| 7:" in state.message
+    artifacts_root = Path(load_config(tiny_config).artifacts.root)
+    assert not (artifacts_root / "index" / "train").exists()  # no stage after validate ran
