@@ -1,10 +1,9 @@
-"""`qlora-pipeline` command line. Exit codes: 0 success, 1 the run or the data failed, 2 usage/config error."""
+"""`qlora-pipeline` command line (run | validate | publish | prepare-assets). Exit codes: 0 success, 1 the run or the data failed, 2 usage/config error."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pipeline_config import ConfigError, load_config
 
@@ -20,20 +19,25 @@ def cmd_prepare_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tasks.contracts import DataError
-    from tasks.validate import validate_file
-
+    """Exit 0: the data passed (report on stdout); 1: it failed or cannot be read (the problem and
+    where it is on stderr, never a traceback); 2: usage or config error."""
     cfg = load_config(args.config, args.set)
-    paths = [Path(args.data)] if args.data else [Path(cfg.data.train_path), Path(cfg.data.eval_path)]
-    passed = True
-    for path in paths:
-        try:
-            report, _ = validate_file(path, Path(cfg.data.contract), cfg.data.format)
-        except DataError as problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return EXIT_FAILED
-        print(f"## `{path}`\n\n{report.to_markdown()}")
-        passed &= report.passed
+    try:
+        from tasks.contracts import DataError
+        from tasks.validate import validate_for_cli
+
+        passed, report = validate_for_cli(cfg, args.data, args.format)
+    except DataError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as problem:  # noqa: BLE001 - a data check must never end in a traceback
+        print(f"error: validation could not run: {type(problem).__name__}: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    print(report)
+    if not passed:
+        failed = [line.split("|")[1].strip() for line in report.splitlines()
+                  if line.startswith("| ") and "| FAIL" in line]
+        print(f"error: data contract failed: {', '.join(failed)} (rules, counts and rows above)", file=sys.stderr)
     return EXIT_OK if passed else EXIT_FAILED
 
 
@@ -48,6 +52,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     release = state.result().release
     print(f"release: {release.repo}/{release.version} at {release.path}"
           f"{'' if release.created else ' (already published; nothing new)'}")
+    print(f"release bundle: {release.bundle}  (re-publish: qlora-pipeline publish --release {release.bundle})")
+    return EXIT_OK
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Publish an already built release bundle again (to publish.target), running no stage."""
+    cfg = load_config(args.config, args.set)
+    from tasks.hub import HubError, preflight
+    from tasks.publish import publish_bundle, ref_from_uri
+
+    try:
+        store, ref = ref_from_uri(args.release)
+    except ValueError as problem:
+        print(f"error: --release: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        preflight(cfg)
+        release = publish_bundle(cfg, store, ref)
+    except HubError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"release: {release.repo}/{release.version} at {release.path}"
+          f"{'' if release.created else ' (already published; nothing new)'}")
+    return EXIT_OK
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    """Resume a run waiting for approval with the reviewer's decision (Prefect's REST resume endpoint)."""
+    from tasks.approval import resume_with_decision
+
+    approved = args.command == "approve"
+    try:
+        state = resume_with_decision(args.run_id, approved, args.reviewer, args.comment or "")
+    except ValueError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"flow run {args.run_id} {'approved' if approved else 'rejected'} by {args.reviewer}; now {state}")
     return EXIT_OK
 
 
@@ -66,8 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check data against its contract (no training)")
     with_config(validate)
-    validate.add_argument("--data", help="a data file to check instead of the config's train and eval files")
+    validate.add_argument("--data", help="a data file (or datasets folder/id) to check instead of the config's "
+                                          "train and eval data")
+    validate.add_argument("--format", choices=["auto", "alpaca", "prompt-completion", "messages"],
+                          help="row format (default: data.format)")
     validate.set_defaults(func=cmd_validate)
+
+    publish = commands.add_parser("publish", help="publish an already built release bundle (runs no stage)")
+    with_config(publish)
+    publish.add_argument("--release", required=True, metavar="ARTIFACT_URI",
+                         help="the release bundle artifact, <artifacts.root>/objects/<sha256> (printed by `run`)")
+    publish.set_defaults(func=cmd_publish)
+
+    for verb, help_text in (("approve", "approve a run waiting for review: it goes on to publish"),
+                            ("reject", "reject a run waiting for review: it ends Failed, unpublished")):
+        review = commands.add_parser(verb, help=help_text)
+        review.add_argument("run_id", metavar="RUN_ID", help="the flow run id (Prefect UI or `prefect flow-run ls`)")
+        review.add_argument("--reviewer", required=True)
+        review.add_argument("--comment", required=verb == "reject", help="required when rejecting")
+        review.set_defaults(func=cmd_review)
 
     assets = commands.add_parser("prepare-assets", help="build the embedded default's model and data")
     assets.add_argument("--dir", default=".qlora/assets")

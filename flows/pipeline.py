@@ -7,10 +7,11 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 from pipeline_config import load_config
+from tasks.approval import await_approval
 from tasks.evaluate import evaluate_quantized_task, evaluate_task
 from tasks.gate import gate_task
 from tasks.merge import merge_task
-from tasks.publish import Release, publish_task
+from tasks.publish import Release, preflight_task, publish_task
 from tasks.quantize import quantize_task
 from tasks.stage import StageResult
 from tasks.train import train_task
@@ -24,11 +25,13 @@ class PipelineResult(BaseModel):
 
 @flow(name="qlora-pipeline", log_prints=True)
 def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None) -> PipelineResult:
-    """Validate -> train -> evaluate -> gate -> merge -> quantize -> evaluate quantized -> gate -> publish.
+    """Preflight -> validate -> train -> evaluate -> gate -> merge -> quantize -> evaluate quantized -> gate
+    -> [human approval] -> publish.
 
     config: path of a pipeline YAML (the embedded default when empty); overrides: `section.key=value`.
     """
     cfg = load_config(config, overrides or [])
+    preflight_task(cfg)  # the publish target is reachable (Hub token, repo visibility) before any training
 
     data = validate_task(cfg)
     adapter = train_task(cfg, data)
@@ -38,11 +41,12 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
     quantized = quantize_task(cfg, data, merged)
     quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized)
     quantized_gate = gate_task(cfg, "quantized", quantized_evaluation)
+    review = await_approval(cfg.approval.timeout_s) if cfg.approval.required else None
     release = publish_task(cfg, {
         "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,
         "merged": merged, "gptq": quantized, "quantized_evaluation": quantized_evaluation,
         "gate_quantized": quantized_gate,
-    })
+    }, review)
 
     stages = [data, adapter, evaluation, finetune_gate, merged, quantized, quantized_evaluation, quantized_gate]
     summarize(stages, release)

@@ -16,11 +16,22 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    train_path: str = Field(description="Training rows (JSONL/JSON/CSV/Parquet, alpaca-style).")
-    eval_path: str = Field(description="Held-out rows, same format; never trained on.")
-    format: Literal["alpaca"] = "alpaca"
-    contract: str = Field("data_contracts/alpaca.json", description="Great Expectations suite (JSON).")
-    max_seq_len: int = Field(256, gt=8, description="Longer rendered examples are dropped (and counted).")
+    train_path: str = Field(description="Training rows: a JSONL/JSON/CSV/Parquet file, a local `datasets` folder "
+                            "or a dataset id (NAME#SPLIT picks a split).")
+    eval_path: str | None = Field(None, description="Held-out rows, never trained on; unset: split off the "
+                                  "training rows by seed (eval_fraction).")
+    format: Literal["auto", "alpaca", "prompt-completion", "messages"] = Field(
+        "auto", description="Row format; auto detects it from the columns.")
+    contract: str | None = Field(None, description="Great Expectations suite (JSON); unset: "
+                                 "data_contracts/<format>.json for the (detected) format.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out when eval_path is unset.")
+    max_seq_len: int = Field(256, gt=8, description="Token limit per rendered example (see length_policy).")
+    length_policy: Literal["drop", "truncate", "fail"] = Field(
+        "drop", description="Longer examples: drop them, truncate them, or fail the run; always counted and reported.")
+    max_duplicate_rate: float = Field(0.05, ge=0.0, le=1.0, description="Exact + normalized duplicates are removed; "
+                                      "a higher share of duplicated rows fails the run.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder; unset: model.base.")
+    chat_template: str | None = Field(None, description="A .jinja chat template replacing the tokenizer's own.")
 
 
 class ModelConfig(Section):
@@ -90,8 +101,28 @@ class QuantizeConfig(Section):
 
 
 class PublishConfig(Section):
+    target: str = Field(
+        "local", pattern=r"^(local|hf://[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)$",
+        description="local: the registry folder below; hf://ORG/NAME: a (private) Hugging Face Hub repo.",
+    )
     registry: str = Field(".qlora/registry", description="Local registry folder (one folder per repo).")
     repo: str = Field(description="Repository name inside the registry.")
+    allow_public: bool = Field(False, description="Hub: allow publishing into an existing public repo.")
+    token_secret: str | None = Field(
+        None, description="Hub: name of a Prefect Secret block holding the token; unset: the HF_TOKEN variable."
+    )
+    endpoint: str | None = Field(None, description="Hub URL; unset: huggingface_hub's default (honours HF_ENDPOINT).")
+    transfer: Literal["auto", "lfs"] = Field(
+        "auto", description="Hub large-file path: auto = Xet when hf_xet is installed, else LFS; lfs = always LFS."
+    )
+    hub_extras: list[Literal["adapter", "merged"]] = Field(
+        default_factory=list, description="Hub: also publish these as repos ORG/NAME-adapter, ORG/NAME-merged."
+    )
+
+
+class ApprovalConfig(Section):
+    required: bool = Field(False, description="Wait for `qlora-pipeline approve RUN_ID` after the gates pass.")
+    timeout_s: int = Field(86400, gt=0, description="Unanswered this long, the run ends Failed, unpublished.")
 
 
 class ArtifactsConfig(Section):
@@ -109,5 +140,6 @@ class PipelineConfig(Section):
     gates: GatesConfig = GatesConfig()
     merge: MergeConfig = MergeConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    approval: ApprovalConfig = ApprovalConfig()
     publish: PublishConfig
     artifacts: ArtifactsConfig = ArtifactsConfig()

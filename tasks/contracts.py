@@ -29,11 +29,18 @@ from pydantic import BaseModel  # noqa: E402
 # GX logs each ephemeral docs folder it creates at INFO (and sets its logger's level on import);
 # in a pipeline log that is noise.
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
+logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
 
 Severity = Literal["error", "warning"]
 
 LINE_COLUMN = "line"
-SUPPORTED_FORMATS = ("alpaca",)
+FORMATS = ("alpaca", "prompt-completion", "messages")
+SUPPORTED_FORMATS = ("auto", *FORMATS)
+CONTRACTS_DIR = Path(__file__).resolve().parents[1] / "data_contracts"
+# ShareGPT's from/value turns, mapped to role/content; an unknown "from" stays as it is (and the
+# contract's roles-known rule names it).
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 DEFAULT_SEVERITY: Severity = "error"
 SAMPLE_ROW_LIMIT = 5
 SAMPLE_VALUE_MAX_CHARS = 120
@@ -58,6 +65,9 @@ def load_rows(path: Path, fmt: str = "alpaca") -> pd.DataFrame:
     if fmt not in SUPPORTED_FORMATS:
         raise DataError(f"{path}: unknown row format {fmt!r} (supported: {', '.join(SUPPORTED_FORMATS)})")
     suffix = path.suffix.lower()
+    if path.is_dir() or "#" in path.name or (not suffix and not path.exists()):  # datasets folder or id
+        rows, line_numbers = _read_dataset(str(path))
+        return _with_lines(path, rows, line_numbers)
     readers = {
         ".jsonl": _read_jsonl,
         ".ndjson": _read_jsonl,
@@ -75,6 +85,10 @@ def load_rows(path: Path, fmt: str = "alpaca") -> pd.DataFrame:
         raise DataError(f"{path}: not a regular file")
 
     rows, line_numbers = readers[suffix](path)
+    return _with_lines(path, rows, line_numbers)
+
+
+def _with_lines(path: Path, rows: pd.DataFrame, line_numbers: list[int]) -> pd.DataFrame:
     if rows.empty:
         raise DataError(f"{path}: empty file (no rows)")
     if LINE_COLUMN in rows.columns:
@@ -155,6 +169,33 @@ def _read_parquet(path: Path) -> tuple[pd.DataFrame, list[int]]:
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid/ArrowIOError derive from these
         raise DataError(f"{path}: unreadable parquet file ({error})") from error
     return rows.reset_index(drop=True), list(range(1, len(rows) + 1))
+
+
+def _read_dataset(spec: str) -> tuple[pd.DataFrame, list[int]]:
+    """A local dataset folder (save_to_disk, or a folder of data files) or a dataset id, through
+    `datasets`; ``NAME#SPLIT`` picks a split (default: train, else the only one)."""
+    import datasets
+
+    name, _, split = spec.partition("#")
+    try:
+        folder = Path(name)
+        if folder.is_dir() and any((folder / marker).exists() for marker in DATASET_MARKERS):
+            loaded = datasets.load_from_disk(str(folder))
+        else:
+            loaded = datasets.load_dataset(name)
+    except Exception as error:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
+        message = " ".join(str(error).split())[:300]
+        raise DataError(f"{spec}: cannot load dataset ({type(error).__name__}: {message})") from error
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        chosen = split or ("train" if "train" in loaded else splits[0] if len(splits) == 1 else "")
+        if chosen not in loaded:
+            raise DataError(f"{spec}: dataset has splits {', '.join(splits)}; name one as {name}#SPLIT")
+        loaded = loaded[chosen]
+    elif split and split != "train":
+        raise DataError(f"{spec}: dataset has no split {split!r}")
+    frame = loaded.to_pandas()
+    return frame, list(range(1, len(frame) + 1))
 
 
 def _json_type_name(value: Any) -> str:
@@ -253,7 +294,7 @@ class RuleResult(BaseModel):
     @property
     def status(self) -> str:
         if self.success:
-            return "pass"
+            return "skipped" if self.error_message else "pass"
         failed = "FAIL" if self.severity == "error" else "warn"
         return f"{failed} (not evaluated)" if self.error_message else failed
 
@@ -263,6 +304,12 @@ class ValidationReport(BaseModel):
     passed: bool
     row_count: int
     rules: list[RuleResult]
+    _validation: Any = None  # the GX result, for data docs (not serialized)
+
+    def add(self, result: RuleResult) -> None:
+        """Append a rule checked outside GX (duplicates, leakage, length policy)."""
+        self.rules.append(result)
+        self.passed = self.passed and not (result.severity == "error" and not result.success)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -340,12 +387,14 @@ def validate_rows(df: pd.DataFrame, suite_path: Path) -> ValidationReport:
         for result in validation.results
     }
     rule_results = [results_by_rule[rule] for rule in severities]  # suite order; GX groups results by domain
-    return ValidationReport(
+    report = ValidationReport(
         suite_name=suite.name,
         passed=not any(result.severity == "error" and not result.success for result in rule_results),
         row_count=len(rows),
         rules=rule_results,
     )
+    report._validation = validation
+    return report
 
 
 def _rule_result(result, severities: dict[str, Severity], rows: pd.DataFrame) -> RuleResult:
@@ -357,6 +406,12 @@ def _rule_result(result, severities: dict[str, Severity], rows: pd.DataFrame) ->
         kwargs[key] for key in ("column", "column_A", "column_B") if key in kwargs
     ]
     missing_columns = [column for column in columns if column not in rows.columns]
+    if missing_columns and set(missing_columns) <= set(DERIVED_COLUMNS):
+        # Derived columns come from the validate stage (tokenizer, turn parsing); a caller checking
+        # raw rows without them gets these rules reported as skipped, not failed.
+        return RuleResult(rule=rule, expectation_type=configuration.type, column="+".join(columns),
+                          severity=severities[rule], success=True,
+                          error_message=f"skipped: derived column {', '.join(map(repr, missing_columns))} not computed")
     if missing_columns and configuration.type != "expect_column_to_exist":
         # GX's own message here can be unhelpful ("list index out of range" for the type check).
         error_message = f"column {', '.join(map(repr, missing_columns))} missing"
@@ -407,3 +462,136 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)[:SAMPLE_VALUE_MAX_CHARS]
+
+
+# --------------------------------------------------------------------------- formats and derived columns
+
+DERIVED_COLUMNS = ("roles", "turn_problems", "text", "token_length")
+
+
+def detect_format(frame: pd.DataFrame, source: Path | str) -> str:
+    """The row format from the columns: messages/conversations, prompt+completion, or alpaca."""
+    columns = set(frame.columns)
+    if columns & {"messages", "conversations"}:
+        return "messages"
+    if {"prompt", "completion"} <= columns:
+        return "prompt-completion"
+    if {"instruction", "output"} & columns:
+        return "alpaca"
+    shown = ", ".join(sorted(str(c) for c in columns - {LINE_COLUMN})) or "(none)"
+    raise DataError(
+        f"{source}: cannot detect the row format from columns {shown}: expected instruction/input/output "
+        "(alpaca), prompt/completion, or messages (or ShareGPT conversations); set data.format"
+    )
+
+
+def default_contract(fmt: str) -> Path:
+    return CONTRACTS_DIR / f"{fmt.replace('-', '_')}.json"
+
+
+def _describe(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "null"
+    return _json_type_name(value)
+
+
+def _field_problem(name: str, value: Any, allow_empty: bool = False) -> str | None:
+    if not isinstance(value, str):
+        return f"{name} is {_describe(value)}, expected a string"
+    if not allow_empty and not value.strip():
+        return f"{name} is empty"
+    return None
+
+
+def normalize_rows(frame: pd.DataFrame, fmt: str) -> tuple[pd.DataFrame, list[list[dict] | None]]:
+    """Add the derived columns the contracts check (``roles``, ``turn_problems``, ``text``) and
+    return every row as a conversation, or None where the row cannot be rendered (the contract
+    then says why). alpaca and prompt/completion rows become one user and one assistant turn;
+    ShareGPT ``conversations`` of from/value become ``messages`` of role/content."""
+    column = {"alpaca": None, "prompt-completion": None, "messages": "messages"}[fmt]
+    if fmt == "messages" and "messages" not in frame.columns and "conversations" in frame.columns:
+        column = "conversations"
+    records = frame.to_dict(orient="records")
+    conversations, roles, problems, texts = [], [], [], []
+    for record in records:
+        if fmt == "alpaca":
+            turns, issues = _alpaca_turns(record)
+        elif fmt == "prompt-completion":
+            turns, issues = _pair_turns(record)
+        else:
+            turns, issues = _message_turns(record.get(column) if column in record else None, column)
+        roles.append(",".join(str(t["role"]) for t in turns))
+        problems.append("; ".join(issues))
+        texts.append("\n".join(t["content"] for t in turns if isinstance(t["content"], str)))
+        conversations.append(turns if not issues else None)
+    out = frame.copy()
+    out["roles"] = roles
+    out["turn_problems"] = problems
+    out["text"] = texts
+    return out, conversations
+
+
+def _alpaca_turns(record: dict) -> tuple[list[dict], list[str]]:
+    issues = [p for p in (_field_problem("instruction", record.get("instruction")),
+                          _field_problem("input", record.get("input", ""), allow_empty=True),
+                          _field_problem("output", record.get("output"))) if p]
+    if issues:
+        return [], issues
+    text = record["instruction"].strip()
+    if record.get("input", "").strip():
+        text = f"{text}\n\n{record['input'].strip()}"
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": record["output"].strip()}], []
+
+
+def _pair_turns(record: dict) -> tuple[list[dict], list[str]]:
+    issues = [p for p in (_field_problem("prompt", record.get("prompt")),
+                          _field_problem("completion", record.get("completion"))) if p]
+    if issues:
+        return [], issues
+    return [{"role": "user", "content": record["prompt"].strip()},
+            {"role": "assistant", "content": record["completion"].strip()}], []
+
+
+def _message_turns(value: Any, column: str) -> tuple[list[dict], list[str]]:
+    if hasattr(value, "tolist") and not isinstance(value, str):  # parquet/arrow give numpy arrays
+        value = value.tolist()
+    if not isinstance(value, list):
+        return [], [f"{column} is {_describe(value)}, expected a list of turns"]
+    if not value:
+        return [], [f"{column} is an empty list"]
+    turns, issues = [], []
+    for number, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict):
+            issues.append(f"turn {number} is {_describe(turn)}, expected an object")
+            continue
+        if "role" in turn or "content" in turn:
+            role, content = turn.get("role"), turn.get("content")
+        elif "from" in turn or "value" in turn:
+            role, content = turn.get("from"), turn.get("value")
+            role = SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
+        else:
+            issues.append(f"turn {number} has neither role/content nor from/value")
+            continue
+        if not isinstance(role, str):
+            issues.append(f"turn {number} role is {_describe(role)}")
+            role = "?"
+        if (problem := _field_problem(f"turn {number} content", content)) is not None:
+            issues.append(problem)
+        else:
+            content = content.strip()
+        turns.append({"role": role, "content": content})
+    return turns, issues
+
+
+def render_data_docs(validation, path: Path) -> bool:
+    """Write GX's own HTML page for one validation result (the data docs page); False if GX could not."""
+    try:
+        from great_expectations.render.renderer import ValidationResultsPageRenderer
+        from great_expectations.render.view import DefaultJinjaPageView
+
+        html = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(validation))
+    except Exception:  # noqa: BLE001 - a rendering bug must not fail a passing dataset
+        logging.getLogger("qlora_pipeline").warning("GX data docs rendering failed", exc_info=True)
+        return False
+    path.write_text(html, encoding="utf-8")
+    return True

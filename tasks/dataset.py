@@ -1,18 +1,41 @@
 """Turning validated rows into what the model sees: chat-rendered text, token ids, loss masks, packs.
 
-Training, evaluation and GPTQ calibration all render examples through these functions, with
-the tokenizer's own chat template, so that every stage sees the text the published model
+Every row format (alpaca, prompt/completion, chat messages) is a conversation here: a list of
+``{role, content}`` turns. Training, evaluation and GPTQ calibration all render conversations
+through the tokenizer's own chat template, so every stage sees the text the published model
 will be prompted with.
+
+Loss masks come from incremental prefix rendering: for assistant turn i the prompt is the
+rendering of turns[:i] with the generation prompt, and the turn ends where the rendering of
+turns[:i+1] ends (trimmed to its end-of-turn/eos token). Both must be prefixes of the whole
+rendering; a template that breaks that is refused (TemplateError) rather than trained on with a
+wrong mask. Token spans come from the tokenizer's character offsets of one tokenization of the
+whole text, so no BPE merge across a prompt/response boundary can shift the mask.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from bisect import bisect_left, insort
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 IGNORE_INDEX = -100  # label value that cross-entropy skips
+TOKENS_FILE = "train_tokens.npz"
+TOKENIZER_DIR = "tokenizer"
+ENCODE_CHUNK = 2048  # rows tokenized per batch: bounds peak memory on 100k-row datasets
+VERIFY_FIRST, VERIFY_EVERY = 8, 101  # fast-path renders checked against the real template
+
+
+class TemplateError(ValueError):
+    """The chat template cannot be used for masked training (the message says why)."""
+
+
+# --------------------------------------------------------------------------- rows
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -26,60 +49,315 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def prompt_messages(row: dict) -> list[dict]:
-    """The user turn of an alpaca row (instruction, optional input)."""
+def row_messages(row: dict) -> list[dict]:
+    """The conversation of a normalized row: ``messages`` as given, prompt/completion and alpaca
+    rows as one user turn (instruction, blank line, input) and one assistant turn."""
+    if "messages" in row:
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if "prompt" in row and "completion" in row and "instruction" not in row:
+        return [{"role": "user", "content": str(row["prompt"]).strip()},
+                {"role": "assistant", "content": str(row["completion"]).strip()}]
     text = row["instruction"].strip()
     if (row.get("input") or "").strip():
         text = f"{text}\n\n{row['input'].strip()}"
-    return [{"role": "user", "content": text}]
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": row["output"].strip()}]
+
+
+def _last_assistant(messages: list[dict]) -> int:
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index]["role"] == "assistant":
+            return index
+    raise TemplateError("conversation has no assistant turn")
+
+
+def prompt_messages(row: dict) -> list[dict]:
+    """Every turn before the final assistant turn (what inference is given)."""
+    messages = row_messages(row)
+    return messages[: _last_assistant(messages)]
+
+
+def reference_answer(row: dict) -> str:
+    messages = row_messages(row)
+    return messages[_last_assistant(messages)]["content"]
 
 
 def chat_messages(row: dict) -> list[dict]:
-    return prompt_messages(row) + [{"role": "assistant", "content": row["output"].strip()}]
+    return row_messages(row)
 
 
 def render_prompt(tokenizer, row: dict) -> str:
-    """The prompt text up to where the assistant's answer starts (what inference is given)."""
+    """The prompt text up to where the assistant's (final) answer starts."""
     return tokenizer.apply_chat_template(prompt_messages(row), tokenize=False, add_generation_prompt=True)
 
 
 def render_chat(tokenizer, row: dict) -> str:
-    """The whole conversation, answer included (training and calibration text)."""
-    return tokenizer.apply_chat_template(chat_messages(row), tokenize=False)
+    """The whole conversation, answers included (training and calibration text)."""
+    return tokenizer.apply_chat_template(row_messages(row), tokenize=False)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+class ChatRenderer:
+    """Renders conversations with a tokenizer's chat template and locates each assistant turn.
+
+    Fast path: for each role sequence the template is rendered once with placeholder contents,
+    giving a skeleton that later conversations fill by string concatenation (Jinja costs ~100 us
+    a call, three calls per example). The skeleton is only used where it reproduces the template
+    exactly: the first rows of each role sequence and a regular sample are rendered for real and
+    compared; one mismatch turns the fast path off for the renderer's lifetime.
+    """
+
+    _MARK = "\ue000{}\ue001"  # private-use code points: never in a template, checked in content
+
+    def __init__(self, tokenizer):
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("the tokenizer has no chat template (set data.chat_template to a .jinja file)")
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token
+        if not self.eos:
+            raise TemplateError("the tokenizer has no eos token")
+        self._skeletons: dict[tuple[str, ...], tuple | None] = {}
+        self._seen: dict[tuple[str, ...], int] = {}
+        self.fast = True
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            self._compiled = _compile_jinja_template(tokenizer.chat_template)
+            self._template_kwargs = dict(tokenizer.special_tokens_map)
+        except Exception:  # noqa: BLE001 - private API moved: the public path still works
+            self._compiled = None
+
+    def _template(self, messages: list[dict], generation: bool) -> str:
+        if self._compiled is not None:
+            return self._compiled.render(messages=messages, add_generation_prompt=generation,
+                                         **self._template_kwargs)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+    def render_slow(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The whole text and the [start, end) character span of every assistant turn."""
+        full = self._template(messages, False)
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._template(messages[:index], True)
+            upto = self._template(messages[: index + 1], False)
+            if not full.startswith(prompt) or not upto.startswith(prompt) or not full.startswith(upto):
+                raise TemplateError(
+                    f"the chat template does not render turn {index + 1}'s prompt as a prefix of the "
+                    "conversation, so prompt and response tokens cannot be told apart"
+                )
+            turn = upto[len(prompt):]
+            end = turn.rfind(self.eos)
+            if end < 0:
+                raise TemplateError(
+                    f"the chat template does not end assistant turns with the eos token {self.eos!r}; "
+                    "the model would never learn to stop"
+                )
+            spans.append((len(prompt), len(prompt) + end + len(self.eos)))
+        return full, spans
+
+    def _skeleton(self, roles: tuple[str, ...]):
+        marked = [{"role": role, "content": self._MARK.format(i)} for i, role in enumerate(roles)]
+        try:
+            text, spans = self.render_slow(marked)
+        except TemplateError:
+            return None
+        pieces, cursor, starts = [], 0, []
+        for i in range(len(roles)):
+            mark = self._MARK.format(i)
+            at = text.find(mark, cursor)
+            if at < 0 or text.count(mark) != 1:
+                return None  # the template drops, repeats or reorders content
+            pieces.append(text[cursor:at])
+            starts.append((at, at + len(mark)))
+            cursor = at + len(mark)
+        pieces.append(text[cursor:])
+        assistant = [i for i, role in enumerate(roles) if role == "assistant"]
+        rel = []
+        for i, (start, end) in zip(assistant, spans):
+            # The prompt ends inside the markup before content i, the turn ends inside the markup after it.
+            before_lo = starts[i - 1][1] if i else 0
+            if not (before_lo <= start <= starts[i][0] and starts[i][1] <= end):
+                return None
+            if i + 1 < len(roles) and end > starts[i + 1][0]:
+                return None
+            rel.append((i, start - before_lo, end - starts[i][1]))
+        return pieces, rel
+
+    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        roles = tuple(m["role"] for m in messages)
+        if not self.fast or any("\ue000" in m["content"] or "\ue001" in m["content"] for m in messages):
+            return self.render_slow(messages)
+        if roles not in self._skeletons:
+            self._skeletons[roles] = self._skeleton(roles)
+        skeleton = self._skeletons[roles]
+        if skeleton is None:
+            return self.render_slow(messages)
+        pieces, rel = skeleton
+        parts, content_ends, content_starts, pos = [], [], [], 0
+        for piece, message in zip(pieces, messages):
+            parts.append(piece)
+            pos += len(piece)
+            content_starts.append(pos)
+            parts.append(message["content"])
+            pos += len(message["content"])
+            content_ends.append(pos)
+        parts.append(pieces[-1])
+        text = "".join(parts)
+        spans = []
+        for i, start_off, end_off in rel:
+            base = content_ends[i - 1] if i else 0
+            spans.append((base + start_off, content_ends[i] + end_off))
+        seen = self._seen.get(roles, 0)
+        self._seen[roles] = seen + 1
+        if seen < VERIFY_FIRST or seen % VERIFY_EVERY == 0:
+            if self.render_slow(messages) != (text, spans):
+                self.fast = False  # the template depends on content: render everything for real
+                return self.render_slow(messages)
+        return text, spans
+
+
+# --------------------------------------------------------------------------- tokenizing
 
 
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX on prompt tokens when loss is on responses only
+    labels: list[int]  # IGNORE_INDEX on tokens that carry no loss
+
+
+@dataclass
+class TokenizedSet:
+    """Many examples in three flat arrays: ids, a loss mask and example offsets (n + 1)."""
+
+    ids: np.ndarray  # int32
+    trained: np.ndarray  # bool: the token carries loss (assistant turns, or everything)
+    offsets: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def example(self, index: int) -> TokenizedExample:
+        lo, hi = self.offsets[index], self.offsets[index + 1]
+        ids = self.ids[lo:hi]
+        labels = np.where(self.trained[lo:hi], ids, IGNORE_INDEX)
+        return TokenizedExample(ids.tolist(), labels.tolist())
+
+    def select(self, keep: np.ndarray, max_len: int | None = None) -> "TokenizedSet":
+        """The examples at positions `keep` (in that order), each cut to max_len tokens if given."""
+        lengths = self.lengths[keep]
+        if max_len is not None:
+            lengths = np.minimum(lengths, max_len)
+        starts = self.offsets[:-1][keep]
+        offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+        return TokenizedSet(self.ids[gather], self.trained[gather], offsets)
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, ids=self.ids, trained=self.trained, offsets=self.offsets)
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenizedSet":
+        with np.load(path) as data:
+            return cls(data["ids"], data["trained"].astype(bool), data["offsets"])
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[TokenizedExample]) -> "TokenizedSet":
+        offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+        np.cumsum([len(e.input_ids) for e in examples], out=offsets[1:])
+        ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32, count=offsets[-1])
+        trained = np.fromiter((t != IGNORE_INDEX for e in examples for t in e.labels), dtype=bool, count=offsets[-1])
+        return cls(ids, trained, offsets)
+
+
+def _encoder(tokenizer):
+    """The Rust tokenizer behind a fast transformers tokenizer, when it encodes exactly like
+    `tokenizer(text, add_special_tokens=False)` (checked on a probe string); else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    probe = "<|probe|> Hello,\n\n  world! 123 " + str(tokenizer.eos_token or "")
+    if backend.encode(probe, add_special_tokens=False).ids != tokenizer(probe, add_special_tokens=False)["input_ids"]:
+        return None
+    return backend
+
+
+def tokenize_conversations(
+    tokenizer, conversations: Sequence[list[dict]], responses_only: bool = True,
+    renderer: ChatRenderer | None = None,
+) -> TokenizedSet:
+    """Render and tokenize conversations (no length limit). The loss mask covers each assistant
+    turn's content and its end-of-turn token when responses_only, else every token."""
+    renderer = renderer or ChatRenderer(tokenizer)
+    backend = _encoder(tokenizer)
+    id_chunks, mask_chunks, lengths = [], [], []
+    for lo in range(0, len(conversations), ENCODE_CHUNK):
+        rendered = [renderer.render(messages) for messages in conversations[lo: lo + ENCODE_CHUNK]]
+        texts = [text for text, _ in rendered]
+        if backend is not None:
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+            ids_list = [e.ids for e in encodings]
+        else:
+            encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            ids_list = encodings["input_ids"]
+        chunk_lengths = [len(ids) for ids in ids_list]
+        ids = np.fromiter((t for row in ids_list for t in row), dtype=np.int32, count=sum(chunk_lengths))
+        mask = np.zeros(len(ids), dtype=bool)
+        start = 0
+        for row, ((text, spans), n) in enumerate(zip(rendered, chunk_lengths)):
+            if not responses_only:
+                mask[start: start + n] = True
+            else:
+                if backend is not None:
+                    char_to_token = encodings[row].char_to_token
+                else:
+                    char_to_token = (lambda pos, _row=row: encodings.char_to_token(_row, pos))
+                for span_start, span_end in spans:
+                    first = _token_at(char_to_token, span_start, span_end)
+                    last = _token_at(char_to_token, span_end - 1, span_start - 1, step=-1)
+                    if first is None or last is None:
+                        continue
+                    mask[start + first: start + last + 1] = True
+            start += n
+        id_chunks.append(ids)
+        mask_chunks.append(mask)
+        lengths += chunk_lengths
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    empty_i, empty_b = np.zeros(0, np.int32), np.zeros(0, bool)
+    return TokenizedSet(np.concatenate(id_chunks or [empty_i]), np.concatenate(mask_chunks or [empty_b]), offsets)
+
+
+def _token_at(char_to_token, pos: int, stop: int, step: int = 1):
+    """The token covering character pos, walking towards stop over characters no token covers."""
+    while pos != stop:
+        token = char_to_token(pos)
+        if token is not None:
+            return token
+        pos += step
+    return None
 
 
 def tokenize_example(tokenizer, row: dict, responses_only: bool = True) -> TokenizedExample:
-    prompt = render_prompt(tokenizer, row)
-    full = render_chat(tokenizer, row)
-    if not full.startswith(prompt):
-        # The template renders the prompt differently once an answer follows; masking by
-        # prefix length would then be wrong, so refuse rather than train on a bad mask.
-        raise ValueError("chat template does not render the prompt as a prefix of the conversation")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    if responses_only:
-        labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
-    else:
-        labels = list(ids)
-    return TokenizedExample(ids, labels)
+    return tokenize_conversations(tokenizer, [row_messages(row)], responses_only).example(0)
 
 
 def tokenize_rows(tokenizer, rows: list[dict], max_len: int, responses_only: bool = True):
     """Tokenize rows, dropping those longer than max_len; returns (examples, dropped count)."""
-    examples, dropped = [], 0
-    for row in rows:
-        example = tokenize_example(tokenizer, row, responses_only)
-        if len(example.input_ids) > max_len:
-            dropped += 1
-            continue
-        examples.append(example)
-    return examples, dropped
+    tokenized = tokenize_conversations(tokenizer, [row_messages(row) for row in rows], responses_only)
+    keep = np.flatnonzero(tokenized.lengths <= max_len)
+    return [tokenized.example(int(i)) for i in keep], len(rows) - len(keep)
+
+
+# --------------------------------------------------------------------------- packing
 
 
 @dataclass
@@ -92,29 +370,104 @@ class Pack:
     position_ids: list[int]
 
 
-def pack_examples(examples: list[TokenizedExample], token_budget: int, seed: int) -> list[Pack]:
-    """Greedy first-fit packing of shuffled examples into packs of at most token_budget tokens."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    packs: list[Pack] = []
-    for index in order:
-        example = examples[index]
-        n = len(example.input_ids)
-        target = next((p for p in packs if len(p.input_ids) + n <= token_budget), None)
-        if target is None:
-            target = Pack([], [], [])
-            packs.append(target)
-        target.input_ids += example.input_ids
-        # The first label of each example must not be predicted from the previous example.
-        target.labels += [IGNORE_INDEX] + example.labels[1:]
-        target.position_ids += list(range(n))
+def plan_packs(lengths: np.ndarray, token_budget: int, seed: int) -> list[list[int]]:
+    """Best-fit decreasing: examples (shuffled by seed, then stably sorted longest first) go into
+    the open pack with the least room that still fits them. A sorted list of the distinct free
+    capacities (at most token_budget entries) makes each placement a bisect: O(n log budget).
+    The packs come back shuffled by the same seed."""
+    lengths = np.asarray(lengths)
+    if len(lengths) and int(lengths.max()) > token_budget:
+        raise ValueError(f"an example of {int(lengths.max())} tokens exceeds the pack budget {token_budget}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(-lengths[order], kind="stable")]
+    packs: list[list[int]] = []
+    capacities: list[int] = []  # sorted distinct free capacities of open packs
+    by_capacity: dict[int, list[int]] = {}
+    for index, n in zip(order.tolist(), lengths[order].tolist()):
+        k = bisect_left(capacities, n)
+        if k < len(capacities):
+            free = capacities[k]
+            pack = by_capacity[free].pop()
+            if not by_capacity[free]:
+                del by_capacity[free]
+                capacities.pop(k)
+        else:
+            pack, free = len(packs), token_budget
+            packs.append([])
+        packs[pack].append(index)
+        left = free - n
+        if left > 0:
+            if left not in by_capacity:
+                by_capacity[left] = []
+                insort(capacities, left)
+            by_capacity[left].append(pack)
+    random.Random(seed).shuffle(packs)
     return packs
 
 
-def pack_stream(examples: list[TokenizedExample], token_budget: int, seed: int):
-    """Endless packs, epoch after epoch, each epoch shuffled by (seed + epoch): deterministic, so a
-    resumed run can skip ahead to exactly where the interrupted one stopped."""
+def packing_efficiency(lengths: np.ndarray, token_budget: int, seed: int) -> dict:
+    packs = plan_packs(lengths, token_budget, seed)
+    real = int(np.sum(lengths))
+    return {"packs": len(packs), "token_budget": token_budget, "real_tokens": real,
+            "efficiency": real / max(1, len(packs) * token_budget)}
+
+
+def _as_set(examples) -> TokenizedSet:
+    return examples if isinstance(examples, TokenizedSet) else TokenizedSet.from_examples(examples)
+
+
+def build_pack(examples: TokenizedSet, members: list[int]) -> Pack:
+    ids, labels, positions = [], [], []
+    for index in members:
+        lo, hi = int(examples.offsets[index]), int(examples.offsets[index + 1])
+        chunk = examples.ids[lo:hi]
+        ids += chunk.tolist()
+        example_labels = np.where(examples.trained[lo:hi], chunk, IGNORE_INDEX)
+        example_labels[:1] = IGNORE_INDEX  # the first token is never predicted from the previous example
+        labels += example_labels.tolist()
+        positions += range(hi - lo)
+    return Pack(ids, labels, positions)
+
+
+def pack_examples(examples, token_budget: int, seed: int) -> list[Pack]:
+    examples = _as_set(examples)
+    return [build_pack(examples, members) for members in plan_packs(examples.lengths, token_budget, seed)]
+
+
+def pack_stream(examples, token_budget: int, seed: int) -> Iterator[Pack]:
+    """Endless packs, epoch after epoch, each epoch packed and shuffled by (seed + epoch):
+    deterministic, so a resumed run can skip ahead to exactly where the interrupted one stopped."""
+    examples = _as_set(examples)
+    if len(examples) == 0:
+        raise ValueError("no training examples to pack")
     epoch = 0
     while True:
-        yield from pack_examples(examples, token_budget, seed + epoch)
+        for members in plan_packs(examples.lengths, token_budget, seed + epoch):
+            yield build_pack(examples, members)
         epoch += 1
+
+
+# --------------------------------------------------------------------------- the validate artifact
+
+
+def load_training_data(dataset_dir: Path, cfg):
+    """(tokenizer, examples, dropped) for train_adapter.
+
+    A validate artifact holds the tokenizer it rendered with (chat template, pad token) and the
+    tokenized training examples; a plain folder with train.jsonl (e.g. the embedded data, as the
+    resume test passes) is tokenized here with the base model's tokenizer instead.
+    """
+    from tasks import modeling
+
+    dataset_dir = Path(dataset_dir)
+    tokens = dataset_dir / TOKENS_FILE
+    if tokens.is_file() and (dataset_dir / TOKENIZER_DIR).is_dir():
+        tokenizer = modeling.load_tokenizer(dataset_dir / TOKENIZER_DIR)
+        prep = json.loads((dataset_dir / "fingerprint.json").read_text())
+        return tokenizer, TokenizedSet.load(tokens), int(prep["stats"]["train"].get("dropped_over_length", 0))
+    tokenizer = modeling.load_tokenizer(cfg.model.base)
+    rows = read_jsonl(dataset_dir / "train.jsonl")
+    tokenized = tokenize_conversations(tokenizer, [row_messages(r) for r in rows], cfg.train.loss_on_responses_only)
+    keep = np.flatnonzero(tokenized.lengths <= cfg.data.max_seq_len)
+    return tokenizer, tokenized.select(keep), len(rows) - len(keep)

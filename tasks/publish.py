@@ -1,13 +1,22 @@
-"""Stage 6, publish: put the release into the registry, atomically and idempotently.
+"""Stage 6, publish: assemble the release bundle, then put it into the registry or onto the Hub.
 
-The embedded default publishes to a local registry folder laid out like a model hub:
+The release is first assembled as a *release bundle* artifact in the artifact store (kind
+`release`): the GPTQ model, adapter/, README.md (model card), metrics.json and release.json. Its
+identity is the release hash, the hash of the artifacts it is made of. The bundle is then
+published to `publish.target`:
 
-    <registry>/<repo>/v<N>/   one immutable release: GPTQ model, adapter/, README.md, metrics.json, release.json
+- `local` (the embedded default), a registry folder laid out like a model hub:
+
+    <registry>/<repo>/v<N>/   one immutable release (the bundle's files)
     <registry>/<repo>/LATEST  the newest version's name
 
-A release is staged in a hidden folder and renamed into place, so a crash never shows a partial
-version. Its identity is the hash of the artifacts it is made of: publishing the same artifacts
-again finds that version and creates nothing.
+  A release is staged in a hidden folder and renamed into place, so a crash never shows a
+  partial version; publishing the same release hash again finds that version and creates nothing.
+
+- `hf://ORG/NAME`, a private Hugging Face Hub repo: one commit + a tag `v<N>-<data fingerprint>`
+  (see `tasks/hub.py`).
+
+`qlora-pipeline publish --release <bundle URI>` publishes an existing bundle again, building nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +31,14 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import yaml
-from prefect import get_run_logger, runtime, task
+from prefect import runtime, task
 from pydantic import BaseModel
 
 from pipeline_config import PipelineConfig
-from tasks import artifacts
-from tasks.artifacts import ArtifactStore
+from tasks import artifacts, hub
+from tasks.artifacts import ArtifactRef, ArtifactStore
 from tasks.gate import GateDecision, decisions_markdown
-from tasks.stage import StageResult
+from tasks.stage import StageResult, run_stage
 
 RELEASE_FILE = "release.json"
 
@@ -41,6 +50,9 @@ class Release(BaseModel):
     release_hash: str
     created: bool  # False when an identical release was already published
     seconds: float = 0.0
+    bundle: str | None = None  # URI of the release bundle artifact (for `qlora-pipeline publish --release`)
+    commit: str | None = None  # Hub commit of the release
+    message: str = ""
 
 
 def release_hash(parts: dict[str, StageResult]) -> str:
@@ -69,14 +81,29 @@ def find_release(repo_dir: Path, digest: str) -> Path | None:
     return None
 
 
+def display_repo(cfg: PipelineConfig) -> str:
+    """The repo name users see: ORG/NAME on the Hub, the registry repo otherwise."""
+    return hub.parse_target(cfg.publish.target).repo_id if hub.is_hub_target(cfg) else cfg.publish.repo
+
+
+def lineage_config(cfg: PipelineConfig) -> dict:
+    """The config recorded in the release: everything but how/where it is published (no secrets in it)."""
+    data = cfg.model_dump(mode="json")
+    data["publish"] = {"repo": cfg.publish.repo}
+    return data
+
+
 def model_card(cfg: PipelineConfig, metrics: dict, gates: dict[str, list[GateDecision]], lineage: dict) -> str:
+    repo = display_repo(cfg)
+    on_hub = hub.is_hub_target(cfg)
+    fingerprint = lineage["data_fingerprint"]
     header = {
         "base_model": cfg.model.name,
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["qlora", "gptq", f"{cfg.quantize.bits}-bit", "qlora-pipeline"],
         "datasets": [Path(cfg.data.train_path).name],
-        "model-index": [{"name": cfg.publish.repo, "results": [
+        "model-index": [{"name": repo, "results": [
             {"task": {"type": "text-generation"},
              "metrics": [{"type": "perplexity", "name": "held-out response perplexity (GPTQ)",
                           "value": round(metrics["quantized"]["gptq"]["perplexity"], 4)}]}]}],
@@ -95,15 +122,35 @@ def model_card(cfg: PipelineConfig, metrics: dict, gates: dict[str, list[GateDec
     gate_tables = "\n".join(decisions_markdown(name, decisions) for name, decisions in gates.items())
     samples = "\n".join(f"- **Q:** {s['prompt']}\n  **A:** {s['answer']}"
                         for s in metrics["quantized"]["gptq"].get("samples", []))
+    data_rows = "\n".join(f"| {split} | `{path}` | `{info['sha256']}` |"
+                          for split, path, info in lineage["datasets"])
+    training = yaml.safe_dump({k: lineage["config"][k] for k in ("lora", "train", "merge", "quantize")},
+                              sort_keys=False).strip()
+    load_from = (f'repo, revision = "{repo}", "v<N>-{fingerprint[:8]}"  # pin the release tag\n'
+                 f"tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)\n"
+                 f"model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, "
+                 f'quantization_config=GPTQConfig(bits={cfg.quantize.bits}, backend="gptq_torch"))')
+    if not on_hub:
+        load_from = (f'path = "{repo}"  # this folder\ntokenizer = AutoTokenizer.from_pretrained(path)\n'
+                     f"model = AutoModelForCausalLM.from_pretrained(path, "
+                     f'quantization_config=GPTQConfig(bits={cfg.quantize.bits}, backend="gptq_torch"))')
     return f"""---
 {yaml.safe_dump(header, sort_keys=False).strip()}
 ---
 
-# {cfg.publish.repo}
+# {repo}
 
 {cfg.model.name} fine-tuned with QLoRA (NF4, r={cfg.lora.r}) on `{cfg.data.train_path}`, merged into the
 dequantized base and quantized with GPTQ ({cfg.quantize.bits}-bit, group size {cfg.quantize.group_size}),
 by [qlora-pipeline](https://github.com/) run `{lineage['flow_run_id']}`.
+
+## Data
+
+Data fingerprint (validated dataset artifact): `{fingerprint}`
+
+| split | source | sha256 (as trained/evaluated) |
+|---|---|---|
+{data_rows}
 
 ## Metrics (held-out data)
 
@@ -121,16 +168,24 @@ by [qlora-pipeline](https://github.com/) run `{lineage['flow_run_id']}`.
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
-path = "{cfg.publish.repo}"  # this folder, or the Hub repo id
-tokenizer = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits={cfg.quantize.bits}, backend="gptq_torch"))
+{load_from}
 messages = [{{"role": "user", "content": "What is a computer?"}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
 ```
 (Use `backend="gptq_triton"` on NVIDIA GPUs; needs `gptqmodel` and `optimum`.)
 
+## Training configuration
+
+```yaml
+{training}
+```
+
 ## Lineage
+
+Release hash `{lineage['release_hash']}`; pipeline {lineage['pipeline_version']} at git commit
+`{lineage['git_commit']}`; flow run `{lineage['flow_run_id']}`; approval: {lineage['approval']['decision']}
+by {lineage['approval']['by']}{': ' + lineage['approval']['comment'] if lineage['approval'].get('comment') else ''}.
 
 ```json
 {json.dumps(lineage, indent=1)}
@@ -138,40 +193,70 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
 """
 
 
-def publish_release(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, StageResult]) -> Release:
-    """Assemble and publish the release made of `parts` (data, adapter, evaluations, gates, gptq)."""
-    logger = get_run_logger()
-    repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
-    repo_dir.mkdir(parents=True, exist_ok=True)
+def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, StageResult],
+                 review: dict | None = None) -> StageResult:
+    """The release bundle artifact: every file of the release, built once per release hash and card config.
+
+    review: the human approval record (tasks/approval.py) when the run required one."""
     digest = release_hash(parts)
-    if (found := find_release(repo_dir, digest)) is not None:
-        logger.info("publish: identical release already published as %s; nothing to do", found)
-        return Release(repo=cfg.publish.repo, version=found.name, path=str(found), release_hash=digest, created=False)
 
     def read(name: str, file: str):
         return json.loads((store.local_path(parts[name].ref) / file).read_text())
 
-    metrics = {"finetune": read("evaluation", "metrics.json"), "quantized": read("quantized_evaluation", "metrics.json")}
-    gates = {name: [GateDecision(**d) for d in read(f"gate_{name}", "gates.json")] for name in ("finetune", "quantized")}
-    lineage = {
-        "release_hash": digest,
-        "flow_run_id": str(runtime.flow_run.id or "local"),
-        "pipeline_version": package_version("qlora-pipeline"),
-        "git_commit": git_commit(),
-        "base_model": cfg.model.name,
-        "artifacts": {name: result.ref.model_dump() for name, result in parts.items()},
-        "config": cfg.model_dump(mode="json"),
-    }
+    def build(workdir: Path, _key: str) -> None:
+        metrics = {"finetune": read("evaluation", "metrics.json"),
+                   "quantized": read("quantized_evaluation", "metrics.json")}
+        gates = {name: [GateDecision(**d) for d in read(f"gate_{name}", "gates.json")]
+                 for name in ("finetune", "quantized")}
+        data_files = read("data", artifacts.MANIFEST)["files"]
+        lineage = {
+            "release_hash": digest,
+            "data_fingerprint": parts["data"].ref.sha256,
+            "datasets": [[split, path, data_files.get(f"{split}.jsonl", {"sha256": None})]
+                         for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path))],
+            "flow_run_id": str(runtime.flow_run.id or "local"),
+            "pipeline_version": package_version("qlora-pipeline"),
+            "git_commit": git_commit(),
+            "base_model": cfg.model.name,
+            "approval": {
+                "decision": "approved" if all(d.passed for ds in gates.values() for d in ds) else "rejected",
+                "by": review["reviewer"] if review else "qlora-pipeline quality gates (automatic)",
+                "comment": review["comment"] if review else "",
+                "gates": {name: {"artifact": parts[f"gate_{name}"].ref.sha256, "passed": all(d.passed for d in ds)}
+                          for name, ds in gates.items()},
+                "at": review["decided_at"] if review else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            "artifacts": {name: result.ref.model_dump() for name, result in parts.items()},
+            "config": lineage_config(cfg),
+        }
+        shutil.copytree(store.local_path(parts["gptq"].ref), workdir, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+        shutil.copytree(store.local_path(parts["adapter"].ref), workdir / "adapter",
+                        ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+        (workdir / "metrics.json").write_text(json.dumps(
+            {**metrics, "gates": {k: [d.model_dump() for d in v] for k, v in gates.items()}}, indent=1))
+        (workdir / "README.md").write_text(model_card(cfg, metrics, gates, lineage))
+        (workdir / RELEASE_FILE).write_text(json.dumps(lineage, indent=1))
 
+    return run_stage("release", store, code=artifacts.code_hash(build_bundle, hub.parse_target),
+                     config={"release_hash": digest, "repo": display_repo(cfg), "config": lineage_config(cfg),
+                             "review": review},
+                     inputs={name: result.ref.sha256 for name, result in sorted(parts.items())}, build=build)
+
+
+def publish_local(cfg: PipelineConfig, bundle: Path) -> Release:
+    """Copy a bundle into the local registry as the next version, unless its release hash is there."""
+    logger = hub._logger()
+    repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    digest = json.loads((bundle / RELEASE_FILE).read_text())["release_hash"]
+    if (found := find_release(repo_dir, digest)) is not None:
+        logger.info("publish: identical release already published as %s; nothing to do", found)
+        return Release(repo=cfg.publish.repo, version=found.name, path=str(found), release_hash=digest, created=False,
+                       message=f"identical release already published as {found}")
     staging = repo_dir / f".staging-{uuid.uuid4().hex}"
     try:
-        shutil.copytree(store.local_path(parts["gptq"].ref), staging, ignore=shutil.ignore_patterns("MANIFEST.json"))
-        shutil.copytree(store.local_path(parts["adapter"].ref), staging / "adapter",
-                        ignore=shutil.ignore_patterns("MANIFEST.json"))
-        (staging / "metrics.json").write_text(json.dumps(
-            {**metrics, "gates": {k: [d.model_dump() for d in v] for k, v in gates.items()}}, indent=1))
-        (staging / "README.md").write_text(model_card(cfg, metrics, gates, lineage))
-        (staging / RELEASE_FILE).write_text(json.dumps(lineage, indent=1))
+        shutil.copytree(bundle, staging, ignore=shutil.ignore_patterns(artifacts.MANIFEST))
         versions = existing_versions(repo_dir)
         target = repo_dir / f"v{int(versions[-1].name[1:]) + 1 if versions else 1}"
         os.rename(staging, target)  # atomic; fails if a concurrent publish took the same number
@@ -182,11 +267,55 @@ def publish_release(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, 
     latest_tmp.write_text(target.name + "\n")
     latest_tmp.replace(repo_dir / "LATEST")
     logger.info("publish: released %s/%s (%s)", cfg.publish.repo, target.name, digest[:12])
-    return Release(repo=cfg.publish.repo, version=target.name, path=str(target), release_hash=digest, created=True)
+    return Release(repo=cfg.publish.repo, version=target.name, path=str(target), release_hash=digest, created=True,
+                   message=f"released {cfg.publish.repo}/{target.name}")
+
+
+def ref_from_uri(uri: str) -> tuple[ArtifactStore, ArtifactRef]:
+    """An artifact URI `<store root>/objects/<sha256>` -> its store and reference."""
+    root, sep, digest = uri.rstrip("/").rpartition("/objects/")
+    if not sep or len(digest) != 64:
+        raise ValueError(f"not an artifact URI (<store root>/objects/<sha256>): {uri}")
+    store = ArtifactStore(root)
+    ref = ArtifactRef(uri=uri.rstrip("/"), sha256=digest, kind="release")
+    if not store.exists(ref):
+        raise ValueError(f"no sealed artifact at {uri}")
+    return store, ref
+
+
+def publish_bundle(cfg: PipelineConfig, store: ArtifactStore, bundle_ref: ArtifactRef) -> Release:
+    """Publish an existing release bundle to publish.target."""
+    bundle = store.local_path(bundle_ref)
+    if not hub.is_hub_target(cfg):
+        release = publish_local(cfg, bundle)
+    else:
+        record = json.loads((bundle / RELEASE_FILE).read_text())
+        extras = {}
+        for name in cfg.publish.hub_extras:
+            ref = ArtifactRef(**record["artifacts"][name])
+            extras[name] = ref_from_uri(ref.uri)[0].local_path(ref)
+        published = hub.publish_to_hub(cfg, bundle, extras)
+        release = Release(repo=published.repo_id, version=published.tag, path=f"hf://{published.repo_id}@{published.tag}",
+                          release_hash=record["release_hash"], created=published.created, commit=published.commit,
+                          message=published.message)
+    return release.model_copy(update={"bundle": bundle_ref.uri})
+
+
+def publish_release(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, StageResult],
+                    review: dict | None = None) -> Release:
+    """Assemble the release made of `parts` (data, adapter, evaluations, gates, gptq) and publish it."""
+    bundle = build_bundle(cfg, store, parts, review)
+    return publish_bundle(cfg, store, bundle.ref)
+
+
+@task(name="preflight")
+def preflight_task(cfg: PipelineConfig) -> dict | None:
+    """Fail the run before any training when the publish target cannot be reached (token, visibility)."""
+    return hub.preflight(cfg)
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5)
-def publish_task(cfg: PipelineConfig, parts: dict[str, StageResult]) -> Release:
+def publish_task(cfg: PipelineConfig, parts: dict[str, StageResult], review: dict | None = None) -> Release:
     start = time.perf_counter()
-    release = publish_release(cfg, ArtifactStore(cfg.artifacts.root), parts)
+    release = publish_release(cfg, ArtifactStore(cfg.artifacts.root), parts, review)
     return release.model_copy(update={"seconds": time.perf_counter() - start})

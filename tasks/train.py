@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--scratch-dir", required=True, help="checkpoints; reused to resume")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # force: importing prefect already configured the root logger (at WARNING).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_adapter(load_config(args.config, args.set), Path(args.data_dir), out, Path(args.scratch_dir))

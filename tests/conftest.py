@@ -7,6 +7,7 @@ of each starting an ephemeral one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -130,3 +131,36 @@ def tiny_config(tmp_path, assets, tiny_model) -> Path:
         publish={"registry": str(tmp_path / "registry"), "repo": "tiny-release"},
         artifacts={"root": str(tmp_path / "artifacts")},
     )
+
+
+# -- a process work pool, the deployments from deploy/prefect.yaml, and a worker ---------------------------
+PREFECT = str(VENV_BIN / "prefect")
+POOL = "qlora-cpu"  # the pool deploy/prefect.yaml names
+
+
+def prefect_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([PREFECT, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+
+
+@pytest.fixture
+def worker(tmp_path):
+    created = prefect_cli("work-pool", "create", POOL, "--type", "process", "--overwrite")
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = prefect_cli("--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--all")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    log = open(tmp_path / "worker.log", "wb")
+    process = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--prefetch-seconds", "1"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
+    )
+    yield process
+    stop(process)
+
+
+def run_deployment(config: Path, overrides: list[str], watch: bool = True) -> subprocess.CompletedProcess:
+    """`prefect deployment run qlora-pipeline/on-demand [--watch]` with the given pipeline config."""
+    params = json.dumps({"config": str(config), "overrides": overrides})
+    return prefect_cli("deployment", "run", "qlora-pipeline/on-demand", "--params", params,
+                       *(["--watch"] if watch else []), timeout=900)

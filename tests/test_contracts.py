@@ -206,3 +206,30 @@ def test_report_renders_markdown_and_json(tmp_path):
     as_json = json.loads(json.dumps(report.to_dict()))
     assert as_json["passed"] is False
     assert rule_result(report, "row-count-10-to-1m").observed_value == 5
+
+
+# ---------------------------------------------------------------- suites per format, derived columns
+
+
+@pytest.mark.parametrize("name", ["alpaca", "prompt_completion", "messages"])
+def test_every_format_suite_loads_every_expectation(name):
+    path = ALPACA_SUITE.with_name(f"{name}.json")
+    suite, severities = load_suite(path)
+    assert len(suite.expectations) == len(json.loads(path.read_text())["expectations"]) == len(severities)
+    assert set(severities.values()) == {"error", "warning"}
+
+
+def test_sharegpt_rows_map_to_messages_and_role_order_is_checked(tmp_path):
+    from tasks.contracts import default_contract, detect_format, normalize_rows
+
+    rows = [{"conversations": [{"from": "human", "value": f"q{n}"}, {"from": "gpt", "value": f"a{n}"}]}
+            for n in range(12)]
+    rows[3]["conversations"].reverse()
+    frame = load_rows(write_jsonl(tmp_path / "rows.jsonl", rows))
+    assert detect_format(frame, "rows.jsonl") == "messages"
+    frame, conversations = normalize_rows(frame, "messages")
+    assert conversations[0] == [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"}]
+    report = validate_rows(frame, default_contract("messages"))
+    order = rule_result(report, "role-order-valid")
+    assert not report.passed and [(s.line, s.value) for s in order.sample_rows] == [(4, "assistant,user")]
+    assert rule_result(report, "token-length-1-to-8192").status == "skipped"  # no tokenizer in this test

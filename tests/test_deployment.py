@@ -1,44 +1,11 @@
 """The way users run it: a real Prefect server, a process work pool and worker, the deployments in
 deploy/prefect.yaml, and `prefect deployment run qlora-pipeline/on-demand --watch`."""
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, VENV_BIN, stop
-
-PREFECT = str(VENV_BIN / "prefect")
-POOL = "qlora-cpu"  # the pool deploy/prefect.yaml names
-
-
-def prefect(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([PREFECT, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
-
-
-@pytest.fixture
-def worker(tmp_path):
-    created = prefect("work-pool", "create", POOL, "--type", "process", "--overwrite")
-    assert created.returncode == 0, created.stdout + created.stderr
-    deployed = prefect("--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--all")
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    log = open(tmp_path / "worker.log", "wb")
-    process = subprocess.Popen(
-        [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--prefetch-seconds", "1"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
-    )
-    yield process
-    stop(process)
-
-
-def run_deployment(config: Path, overrides: list[str]) -> subprocess.CompletedProcess:
-    params = json.dumps({"config": str(config), "overrides": overrides})
-    return prefect("deployment", "run", "qlora-pipeline/on-demand", "--params", params, "--watch",
-                   timeout=900)
+from conftest import run_deployment
 
 
 @pytest.mark.slow

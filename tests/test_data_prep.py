@@ -1,0 +1,307 @@
+"""Dataset preparation: formats, rendering and masks, dedup/leakage/length policy, packing, the
+fingerprint in the cache key, and `qlora-pipeline validate` on bad input (exit 1, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import write_config
+from flows.cli import main as cli
+from pipeline_config import load_config
+from tasks import dataset, validate
+from tasks.dataset import IGNORE_INDEX
+
+
+def alpaca(count: int = 12, start: int = 0) -> list[dict]:
+    return [{"instruction": f"Question number {n}?", "input": "" if n % 2 else f"context {n}",
+             "output": f"Answer number {n}."} for n in range(start, start + count)]
+
+
+def chats(count: int = 12) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi {n}"},
+                          {"role": "assistant", "content": f"Hello {n}"}, {"role": "user", "content": f"Bye {n}?"},
+                          {"role": "assistant", "content": f"Goodbye {n}"}]} for n in range(count)]
+
+
+def jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model):
+    def make(train: Path, eval_path: Path | None = None, **data) -> Path:
+        section = {"train_path": str(train), "eval_fraction": 0.25, **data}
+        if eval_path:
+            section["eval_path"] = str(eval_path)
+        return write_config(tmp_path / "cfg.yaml", data=section, model={"base": str(tiny_model), "name": "tiny"},
+                            train={"tokens_per_step": 256, "max_steps": 2}, publish={"repo": "r"},
+                            artifacts={"root": str(tmp_path / "artifacts")})
+    return make
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = cli(["validate", *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+# ---------------------------------------------------------------- bad input: exit 1, named problem
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", r"absent\.jsonl: file not found"),
+    ("empty", r"empty file"),
+    ("malformed", r"rows\.jsonl:3: malformed JSON"),
+    ("non_utf8", r"rows\.jsonl:13: not valid UTF-8"),
+    ("misnamed", r"output-column-present"),
+    ("null", r"output-not-null.*\| 4: null"),
+    ("empty_field", r"output-length-1-to-4000.*\| 5: \"\""),
+    ("wrong_type", r"instruction-is-string"),
+])
+def test_validate_cli_rejects_bad_alpaca_files(case, expected, tmp_path, make_config, capsys):
+    rows = alpaca()
+    path = tmp_path / ("absent.jsonl" if case == "missing" else "rows.jsonl")
+    if case == "empty":
+        path.write_text("\n")
+    elif case == "malformed":
+        jsonl(path, rows)
+        lines = path.read_text().splitlines()
+        lines[2] = '{"instruction": "oops'
+        path.write_text("\n".join(lines) + "\n")
+    elif case == "non_utf8":
+        path.write_bytes(jsonl(path, rows).read_bytes() + b'{"instruction": "caf\xe9"}\n')
+    elif case != "missing":
+        if case == "misnamed":
+            rows = [{"instruction": r["instruction"], "input": r["input"], "response": r["output"]} for r in rows]
+        elif case == "null":
+            rows[3]["output"] = None
+        elif case == "empty_field":
+            rows[4]["output"] = ""
+        elif case == "wrong_type":
+            rows[2]["instruction"] = 42
+        jsonl(path, rows)
+    code, out, err = run_cli(capsys, "--config", str(make_config(path)), "--data", str(path), "--format", "alpaca")
+    assert code == 1
+    assert __import__("re").search(expected, out + err, __import__("re").S), out + err
+    assert err.startswith("error:")
+
+
+@pytest.mark.parametrize("case, rule, line", [
+    ("order", "role-order-valid", 3),
+    ("unknown_role", "roles-known", 5),
+    ("last_turn_user", "role-order-valid", 2),
+])
+def test_validate_cli_rejects_bad_chats(case, rule, line, tmp_path, make_config, capsys):
+    rows = chats()
+    turns = rows[line - 1]["messages"]
+    if case == "order":
+        turns[1], turns[2] = turns[2], turns[1]  # assistant before user
+    elif case == "unknown_role":
+        turns[2]["role"] = "bot"
+    else:
+        turns.pop()
+    path = jsonl(tmp_path / "chats.jsonl", rows)
+    code, out, err = run_cli(capsys, "--config", str(make_config(path)), "--data", str(path))
+    assert code == 1
+    failing = next(line_ for line_ in out.splitlines() if line_.startswith(f"| {rule} |"))
+    assert "FAIL" in failing and f"| {line}: " in failing, out
+    assert rule in err
+
+
+def test_over_length_fails_under_fail_policy(tmp_path, make_config, capsys):
+    rows = alpaca()
+    rows[7]["output"] = "word " * 400
+    path = jsonl(tmp_path / "rows.jsonl", rows)
+    config = make_config(path, max_seq_len=128, length_policy="fail")
+    code, out, err = run_cli(capsys, "--config", str(config), "--data", str(path))
+    assert code == 1 and "length-policy-fail" in err
+    assert "| 8: " in next(line for line in out.splitlines() if line.startswith("| length-policy-fail"))
+
+
+def test_duplicates_above_allowed_rate_fail(tmp_path, make_config, capsys):
+    rows = alpaca(20)
+    rows[5] = dict(rows[1])  # exact duplicate
+    rows[9] = {**rows[3], "output": "  " + rows[3]["output"].upper()}  # normalized duplicate
+    path = jsonl(tmp_path / "rows.jsonl", rows)
+    code, out, err = run_cli(capsys, "--config", str(make_config(path, max_duplicate_rate=0.05)), "--data", str(path))
+    assert code == 1 and "duplicate-rate" in err
+    assert "6: \"duplicate of line 2\"" in out and "10: \"duplicate of line 4\"" in out
+    code, _, _ = run_cli(capsys, "--config", str(make_config(path, max_duplicate_rate=0.2)), "--data", str(path))
+    assert code == 0
+
+
+def test_eval_rows_leaking_from_train_fail(tmp_path, make_config, capsys):
+    train = jsonl(tmp_path / "train.jsonl", alpaca(20))
+    leaked = alpaca(12, start=100)
+    leaked[4] = {**alpaca(20)[7], "output": "a different answer"}  # same prompt as train line 8
+    evaluation = jsonl(tmp_path / "eval.jsonl", leaked)
+    code, out, err = run_cli(capsys, "--config", str(make_config(train, evaluation)))
+    assert code == 1 and "eval-train-leakage" in err
+    assert f"5: \"same prompt as {train}:8\"" in out
+
+
+def test_unknown_format_and_undetectable_columns(tmp_path, make_config, capsys):
+    path = jsonl(tmp_path / "rows.jsonl", [{"question": "q", "answer": "a"}] * 12)
+    code, _, err = run_cli(capsys, "--config", str(make_config(path)), "--data", str(path))
+    assert code == 1 and "cannot detect the row format from columns answer, question" in err
+
+
+# ---------------------------------------------------------------- formats and rendering
+
+
+def test_formats_normalize_to_the_same_conversation(tmp_path, tiny_model):
+    tokenizer = validate.load_tokenizer(load_config(write_config(
+        tmp_path / "c.yaml", data={"train_path": "x"}, model={"base": str(tiny_model), "name": "t"},
+        publish={"repo": "r"})))
+    renderer = dataset.ChatRenderer(tokenizer)
+    rows = alpaca(12)
+    sources = {
+        "alpaca.csv": pd.DataFrame(rows),
+        "pc.parquet": pd.DataFrame([{"prompt": dataset.row_messages(r)[0]["content"], "completion": r["output"]}
+                                    for r in rows]),
+        "sharegpt.json": [{"conversations": [{"from": "human", "value": dataset.row_messages(r)[0]["content"]},
+                                             {"from": "gpt", "value": r["output"]}]} for r in rows],
+    }
+    sources["alpaca.csv"].to_csv(tmp_path / "alpaca.csv", index=False)
+    sources["pc.parquet"].to_parquet(tmp_path / "pc.parquet")
+    (tmp_path / "sharegpt.json").write_text(json.dumps(sources["sharegpt.json"]))
+    import datasets
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf_folder"))
+
+    results = {}
+    for name, fmt in (("alpaca.csv", "alpaca"), ("pc.parquet", "prompt-completion"),
+                      ("sharegpt.json", "messages"), ("hf_folder", "alpaca")):
+        check = validate.check_file(str(tmp_path / name), "auto", None, tokenizer, renderer, True)
+        assert check.fmt == fmt and check.report.passed, (name, check.report.to_markdown())
+        results[name] = check
+    reference = results["alpaca.csv"].tokenized
+    for check in results.values():
+        assert np.array_equal(check.tokenized.ids, reference.ids)
+        assert np.array_equal(check.tokenized.trained, reference.trained)
+    assert results["hf_folder"].lines[:3] == [1, 2, 3] and results["alpaca.csv"].lines[:2] == [2, 3]
+
+
+def test_masks_cover_every_assistant_turn_and_its_eos(tiny_model):
+    tokenizer = dataset_tokenizer(tiny_model)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    example = dataset.tokenize_example(tokenizer, chats(1)[0])
+    trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "Hello 0<|im_end|>Goodbye 0<|im_end|>"
+    assert trained.count(tokenizer.eos_token_id) == 2
+    everything = dataset.tokenize_example(tokenizer, chats(1)[0], responses_only=False)
+    assert everything.labels == everything.input_ids
+    # The fast (skeleton) renderer agrees with the template, row by row.
+    renderer = dataset.ChatRenderer(tokenizer)
+    for row in chats(20) + alpaca(20):
+        assert renderer.render(dataset.row_messages(row)) == renderer.render_slow(dataset.row_messages(row))
+    assert renderer.fast
+
+
+def test_template_without_eos_after_assistant_turns_is_refused(tiny_model):
+    tokenizer = dataset_tokenizer(tiny_model)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                              "{% if add_generation_prompt %}assistant: {% endif %}"
+    with pytest.raises(dataset.TemplateError, match="does not end assistant turns with the eos token"):
+        dataset.tokenize_example(tokenizer, alpaca(1)[0])
+
+
+def dataset_tokenizer(path: Path):
+    from tasks.modeling import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packing_is_near_linear_deterministic_and_isolates_examples(assets, tmp_path, make_config):
+    cfg = load_config(make_config(assets["data"] / "train.jsonl", assets["data"] / "eval.jsonl"))
+    out = tmp_path / "artifact"
+    out.mkdir()
+    validate.validate_dataset(cfg.model_copy(update={"train": cfg.train.model_copy(update={"tokens_per_step": 512})}), out)
+    prep = json.loads((out / "fingerprint.json").read_text())
+    assert prep["packing"]["efficiency"] >= 0.95, prep["packing"]  # the embedded default, 512-token packs
+    assert (out / "data_docs" / "train.html").read_text().lstrip().lower().startswith("<!doctype html")
+    examples = dataset.TokenizedSet.load(out / dataset.TOKENS_FILE)
+    assert len(examples) == prep["stats"]["train"]["examples"]
+    assert [r["instruction"] for r in dataset.read_jsonl(out / "eval.jsonl")] == \
+        [r["instruction"] for r in dataset.read_jsonl(assets["data"] / "eval.jsonl")]  # eval rows unchanged
+
+    packs = dataset.pack_examples(examples, 512, seed=3)
+    assert [p.input_ids for p in packs] == [p.input_ids for p in dataset.pack_examples(examples, 512, seed=3)]
+    assert sorted(t for p in packs for t in p.input_ids) == sorted(examples.ids.tolist())
+    for pack in packs:
+        assert len(pack.input_ids) <= 512
+        starts = [i for i, pos in enumerate(pack.position_ids) if pos == 0]
+        assert starts[0] == 0 and all(pack.labels[i] == IGNORE_INDEX for i in starts)
+    stream = dataset.pack_stream(examples, 512, seed=3)
+    assert [next(stream).input_ids for _ in range(len(packs))] == [p.input_ids for p in packs]
+    assert next(stream).input_ids != packs[0].input_ids or len(packs) == 1  # epoch 2 is reshuffled
+
+    lengths = np.random.default_rng(0).integers(20, 400, 100_000)
+    import time
+    start = time.perf_counter()
+    assert dataset.packing_efficiency(lengths, 2048, 0)["efficiency"] > 0.97
+    assert time.perf_counter() - start < 10
+
+
+def test_seeded_split_without_eval_file_holds_out_whole_prompts(tmp_path, make_config):
+    rows = alpaca(80)
+    train = jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = load_config(make_config(train, max_duplicate_rate=0.5))
+    out = tmp_path / "a"
+    out.mkdir()
+    validate.validate_dataset(cfg, out)
+    train_rows, eval_rows = dataset.read_jsonl(out / "train.jsonl"), dataset.read_jsonl(out / "eval.jsonl")
+    assert len(train_rows) + len(eval_rows) == 80 and 8 <= len(eval_rows) <= 35
+    assert not {r["instruction"] for r in train_rows} & {r["instruction"] for r in eval_rows}
+    again = tmp_path / "b"
+    again.mkdir()
+    validate.validate_dataset(cfg, again)
+    assert (again / "eval.jsonl").read_text() == (out / "eval.jsonl").read_text()
+
+
+# ---------------------------------------------------------------- fingerprint and the stage cache
+
+
+@pytest.mark.slow
+def test_changing_tokenizer_or_template_reruns_validate_and_train(assets, tiny_model, tmp_path, make_config):
+    from tasks.train import train_task
+    from tasks.validate import validate_task
+
+    config = make_config(assets["data"] / "train.jsonl", assets["data"] / "eval.jsonl", max_seq_len=128)
+    cfg = load_config(config)
+
+    def stages(cfg):
+        data = validate_task(cfg)
+        return data, train_task(cfg, data)
+
+    first = stages(cfg)
+    assert not first[0].cache_hit and not first[1].cache_hit
+    again = stages(cfg)
+    assert again[0].cache_hit and again[1].cache_hit and again[1].ref == first[1].ref  # nothing re-runs
+
+    template = tmp_path / "template.jinja"
+    template.write_text((tiny_model / "chat_template.jinja").read_text().replace(
+        "You are a helpful AI assistant named SmolLM", "You are a terse assistant"))
+    changed = stages(load_config(config, [f"data.chat_template={template}"]))
+    assert not changed[0].cache_hit and not changed[1].cache_hit and changed[0].ref != first[0].ref
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    shutil.copytree(tiny_model, tokenizer_dir, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    from transformers import AutoTokenizer
+    extended = AutoTokenizer.from_pretrained(tokenizer_dir)
+    extended.add_tokens(["<|new_token|>"])
+    extended.save_pretrained(tokenizer_dir)
+    key_inputs = validate.cache_inputs(load_config(config, [f"data.tokenizer={tokenizer_dir}"]))
+    assert key_inputs["tokenizer"] != validate.cache_inputs(cfg)["tokenizer"]
+    fingerprint = json.loads((Path(cfg.artifacts.root) / "objects" / first[0].ref.sha256 / "fingerprint.json").read_text())
+    assert fingerprint["components"]["chat_template"]
