@@ -25,6 +25,18 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("qlora_pipeline")
 
 
+def progress_reporter(description: str) -> Callable[[float], None]:
+    """A function reporting a fraction done as a Prefect progress artifact (a bar in the UI);
+    does nothing outside a Prefect run."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is None:
+        return lambda fraction: None
+    artifact_id = create_progress_artifact(progress=0.0, description=description)
+    return lambda fraction: update_progress_artifact(artifact_id, progress=round(100 * fraction, 1))
+
+
 class StageResult(BaseModel):
     """What a stage task returns to the flow: a reference to its artifact and how it was obtained."""
 

@@ -80,6 +80,38 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
+def chunked_lm_loss(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled tokens, computed chunk by chunk.
+
+    The full fp32 logits (tokens x vocabulary: 2 GiB for 16k tokens and a 32k vocabulary) are
+    never held at once: each chunk's logits are recomputed in the backward pass (checkpointed),
+    so peak memory holds one chunk. Same value and gradients as the model's own loss.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    base = model.get_base_model()
+    hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                        use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
+    targets = batch["labels"][:, 1:].reshape(-1)
+
+    def chunk_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = base.lm_head(h).float()
+        return torch.nn.functional.cross_entropy(logits, t, ignore_index=dataset.IGNORE_INDEX, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(chunk_nll, hidden[start:end], targets[start:end], use_reentrant=False)
+    return total / (targets != dataset.IGNORE_INDEX).sum().clamp(min=1)
+
+
+def training_loss(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+    if chunk_tokens > 0:
+        return chunked_lm_loss(model, batch, chunk_tokens)
+    return model(**batch, use_cache=False).loss
+
+
 def as_batch(pack: dataset.Pack, device: str) -> dict[str, torch.Tensor]:
     return {name: torch.tensor([getattr(pack, name)], device=device) for name in ("input_ids", "labels", "position_ids")}
 
@@ -151,13 +183,14 @@ def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, scratch
     resumed_from = step
 
     model.train()
+    report_progress = stage.progress_reporter("train: optimizer steps done")
     start, tokens_seen = time.perf_counter(), 0
     packs = dataset.pack_stream(examples, budget, cfg.seed)
     for _ in range(step):  # resume: skip the packs already trained on (packing is deterministic)
         next(packs)
     while step < cfg.train.max_steps:
         pack = next(packs)
-        loss = model(**as_batch(pack, device), use_cache=False).loss
+        loss = training_loss(model, as_batch(pack, device), cfg.train.loss_chunk_tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -174,6 +207,7 @@ def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, scratch
                 "train: step %d/%d loss %.4f %.0f tokens/s eta %.0f s",
                 step, cfg.train.max_steps, loss.item(), rate, eta,
             )
+            report_progress(step / cfg.train.max_steps)
         if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
             save_checkpoint(checkpoint, model, optimizer, scheduler, step, history, probe_before)
 
