@@ -10,6 +10,7 @@ from pipeline_config import load_config
 from tasks.approval import await_approval
 from tasks.evaluate import evaluate_quantized_task, evaluate_task
 from tasks.gate import gate_task
+from tasks.locking import release_lock
 from tasks.merge import merge_task
 from tasks.publish import Release, preflight_task, publish_task
 from tasks.quantize import quantize_task
@@ -31,22 +32,23 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
     config: path of a pipeline YAML (the embedded default when empty); overrides: `section.key=value`.
     """
     cfg = load_config(config, overrides or [])
-    preflight_task(cfg)  # the publish target is reachable (Hub token, repo visibility) before any training
+    with release_lock(cfg):  # one run at a time per publish target (concurrency.mode: wait | fail)
+        preflight_task(cfg)  # the publish target is reachable (Hub token, repo visibility) before any training
 
-    data = validate_task(cfg)
-    adapter = train_task(cfg, data)
-    evaluation = evaluate_task(cfg, data, adapter)
-    finetune_gate = gate_task(cfg, "finetune", evaluation)
-    merged = merge_task(cfg, data, adapter)
-    quantized = quantize_task(cfg, data, merged)
-    quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized)
-    quantized_gate = gate_task(cfg, "quantized", quantized_evaluation)
-    review = await_approval(cfg.approval.timeout_s) if cfg.approval.required else None
-    release = publish_task(cfg, {
-        "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,
-        "merged": merged, "gptq": quantized, "quantized_evaluation": quantized_evaluation,
-        "gate_quantized": quantized_gate,
-    }, review)
+        data = validate_task(cfg)
+        adapter = train_task(cfg, data)
+        evaluation = evaluate_task(cfg, data, adapter)
+        finetune_gate = gate_task(cfg, "finetune", evaluation)
+        merged = merge_task(cfg, data, adapter)
+        quantized = quantize_task(cfg, data, merged)
+        quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized)
+        quantized_gate = gate_task(cfg, "quantized", quantized_evaluation)
+        review = await_approval(cfg.approval.timeout_s) if cfg.approval.required else None
+        release = publish_task(cfg, {
+            "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,
+            "merged": merged, "gptq": quantized, "quantized_evaluation": quantized_evaluation,
+            "gate_quantized": quantized_gate,
+        }, review)
 
     stages = [data, adapter, evaluation, finetune_gate, merged, quantized, quantized_evaluation, quantized_gate]
     summarize(stages, release)

@@ -57,6 +57,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"] = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
+    loss_chunk_tokens: int = Field(
+        0, ge=0, description="0: the model's own loss over full logits; N: chunked cross-entropy over N tokens "
+        "at a time, never holding the full fp32 logits (for long GPU steps).")
     loss_on_responses_only: bool = True
     checkpoint_every: int = Field(10, gt=0, description="Optimizer steps between resumable checkpoints.")
     log_every: int = Field(5, gt=0)
@@ -68,6 +71,12 @@ class EvalConfig(Section):
     exact_match_examples: int = Field(24, ge=0, description="Held-out examples answered greedily.")
     max_new_tokens: int = Field(24, gt=0)
     batch_size: int = Field(8, gt=0)
+    regression_path: str | None = Field(
+        None, description="General-text regression set: JSONL with a `text` field, or plain text whose "
+        "blank-line-separated paragraphs are the texts; its perplexity is scored for base and fine-tuned.")
+    json_schema: str | None = Field(
+        None, description="A JSON Schema file: the share of greedy answers that parse as JSON and validate "
+        "against it is reported as json_valid_rate.")
 
 
 class GatesConfig(Section):
@@ -78,6 +87,18 @@ class GatesConfig(Section):
     min_exact_match: float = Field(0.0, ge=0, le=1, description="Fine-tuned exact match must be at least this.")
     max_quantized_perplexity_increase: float = Field(
         0.10, ge=0, description="GPTQ perplexity may exceed the merged model's by at most this fraction."
+    )
+    max_regression: float | None = Field(
+        0.05, ge=0, description="GPTQ perplexity may exceed the published release's GPTQ perplexity by at most "
+        "this fraction; null turns the gate off. Skipped when nothing is published."
+    )
+    max_regression_set_increase: float | None = Field(
+        None, ge=0, description="Fine-tuned perplexity on eval.regression_path may exceed the base model's by "
+        "at most this fraction; null turns the gate off."
+    )
+    min_json_valid_rate: float | None = Field(
+        None, ge=0, le=1, description="Fine-tuned json_valid_rate (eval.json_schema) must be at least this; "
+        "null turns the gate off."
     )
 
 
@@ -129,6 +150,13 @@ class ArtifactsConfig(Section):
     root: str = Field(".qlora/artifacts", description="Artifact store: a local folder or an fsspec URL.")
 
 
+class ConcurrencyConfig(Section):
+    mode: Literal["wait", "fail"] = Field(
+        "wait", description="Another run holds the same publish target: wait for it, or fail before any stage.")
+    timeout_s: float | None = Field(None, gt=0, description="mode=wait: give up after this long; unset: no limit.")
+    lease_s: float = Field(300, ge=60, description="A crashed run's slot is freed this long after it died.")
+
+
 class PipelineConfig(Section):
     run_name: str = "qlora-run"
     seed: int = 42
@@ -143,3 +171,4 @@ class PipelineConfig(Section):
     approval: ApprovalConfig = ApprovalConfig()
     publish: PublishConfig
     artifacts: ArtifactsConfig = ArtifactsConfig()
+    concurrency: ConcurrencyConfig = ConcurrencyConfig()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,26 +20,61 @@ from tasks.stage import StageResult
 SAMPLE_COUNT = 4  # generations kept for the report and model card
 
 
-def score_model(cfg: PipelineConfig, model, tokenizer, rows: list[dict], with_answers: bool) -> dict:
+def score_model(cfg: PipelineConfig, model, tokenizer, rows: list[dict], with_answers: bool,
+                regression_texts: list[str] | None = None, schema: dict | None = None) -> dict:
+    """Every metric of one model, under one deterministic setting: held-out response perplexity,
+    then (with_answers) exact match and, with eval.json_schema, the JSON-valid rate of the greedy
+    answers; with a regression set, its plain-text perplexity."""
     model.eval()
     scored = rows[: cfg.eval.max_examples]
-    result = {"perplexity": metrics.response_perplexity(model, tokenizer, scored, cfg.eval.batch_size)}
-    if with_answers and cfg.eval.exact_match_examples:
-        asked = rows[: cfg.eval.exact_match_examples]
-        answers = metrics.greedy_answers(model, tokenizer, asked, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        result["exact_match"] = metrics.exact_match(answers, asked)
-        result["samples"] = [
-            {"prompt": row["instruction"], "expected": row["output"], "answer": answer}
-            for row, answer in list(zip(asked, answers))[:SAMPLE_COUNT]
-        ]
+    with metrics.deterministic(cfg.seed):
+        result = {"perplexity": metrics.response_perplexity(model, tokenizer, scored, cfg.eval.batch_size)}
+        if regression_texts:
+            result["regression_perplexity"] = metrics.text_perplexity(model, tokenizer, regression_texts,
+                                                                      cfg.eval.batch_size)
+        if with_answers and cfg.eval.exact_match_examples:
+            asked = rows[: cfg.eval.exact_match_examples]
+            answers = metrics.greedy_answers(model, tokenizer, asked, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+            result["exact_match"] = metrics.exact_match(answers, asked)
+            if schema is not None:
+                result["json_valid_rate"] = metrics.json_valid_rate(answers, schema)
+            result["samples"] = [
+                {"prompt": row["instruction"], "expected": row["output"], "answer": answer}
+                for row, answer in list(zip(asked, answers))[:SAMPLE_COUNT]
+            ]
     return result
 
 
-def release(model) -> None:
+def load_and_score(timing: dict, name: str, load, cfg: PipelineConfig, tokenizer, rows: list[dict],
+                   texts: list[str] | None = None, schema: dict | None = None) -> dict:
+    """Load one model, score it, free it; timing[name] = wall seconds of all three."""
+    start = time.perf_counter()
+    model = load()
+    result = score_model(cfg, model, tokenizer, rows, True, texts, schema)
     del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    timing[name] = round(time.perf_counter() - start, 3)
+    stage.logger().info("evaluate: %s loaded and scored in %.1f s", name, timing[name])
+    return result
+
+
+def regression_texts(cfg: PipelineConfig) -> list[str] | None:
+    return metrics.read_texts(cfg.eval.regression_path) if cfg.eval.regression_path else None
+
+
+def json_schema(cfg: PipelineConfig) -> dict | None:
+    return metrics.load_json_schema(cfg.eval.json_schema) if cfg.eval.json_schema else None
+
+
+def extra_inputs(cfg: PipelineConfig) -> dict[str, str]:
+    """Cache-key inputs for the optional eval files: their content, not just their path."""
+    files = {"regression_path": cfg.eval.regression_path, "json_schema": cfg.eval.json_schema}
+    for key, path in files.items():
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"eval.{key}: no such file: {path}")
+    return {name: artifacts.sha256_path(Path(path)) for name, path in files.items() if path}
 
 
 def evaluate_finetune(cfg: PipelineConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
@@ -48,12 +84,16 @@ def evaluate_finetune(cfg: PipelineConfig, data_dir: Path, adapter_dir: Path, ou
     tokenizer = modeling.load_tokenizer(adapter_dir)
     rows = dataset.read_jsonl(data_dir / "eval.jsonl")
 
-    base = modeling.load_full(cfg.model.base, dtype, device)
-    results = {"base": score_model(cfg, base, tokenizer, rows, with_answers=True)}
-    release(base)
-    finetuned = modeling.load_finetuned(cfg.model.base, adapter_dir, dtype, device)
-    results["finetuned"] = score_model(cfg, finetuned, tokenizer, rows, with_answers=True)
-    release(finetuned)
+    texts, schema = regression_texts(cfg), json_schema(cfg)
+    timing: dict[str, float] = {}
+    results = {
+        "base": load_and_score(timing, "base", lambda: modeling.load_full(cfg.model.base, dtype, device),
+                               cfg, tokenizer, rows, texts, schema),
+        "finetuned": load_and_score(timing, "finetuned",
+                                    lambda: modeling.load_finetuned(cfg.model.base, adapter_dir, dtype, device),
+                                    cfg, tokenizer, rows, texts, schema),
+    }
+    results["timing"] = timing  # wall seconds per model (load + scoring); the only non-deterministic field
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -64,12 +104,16 @@ def evaluate_quantized(cfg: PipelineConfig, data_dir: Path, merged_dir: Path, gp
     tokenizer = modeling.load_tokenizer(gptq_dir)
     rows = dataset.read_jsonl(data_dir / "eval.jsonl")
 
-    merged = modeling.load_full(merged_dir, modeling.resolve_dtype(cfg.model.compute_dtype, device), device)
-    results = {"merged": score_model(cfg, merged, tokenizer, rows, with_answers=False)}
-    release(merged)
-    quantized = gptq.load_quantized(gptq_dir, device=device)
-    results["gptq"] = score_model(cfg, quantized, tokenizer, rows, with_answers=True)
-    release(quantized)
+    schema = json_schema(cfg)
+    dtype = modeling.resolve_dtype(cfg.model.compute_dtype, device)
+    timing: dict[str, float] = {}
+    results = {
+        "merged": load_and_score(timing, "merged", lambda: modeling.load_full(merged_dir, dtype, device),
+                                 cfg, tokenizer, rows, schema=schema),
+        "gptq": load_and_score(timing, "gptq", lambda: gptq.load_quantized(gptq_dir, device=device),
+                               cfg, tokenizer, rows, schema=schema),
+    }
+    results["timing"] = timing
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -77,6 +121,9 @@ def evaluate_quantized(cfg: PipelineConfig, data_dir: Path, merged_dir: Path, gp
 def _log(results: dict) -> None:
     logger = stage.logger()
     for name, scores in results.items():
+        if name == "timing":
+            logger.info("evaluate: wall seconds %s", scores)
+            continue
         shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float)}
         logger.info("evaluate: %s %s", name, shown)
 
@@ -94,7 +141,7 @@ def evaluate_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult) 
         code=artifacts.code_hash(sys.modules[__name__], metrics, dataset, modeling),
         config={"eval": stage.section(cfg.eval), "model": stage.section(cfg.model), "device": cfg.train.device},
         inputs={"data": data.ref.sha256, "adapter": adapter.ref.sha256,
-                "base_model": artifacts.sha256_path(Path(cfg.model.base))},
+                "base_model": artifacts.sha256_path(Path(cfg.model.base)), **extra_inputs(cfg)},
         build=build,
     )
 
@@ -114,6 +161,7 @@ def evaluate_quantized_task(
         store,
         code=artifacts.code_hash(sys.modules[__name__], metrics, dataset, modeling, gptq),
         config={"eval": stage.section(cfg.eval), "device": cfg.train.device},
-        inputs={"data": data.ref.sha256, "merged": merged.ref.sha256, "gptq": quantized.ref.sha256},
+        inputs={"data": data.ref.sha256, "merged": merged.ref.sha256, "gptq": quantized.ref.sha256,
+                **extra_inputs(cfg)},
         build=build,
     )

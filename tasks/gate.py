@@ -28,22 +28,31 @@ class GateFailed(Exception):
 class GateDecision(BaseModel):
     gate: str
     metric: str
-    value: float
+    value: float | None  # None only for a skipped gate
     comparison: str  # "<=" or ">="
-    threshold: float
+    threshold: float | None
     baseline: float | None = None
-    passed: bool
+    passed: bool  # False blocks the release; a skipped gate blocks nothing
+    skipped: str | None = None  # why the gate did not apply (e.g. "no published release")
+    reference: str | None = None  # where the baseline comes from, when not this run (a published release)
 
 
 def check(gate: str, metric: str, value: float, comparison: str, threshold: float,
-          baseline: float | None = None) -> GateDecision:
+          baseline: float | None = None, reference: str | None = None) -> GateDecision:
     passed = value <= threshold if comparison == "<=" else value >= threshold
     return GateDecision(gate=gate, metric=metric, value=value, comparison=comparison,
-                        threshold=threshold, baseline=baseline, passed=passed)
+                        threshold=threshold, baseline=baseline, passed=passed, reference=reference)
+
+
+def skip(gate: str, metric: str, comparison: str, reason: str) -> GateDecision:
+    """A configured gate that had nothing to compare: recorded with its reason, not counted as a check."""
+    return GateDecision(gate=gate, metric=metric, value=None, comparison=comparison, threshold=None,
+                        passed=True, skipped=reason)
 
 
 def finetune_gates(gates: GatesConfig, results: dict) -> list[GateDecision]:
-    """Gates on the trained model: absolute quality, and improvement over the base model."""
+    """Gates on the trained model: absolute quality, improvement over the base model, and the optional
+    general-text regression set and structured-output rate."""
     base, tuned = results["base"], results["finetuned"]
     decisions = [
         check("max-perplexity", "finetuned.perplexity", tuned["perplexity"], "<=", gates.max_perplexity),
@@ -53,19 +62,49 @@ def finetune_gates(gates: GatesConfig, results: dict) -> list[GateDecision]:
     if "exact_match" in tuned:
         decisions.append(check("min-exact-match", "finetuned.exact_match", tuned["exact_match"], ">=",
                                gates.min_exact_match, baseline=base.get("exact_match")))
+    if gates.max_regression_set_increase is not None:
+        gate, metric = "regression-set-increase", "finetuned.regression_perplexity"
+        if "regression_perplexity" in tuned and "regression_perplexity" in base:
+            reference = base["regression_perplexity"]
+            decisions.append(check(gate, metric, tuned["regression_perplexity"], "<=",
+                                   reference * (1 + gates.max_regression_set_increase), baseline=reference))
+        else:
+            decisions.append(skip(gate, metric, "<=", "no regression set (eval.regression_path unset)"))
+    if gates.min_json_valid_rate is not None:
+        gate, metric = "min-json-valid-rate", "finetuned.json_valid_rate"
+        if "json_valid_rate" in tuned:
+            decisions.append(check(gate, metric, tuned["json_valid_rate"], ">=", gates.min_json_valid_rate,
+                                   baseline=base.get("json_valid_rate")))
+        else:
+            decisions.append(skip(gate, metric, ">=", "no JSON schema (eval.json_schema unset) or no answers"))
     return decisions
 
 
-def quantized_gates(gates: GatesConfig, results: dict) -> list[GateDecision]:
-    """Gate on the GPTQ model: it must stay close to the merged model it was made from."""
+def published_gptq_perplexity(published: dict) -> float | None:
+    return (((published.get("metrics") or {}).get("quantized") or {}).get("gptq") or {}).get("perplexity")
+
+
+def quantized_gates(gates: GatesConfig, results: dict, published: dict | None = None) -> list[GateDecision]:
+    """Gates on the GPTQ model: it must stay close to the merged model it was made from, and must not
+    regress against the release currently published at the target (`published`, from
+    `tasks.publish.current_release_metrics`)."""
     merged, gptq = results["merged"]["perplexity"], results["gptq"]["perplexity"]
-    return [
+    decisions = [
         check("gptq-perplexity-increase", "gptq.perplexity", gptq, "<=",
               merged * (1 + gates.max_quantized_perplexity_increase), baseline=merged),
     ]
-
-
-GATE_SETS = {"finetune": finetune_gates, "quantized": quantized_gates}
+    if gates.max_regression is not None:
+        gate, metric = "no-regression-vs-published", "gptq.perplexity"
+        reference = published_gptq_perplexity(published) if published else None
+        if published is None:
+            decisions.append(skip(gate, metric, "<=", "no published release"))
+        elif reference is None:
+            decisions.append(skip(gate, metric, "<=", f"published release {published['version']} has no GPTQ "
+                                                      f"perplexity"))
+        else:
+            decisions.append(check(gate, metric, gptq, "<=", reference * (1 + gates.max_regression),
+                                   baseline=reference, reference=f"published {published['version']}"))
+    return decisions
 
 
 def decisions_markdown(name: str, decisions: list[GateDecision]) -> str:
@@ -73,33 +112,63 @@ def decisions_markdown(name: str, decisions: list[GateDecision]) -> str:
              "|---|---|---|---|---|---|"]
     for d in decisions:
         baseline = "" if d.baseline is None else f"{d.baseline:.4f}"
+        if d.reference and baseline:
+            baseline += f" ({d.reference})"
+        if d.skipped:
+            lines.append(f"| {d.gate} | {d.metric} | | | | skipped: {d.skipped} |")
+            continue
         lines.append(f"| {d.gate} | {d.metric} | {d.value:.4f} | {d.comparison} {d.threshold:.4f} | {baseline} | "
                      f"{'pass' if d.passed else '**FAIL**'} |")
     return "\n".join(lines) + "\n"
 
 
-def apply_gates(name: str, gates: GatesConfig, metrics_dir: Path, out_dir: Path) -> list[GateDecision]:
+def apply_gates(name: str, gates: GatesConfig, metrics_dir: Path, out_dir: Path,
+                published: dict | None = None) -> list[GateDecision]:
+    """Decide the `name` gate set on metrics_dir/metrics.json; `published` (quantized gates only) is the
+    current release's record from `tasks.publish.current_release_metrics`."""
     results = json.loads((metrics_dir / "metrics.json").read_text())
-    decisions = GATE_SETS[name](gates, results)
+    decisions = finetune_gates(gates, results) if name == "finetune" else quantized_gates(gates, results, published)
     create_markdown_artifact(key=f"gates-{name}", markdown=decisions_markdown(name, decisions),
                              description=f"Release gates: {name}")
     failing = [d for d in decisions if not d.passed]
     if failing:
         raise GateFailed(f"{name} gates failed: " + "; ".join(
-            f"{d.gate} ({d.metric} = {d.value:.4f}, required {d.comparison} {d.threshold:.4f})" for d in failing))
+            f"{d.gate} ({d.metric} = {d.value:.4f}, required {d.comparison} {d.threshold:.4f}"
+            + (f", baseline {d.baseline:.4f} from {d.reference}" if d.reference else "") + ")" for d in failing))
     (out_dir / "gates.json").write_text(json.dumps([d.model_dump() for d in decisions], indent=1))
-    stage.logger().info("gate %s: all %d gates passed", name, len(decisions))
+    skipped = [d for d in decisions if d.skipped]
+    stage.logger().info("gate %s: %d gates passed, %d skipped%s", name, len(decisions) - len(skipped), len(skipped),
+                        "".join(f"; {d.gate}: {d.skipped}" for d in skipped))
     return decisions
+
+
+def published_identity(published: dict | None) -> str:
+    """What of the published release the quantized gate depends on: a new publish changes it."""
+    if published is None:
+        return "none"
+    return artifacts.sha256_json({k: published.get(k) for k in ("target", "version", "release_hash")}
+                                 | {"gptq_perplexity": published_gptq_perplexity(published)})
 
 
 @task(name="gate", task_run_name="gate-{name}", retries=0)  # a failed gate is a decision, not a transient error
 def gate_task(cfg: PipelineConfig, name: str, evaluation: StageResult) -> StageResult:
+    from tasks import publish  # publish imports this module (GateDecision)
+
     store = ArtifactStore(cfg.artifacts.root)
+    inputs = {"metrics": evaluation.ref.sha256}
+    published = None
+    if name == "quantized" and cfg.gates.max_regression is not None:
+        # The release this run's model would be compared against; read before the cache lookup so a
+        # new publish at the target re-decides the gate. A release built from this very evaluation
+        # is not its own baseline (see current_release_metrics).
+        published = publish.current_release_metrics(cfg, exclude_evaluation=evaluation.ref.sha256)
+        inputs["published"] = published_identity(published)
     return stage.run_stage(
         f"gate-{name}",
         store,
-        code=artifacts.code_hash(sys.modules[__name__]),
+        code=artifacts.code_hash(sys.modules[__name__], publish.current_release_metrics,
+                                publish.hub.latest_release_metrics),
         config=stage.section(cfg.gates),
-        inputs={"metrics": evaluation.ref.sha256},
-        build=lambda workdir, key: apply_gates(name, cfg.gates, store.local_path(evaluation.ref), workdir),
+        inputs=inputs,
+        build=lambda workdir, key: apply_gates(name, cfg.gates, store.local_path(evaluation.ref), workdir, published),
     )

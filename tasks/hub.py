@@ -286,6 +286,40 @@ def publish_files(cfg: PipelineConfig, repo_id: str, files: dict[str, Path], rec
     return HubRelease(repo_id, tag, commit, created=True, message=message)
 
 
+def latest_release_metrics(cfg: PipelineConfig, exclude_evaluation: str | None = None) -> dict | None:
+    """metrics.json of the newest release tag of publish.target, for the regression gate:
+    {"target", "version" (the tag), "commit", "release_hash", "metrics"}; None when the repo or any
+    release tag is missing. Tags whose release was made from the `exclude_evaluation` artifact are
+    passed over (see `tasks.publish.current_release_metrics`). Errors are HubErrors, token-scrubbed."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    target = parse_target(cfg.publish.target)
+    token = resolve_token(cfg)
+    with client_settings(cfg):
+        api = make_api(cfg, token)
+        refs = call(f"list refs of {target.repo_id}", token, api.list_repo_refs, target.repo_id, token=token,
+                    on={RepositoryNotFoundError: None})
+        if refs is None:
+            return None
+        tags = sorted(((int(m.group(1)), t.name, t.target_commit) for t in refs.tags if (m := TAG_RE.match(t.name))),
+                      reverse=True)
+        for _, tag, commit in tags:
+            record = read_release_record(api, target.repo_id, commit, token)
+            if record is None:
+                continue
+            made_from = (record.get("artifacts", {}).get("quantized_evaluation") or {}).get("sha256")
+            if exclude_evaluation is not None and made_from == exclude_evaluation:
+                continue
+            with tempfile.TemporaryDirectory(prefix="qlora-hub-") as tmp:
+                path = call(f"read metrics.json at {tag} of {target.repo_id}", token, api.hf_hub_download,
+                            target.repo_id, "metrics.json", revision=commit, cache_dir=tmp, token=token,
+                            on={EntryNotFoundError: None})
+                metrics = json.loads(Path(path).read_text()) if path else {}
+            return {"target": cfg.publish.target, "version": f"{target.repo_id}@{tag}", "commit": commit,
+                    "release_hash": record.get("release_hash"), "metrics": metrics}
+    return None
+
+
 def folder_files(folder: Path, skip: tuple[str, ...] = ("MANIFEST.json",)) -> dict[str, Path]:
     return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
             if p.is_file() and p.relative_to(folder).as_posix() not in skip}

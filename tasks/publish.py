@@ -37,6 +37,7 @@ from pydantic import BaseModel
 from pipeline_config import PipelineConfig
 from tasks import artifacts, hub
 from tasks.artifacts import ArtifactRef, ArtifactStore
+from tasks.datasource import data_source_fingerprint
 from tasks.gate import GateDecision, decisions_markdown
 from tasks.stage import StageResult, run_stage
 
@@ -78,6 +79,34 @@ def find_release(repo_dir: Path, digest: str) -> Path | None:
         record = json.loads((version_dir / RELEASE_FILE).read_text())
         if record["release_hash"] == digest:
             return version_dir
+    return None
+
+
+def current_release_metrics(cfg: PipelineConfig, exclude_evaluation: str | None = None) -> dict | None:
+    """The release currently published at publish.target, for the regression gate:
+    {"target", "version", "release_hash", "metrics"} (metrics = its metrics.json), or None when
+    nothing is published.
+
+    local: the version LATEST names; hf://: the newest release tag (via `tasks.hub`). A release whose
+    `quantized_evaluation` artifact is `exclude_evaluation` was made from the very model being gated,
+    so it is passed over for the release before it: a model is not its own regression baseline, and
+    re-running a published configuration keeps deciding the gate the same way (all cache hits)."""
+    if hub.is_hub_target(cfg):
+        return hub.latest_release_metrics(cfg, exclude_evaluation)
+    repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
+    latest = repo_dir / "LATEST"
+    if not latest.is_file():
+        return None
+    newest = latest.read_text().strip()
+    candidates = [v for v in reversed(existing_versions(repo_dir)) if int(v.name[1:]) <= int(newest[1:])]
+    for version_dir in candidates:
+        record = json.loads((version_dir / RELEASE_FILE).read_text())
+        made_from = (record.get("artifacts", {}).get("quantized_evaluation") or {}).get("sha256")
+        if exclude_evaluation is not None and made_from == exclude_evaluation:
+            continue
+        return {"target": "local", "version": f"{cfg.publish.repo}/{version_dir.name}",
+                "release_hash": record["release_hash"],
+                "metrics": json.loads((version_dir / "metrics.json").read_text())}
     return None
 
 
@@ -212,6 +241,7 @@ def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, Sta
         lineage = {
             "release_hash": digest,
             "data_fingerprint": parts["data"].ref.sha256,
+            "data_source_fingerprint": data_source_fingerprint(cfg),  # raw train/eval files (flows/sensor.py)
             "datasets": [[split, path, data_files.get(f"{split}.jsonl", {"sha256": None})]
                          for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path))],
             "flow_run_id": str(runtime.flow_run.id or "local"),

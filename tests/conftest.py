@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
+import tempfile
 import subprocess
 import sys
 import time
@@ -63,9 +63,8 @@ def pytest_configure(config: pytest.Config) -> None:
                       GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
     if os.environ.get("PREFECT_API_URL"):
         return  # a server was given to us
-    home = Path(config.rootpath) / ".qlora" / "test-prefect-home"
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
+    # A fresh home per session: parallel test sessions in one checkout must not share a database.
+    home = Path(tempfile.mkdtemp(prefix="qlora-test-prefect-"))
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "WARNING"}
     log = open(home / "server.log", "wb")

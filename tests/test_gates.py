@@ -1,0 +1,251 @@
+"""Issue 5 gates and metrics, unit-level: regression against the published release, the general-text
+regression set, structured-output validity, determinism of the metric code, evaluation timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline_config import load_config
+from pipeline_config.schema import GatesConfig
+from tasks import metrics
+from tasks.artifacts import ArtifactStore
+from tasks.gate import GateFailed, decisions_markdown, finetune_gates, gate_task, quantized_gates
+from tasks.publish import current_release_metrics
+from tasks.stage import StageResult
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
+          "required": ["answer"]}
+
+
+# -- structured output ------------------------------------------------------------------------------
+def test_json_valid_rate_on_hand_written_answers(tmp_path):
+    answers = [
+        '{"answer": "yes", "score": 3}',             # valid
+        '```json\n{"answer": "fenced"}\n```',        # valid: a json code fence is allowed
+        '{"answer": "no", "score": "three"}',        # parses, wrong type
+        '{"score": 1}',                              # parses, missing required key
+        "[1, 2]",                                    # parses, not an object
+        "{answer: yes}",                             # not JSON
+        "",                                          # empty
+        ' {"answer": ""} ',                          # valid (surrounding spaces)
+    ]
+    assert metrics.json_valid_rate(answers, SCHEMA) == 3 / 8
+    assert metrics.json_valid_rate([], SCHEMA) == 0.0
+
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    assert metrics.load_json_schema(path) == SCHEMA
+    path.write_text(json.dumps({"type": "no-such-type"}))
+    with pytest.raises(Exception, match="no-such-type"):
+        metrics.load_json_schema(path)
+
+
+def test_json_valid_rate_gate():
+    results = {"base": {"perplexity": 10.0, "json_valid_rate": 0.1},
+               "finetuned": {"perplexity": 9.0, "json_valid_rate": 0.5}}
+    gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.5), results)
+                if d.gate == "min-json-valid-rate")
+    assert gate.passed and gate.value == 0.5 and gate.baseline == 0.1 and gate.comparison == ">="
+    gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.6), results)
+                if d.gate == "min-json-valid-rate")
+    assert not gate.passed
+    # Configured but eval.json_schema unset: recorded as skipped, not as a pass on a made-up number.
+    no_schema = {"base": {"perplexity": 10.0}, "finetuned": {"perplexity": 9.0}}
+    gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.6), no_schema)
+                if d.gate == "min-json-valid-rate")
+    assert gate.skipped and gate.value is None
+    assert "skipped: no JSON schema" in decisions_markdown("finetune", [gate])
+    assert not any(d.gate == "min-json-valid-rate" for d in finetune_gates(GatesConfig(), results))
+
+
+# -- general-text regression set --------------------------------------------------------------------
+def test_regression_set_gate():
+    results = {"base": {"perplexity": 10.0, "regression_perplexity": 20.0},
+               "finetuned": {"perplexity": 9.0, "regression_perplexity": 21.0}}
+    gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.10), results)
+                if d.gate == "regression-set-increase")
+    assert gate.passed and gate.baseline == 20.0 and gate.threshold == pytest.approx(22.0)
+    gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.01), results)
+                if d.gate == "regression-set-increase")
+    assert not gate.passed and gate.metric == "finetuned.regression_perplexity"
+    no_set = {"base": {"perplexity": 10.0}, "finetuned": {"perplexity": 9.0}}
+    gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.01), no_set)
+                if d.gate == "regression-set-increase")
+    assert gate.passed and gate.skipped == "no regression set (eval.regression_path unset)"
+
+
+def test_read_regression_texts(tmp_path):
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text('{"text": "The river ran north."}\n\n{"text": "Bread rises slowly."}\n')
+    assert metrics.read_texts(jsonl) == ["The river ran north.", "Bread rises slowly."]
+    plain = tmp_path / "r.txt"
+    plain.write_text("First paragraph,\nwrapped.\n\n\nSecond one.\n")
+    assert metrics.read_texts(plain) == ["First paragraph, wrapped.", "Second one."]
+
+
+# -- determinism and timing on the tiny model -------------------------------------------------------
+REGRESSION_TEXT = """The lighthouse keeper climbed the stairs every evening to light the lamp.
+
+Rain had fallen for three days, and the village road was thick with mud.
+
+She wrote a letter to her brother describing the harvest and the price of wheat."""
+
+
+@pytest.fixture
+def eval_inputs(tmp_path, assets, tiny_model):
+    """The evaluate stage's inputs for the tiny model: a data folder with eval.jsonl and an (untrained)
+    LoRA adapter folder with the tokenizer, as the train stage leaves them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data_dir, adapter_dir = tmp_path / "data", tmp_path / "adapter"
+    data_dir.mkdir()
+    shutil.copy(assets["data"] / "eval.jsonl", data_dir / "eval.jsonl")
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(adapter_dir)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(adapter_dir)
+    (tmp_path / "regression.txt").write_text(REGRESSION_TEXT)
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    return data_dir, adapter_dir
+
+
+def test_evaluation_is_deterministic_and_timed(tiny_config, eval_inputs, tmp_path):
+    from tasks.evaluate import evaluate_finetune
+
+    data_dir, adapter_dir = eval_inputs
+    cfg = load_config(tiny_config, [f"eval.regression_path={tmp_path / 'regression.txt'}",
+                                    f"eval.json_schema={tmp_path / 'schema.json'}"])
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        runs.append(evaluate_finetune(cfg, data_dir, adapter_dir, out))
+        assert json.loads((out / "metrics.json").read_text()) == runs[-1]
+    first, second = runs
+    for run in runs:
+        timing = run.pop("timing")
+        assert set(timing) == {"base", "finetuned"} and all(s > 0 for s in timing.values())
+    assert first == second  # exactly, every float and every generated answer
+    for model in ("base", "finetuned"):
+        scores = first[model]
+        assert {"perplexity", "regression_perplexity", "exact_match", "json_valid_rate", "samples"} <= scores.keys()
+        assert scores["regression_perplexity"] > 1 and scores["json_valid_rate"] == 0.0  # random weights
+    assert first["base"]["regression_perplexity"] != first["finetuned"]["regression_perplexity"]
+
+
+# -- regression against the published release -------------------------------------------------------
+def store_metrics(cfg, results: dict) -> StageResult:
+    """A quantized-evaluation artifact holding `results`, as the evaluate-quantized stage seals it."""
+    store = ArtifactStore(cfg.artifacts.root)
+    workdir = store.new_workdir()
+    (workdir / "metrics.json").write_text(json.dumps(results))
+    return StageResult(stage="evaluate-quantized", ref=store.put(workdir, kind="evaluate-quantized"),
+                       cache_hit=False, seconds=0.0)
+
+
+def fake_publish(cfg, version: str, gptq_perplexity: float, evaluation_sha: str = "0" * 64) -> Path:
+    """A release in the local registry as publish_local leaves it (only the files the gate reads)."""
+    repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
+    version_dir = repo_dir / version
+    version_dir.mkdir(parents=True)
+    (version_dir / "release.json").write_text(json.dumps({
+        "release_hash": secrets.token_hex(32),
+        "artifacts": {"quantized_evaluation": {"uri": "x", "sha256": evaluation_sha, "kind": "evaluate-quantized"}}}))
+    (version_dir / "metrics.json").write_text(json.dumps(
+        {"quantized": {"merged": {"perplexity": gptq_perplexity}, "gptq": {"perplexity": gptq_perplexity}}}))
+    (repo_dir / "LATEST").write_text(version + "\n")
+    return version_dir
+
+
+def registry_snapshot(cfg) -> dict[str, bytes]:
+    root = Path(cfg.publish.registry)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_regression_against_the_published_release_is_caught(tiny_config):
+    cfg = load_config(tiny_config, ["gates.max_regression=0.05"])
+    evaluation = store_metrics(cfg, {"merged": {"perplexity": 100.0}, "gptq": {"perplexity": 104.0},
+                                     "timing": {"merged": 1.0, "gptq": 1.0}})
+
+    # Nothing published: the regression gate is recorded as skipped, the others decide.
+    assert current_release_metrics(cfg) is None
+    first = gate_task.fn(cfg, "quantized", evaluation)
+    gates = json.loads((ArtifactStore(cfg.artifacts.root).local_path(first.ref) / "gates.json").read_text())
+    assert [(g["gate"], g["passed"], g["skipped"]) for g in gates] == [
+        ("gptq-perplexity-increase", True, None), ("no-regression-vs-published", True, "no published release")]
+
+    # A release with a much lower GPTQ perplexity is published: the same metrics now fail, naming the gate;
+    # the gate re-decides (its cache key holds the published release) and nothing is published or changed.
+    fake_publish(cfg, "v1", gptq_perplexity=50.0)
+    published = current_release_metrics(cfg)
+    assert published["version"] == "tiny-release/v1" and published["metrics"]["quantized"]["gptq"]["perplexity"] == 50
+    before = registry_snapshot(cfg)
+    with pytest.raises(GateFailed, match=r"no-regression-vs-published \(gptq.perplexity = 104.0000, required <= "
+                                         r"52.5000, baseline 50.0000 from published tiny-release/v1\)"):
+        gate_task.fn(cfg, "quantized", evaluation)
+    assert registry_snapshot(cfg) == before
+
+    # A newer published release within the margin: the gate passes against that one, with it as baseline.
+    fake_publish(cfg, "v2", gptq_perplexity=100.0)
+    passed = gate_task.fn(cfg, "quantized", evaluation)
+    assert not passed.cache_hit and passed.ref != first.ref
+    decision = json.loads((ArtifactStore(cfg.artifacts.root).local_path(passed.ref) / "gates.json").read_text())[1]
+    assert decision["passed"] and decision["baseline"] == 100.0 and decision["reference"] == "published tiny-release/v2"
+    assert gate_task.fn(cfg, "quantized", evaluation).cache_hit  # unchanged target: cached
+
+    # A release made from this very evaluation is not its own baseline: the one before it is used.
+    fake_publish(cfg, "v3", gptq_perplexity=1.0, evaluation_sha=evaluation.ref.sha256)
+    assert current_release_metrics(cfg, exclude_evaluation=evaluation.ref.sha256)["version"] == "tiny-release/v2"
+    assert gate_task.fn(cfg, "quantized", evaluation).cache_hit
+
+    # gates.max_regression: null turns the gate off.
+    off = load_config(tiny_config, ["gates.max_regression=null"])
+    assert [d.gate for d in quantized_gates(off.gates, {"merged": {"perplexity": 1.0}, "gptq": {"perplexity": 1.0}},
+                                            published)] == ["gptq-perplexity-increase"]
+
+
+# -- the Hub side of the publisher's interface ------------------------------------------------------
+def test_latest_release_metrics_from_the_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pipeline_config import validate_config
+    from tasks import hub
+    from tests.hub_server import HubServer
+
+    token = "hf_" + secrets.token_hex(16)
+    server = HubServer({token: {"user": "alice", "orgs": ["acme"], "role": "write"}}, tmp_path / "hub").start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", token)
+        cfg = validate_config({"data": {"train_path": "t.jsonl"}, "model": {"base": "m", "name": "tiny"},
+                               "publish": {"repo": "r", "target": "hf://acme/tiny", "endpoint": server.url,
+                                           "transfer": "lfs"}})
+        assert current_release_metrics(cfg) is None  # no repo yet
+
+        def bundle(name: str, ppl: float, evaluation_sha: str) -> Path:
+            path = tmp_path / name
+            path.mkdir()
+            (path / "model.safetensors").write_bytes(os.urandom(1000))
+            (path / "metrics.json").write_text(json.dumps({"quantized": {"gptq": {"perplexity": ppl}}}))
+            (path / "release.json").write_text(json.dumps({
+                "release_hash": secrets.token_hex(32), "data_fingerprint": "ab" * 32,
+                "artifacts": {"quantized_evaluation": {"sha256": evaluation_sha}}}))
+            return path
+
+        hub.publish_to_hub(cfg, bundle("one", 12.5, "1" * 64))
+        hub.publish_to_hub(cfg, bundle("two", 11.0, "2" * 64))
+        latest = current_release_metrics(cfg)
+        assert latest["version"] == "acme/tiny@v2-abababab" and latest["metrics"]["quantized"]["gptq"]["perplexity"] == 11
+        assert current_release_metrics(cfg, exclude_evaluation="2" * 64)["version"] == "acme/tiny@v1-abababab"
+        assert token not in json.dumps(latest)
+    finally:
+        server.stop()

@@ -1,0 +1,333 @@
+"""Operations (issue 8): the authenticated server recipe, the data sensor, the per-target concurrency limit,
+and the Kubernetes work pool files. Everything here runs against real Prefect servers; no model is trained."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import POOL, REPO, VENV_BIN, free_port, prefect_cli, stop, wait_http, write_config
+
+AUTH = "qlora-admin:correct-horse-battery-staple"
+
+
+# -- 1. access: deploy/run-server.sh starts an authenticated API on loopback --------------------------------
+def server_env(home: Path, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_API_PORT=str(port), PREFECT_BIN=str(VENV_BIN / "prefect"),
+               PREFECT_LOGGING_LEVEL="WARNING", **extra)
+    return env
+
+
+def test_server_recipe_refuses_to_start_without_an_auth_string(tmp_path):
+    env = server_env(tmp_path, free_port(), PREFECT_SERVER_API_AUTH_STRING_FILE=str(tmp_path / "missing"))
+    done = subprocess.run([str(REPO / "deploy" / "run-server.sh")], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2 and "no auth string" in done.stderr
+    weak = subprocess.run([str(REPO / "deploy" / "run-server.sh")], capture_output=True, text=True, timeout=30,
+                          env={**env, "PREFECT_SERVER_API_AUTH_STRING": "admin:short"})
+    assert weak.returncode == 2 and "16 characters" in weak.stderr
+
+
+def test_server_recipe_requires_credentials_on_the_api(tmp_path):
+    port = free_port()
+    secret_file = tmp_path / "auth-string"
+    secret_file.write_text(AUTH + "\n")
+    secret_file.chmod(0o600)
+    env = server_env(tmp_path / "home", port, PREFECT_SERVER_API_AUTH_STRING_FILE=str(secret_file))
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen([str(REPO / "deploy" / "run-server.sh")], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        wait_http(f"{api}/health", timeout=120, process=server)  # /health and /ready stay open (probes)
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"--host") + 1] == b"127.0.0.1"  # the script exec'd prefect on loopback
+
+        def basic(credentials: str) -> dict[str, str]:
+            return {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+
+        for headers in ({}, basic("qlora-admin:wrong-password-here"), {"Authorization": "Bearer " + AUTH}):
+            assert httpx.post(f"{api}/flows/filter", json={}, headers=headers).status_code == 401
+            assert httpx.get(f"{api}/admin/version", headers=headers).status_code == 401
+        assert httpx.post(f"{api}/flows/filter", json={}, headers=basic(AUTH)).status_code == 200
+        assert httpx.get(f"{api}/admin/version", headers=basic(AUTH)).status_code == 200
+
+        # A real Prefect client with the matching PREFECT_API_AUTH_STRING gets in; without it, it does not.
+        from prefect.client.orchestration import SyncPrefectClient
+
+        with SyncPrefectClient(api, auth_string=AUTH) as client:
+            assert client.read_flows() == []
+        with SyncPrefectClient(api) as client, pytest.raises(httpx.HTTPStatusError, match="401"):
+            client.read_flows()
+    finally:
+        stop(server)
+
+
+# -- deployments registered on the session's server, without a worker (scheduled runs stay Scheduled) ------
+@pytest.fixture
+def deployed():
+    created = prefect_cli("work-pool", "create", POOL, "--type", "process", "--overwrite")
+    assert created.returncode == 0, created.stdout + created.stderr
+    done = prefect_cli("--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--all")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "qlora-data-sensor/every-15-min" in done.stdout, done.stdout
+
+
+@pytest.fixture
+def ops_config(tmp_path, assets) -> Path:
+    """A config whose data files are copies this test may edit; nothing in it gets trained."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.jsonl", "eval.jsonl"):
+        shutil.copy(assets["data"] / name, data / name)
+    return write_config(
+        tmp_path / "ops.yaml", run_name="ops",
+        data={"train_path": str(data / "train.jsonl"), "eval_path": str(data / "eval.jsonl"),
+              "contract": str(REPO / "data_contracts" / "alpaca.json")},
+        model={"base": str(assets["model"]), "name": "smollm2"},
+        publish={"registry": str(tmp_path / "registry"), "repo": "ops-release"},
+        artifacts={"root": str(tmp_path / "artifacts")},
+    )
+
+
+def pipeline_runs() -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["qlora-pipeline"])),
+                                     deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["on-demand"])))
+
+
+def fake_release(cfg, version: str, fingerprint: str) -> None:
+    """What publish_local leaves in the registry, reduced to what the sensor reads."""
+    repo = Path(cfg.publish.registry) / cfg.publish.repo
+    (repo / version).mkdir(parents=True)
+    (repo / version / "release.json").write_text(json.dumps({"data_source_fingerprint": fingerprint}))
+    (repo / "LATEST").write_text(version + "\n")
+
+
+# -- 2. the data sensor ----------------------------------------------------------------------------------
+def test_sensor_starts_the_pipeline_once_for_changed_data_and_never_for_unchanged(deployed, ops_config):
+    from flows.sensor import fingerprint_tag, qlora_data_sensor
+    from pipeline_config import load_config
+    from prefect.client.orchestration import get_client
+    from tasks.datasource import data_source_fingerprint
+
+    cfg = load_config(ops_config)
+    before = {r.id for r in pipeline_runs()}
+    started = []
+    try:
+        assert qlora_data_sensor(config=str(ops_config)).action == "no-release"  # never bootstraps a registry
+
+        fake_release(cfg, "v1", data_source_fingerprint(cfg))
+        unchanged = qlora_data_sensor(config=str(ops_config))
+        assert unchanged.action == "unchanged" and unchanged.fingerprint == unchanged.released_fingerprint
+        assert {r.id for r in pipeline_runs()} == before
+
+        train = Path(cfg.data.train_path)
+        train.write_text(train.read_text() + json.dumps(
+            {"instruction": "What is a data sensor?", "input": "", "output": "A flow that watches data."}) + "\n")
+        changed = qlora_data_sensor(config=str(ops_config))
+        new = [r for r in pipeline_runs() if r.id not in before]
+        started = [r.id for r in new]
+        assert changed.action == "started" and [str(r.id) for r in new] == [changed.flow_run_id]
+        run = new[0]
+        assert run.state_type.value == "SCHEDULED"  # no worker here: it waits in the qlora-cpu pool
+        assert run.parameters == {"config": str(ops_config), "overrides": []}
+        assert fingerprint_tag(changed.fingerprint) in run.tags
+
+        # The next tick, while that run has not finished, starts nothing.
+        again = qlora_data_sensor(config=str(ops_config))
+        assert again.action == "already-started" and again.flow_run_id == changed.flow_run_id
+        assert len([r for r in pipeline_runs() if r.id not in before]) == 1
+
+        # Once a release from the new data is published, the sensor is quiet again.
+        fake_release(cfg, "v2", changed.fingerprint)
+        assert qlora_data_sensor(config=str(ops_config)).action == "unchanged"
+    finally:  # leave no Scheduled pipeline run for a worker in a later test to pick up
+        with get_client(sync_client=True) as client:
+            for run_id in started:
+                client.delete_flow_run(run_id)
+
+
+# -- 3. one run at a time per publish target ---------------------------------------------------------------
+def test_a_second_run_on_a_held_target_fails_before_any_stage(ops_config, tmp_path):
+    from flows.pipeline import qlora_pipeline
+    from pipeline_config import load_config
+    from prefect.concurrency.sync import concurrency
+    from tasks.locking import ReleaseLocked, ensure_limit, limit_name, release_lock
+
+    cfg = load_config(ops_config)
+    name = limit_name(cfg)
+    ensure_limit(name)
+    with concurrency(name, occupy=1, strict=True):  # another run holds this target
+        with pytest.raises(ReleaseLocked, match="another run is training or publishing .*ops-release"):
+            qlora_pipeline(config=str(ops_config), overrides=["concurrency.mode=fail"])
+        assert not Path(cfg.artifacts.root).exists()  # validate never ran
+
+        with pytest.raises(ReleaseLocked, match="waited 1.5 s"):
+            with release_lock(load_config(ops_config, ["concurrency.timeout_s=1.5"])):
+                pass
+
+        # Another publish target is not blocked.
+        other = load_config(ops_config, [f"publish.registry={tmp_path / 'other-registry'}",
+                                         "concurrency.mode=fail"])
+        assert limit_name(other) != name
+        with release_lock(other):
+            pass
+
+    with release_lock(load_config(ops_config, ["concurrency.mode=fail"])):  # free again once released
+        pass
+
+
+# -- 4. Kubernetes work pool: base job template, flow-run image, deployments --------------------------------
+K8S_TEMPLATE = REPO / "deploy" / "k8s-base-job-template.json"
+
+
+def rendered_job(values: dict | None = None) -> dict:
+    """The job configuration a Kubernetes worker gets: the template with the variables' defaults applied."""
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads(K8S_TEMPLATE.read_text())
+    props = template["variables"]["properties"]
+    defaults = {name: spec["default"] for name, spec in props.items() if "default" in spec}
+    return apply_values(template["job_configuration"], {**defaults, **(values or {})})
+
+
+def test_k8s_base_job_template_is_accepted_and_renders_a_gpu_job_with_cache_and_secrets():
+    import jsonschema
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    template = json.loads(K8S_TEMPLATE.read_text())
+    assert set(template) == {"job_configuration", "variables"}
+    jsonschema.Draft7Validator.check_schema(template["variables"])
+    defaults = {n: s["default"] for n, s in template["variables"]["properties"].items() if "default" in s}
+    jsonschema.validate(defaults, template["variables"])
+
+    # The Prefect server's own check (every {{ placeholder }} is a declared variable), on a real pool.
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="qlora-gpu-template-check", type="kubernetes",
+                                               base_job_template=template), overwrite=True)
+        try:
+            stored = client.read_work_pool("qlora-gpu-template-check")
+            assert stored.base_job_template == template
+        finally:
+            client.delete_work_pool("qlora-gpu-template-check")
+
+    job = rendered_job()
+    manifest = job["job_manifest"]
+    assert manifest["kind"] == "Job" and manifest["spec"]["backoffLimit"] == 0
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert set(mounts) == set(volumes)
+    assert mounts["qlora-cache"] == container["workingDir"] + "/.qlora"  # store, scratch checkpoints, registry
+    assert volumes["qlora-cache"]["persistentVolumeClaim"]["claimName"] == "qlora-cache"
+    secrets = {e["secretRef"]["name"] for e in container["envFrom"]}
+    assert secrets == {"qlora-prefect-api", "qlora-hf-token"}  # API URL + auth string; HF_TOKEN
+    assert "{{" not in json.dumps(job)
+
+    sensor = rendered_job({"gpu_count": 0, "node_selector": {}})["job_manifest"]["spec"]["template"]["spec"]
+    assert sensor["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 0
+
+
+def test_k8s_deployments_and_dockerfile_fit_the_template():
+    import yaml
+
+    template = json.loads(K8S_TEMPLATE.read_text())
+    k8s = yaml.safe_load((REPO / "deploy" / "prefect-k8s.yaml").read_text())
+    local = yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())
+    workdir = k8s["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert workdir == template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0][
+        "workingDir"]
+    assert {d["entrypoint"] for d in k8s["deployments"]} == {d["entrypoint"] for d in local["deployments"]}
+    for deployment in k8s["deployments"]:
+        assert set(deployment["work_pool"]["job_variables"]) <= set(template["variables"]["properties"])
+        rendered_job(deployment["work_pool"]["job_variables"])
+    sensor = next(d for d in k8s["deployments"] if d["entrypoint"].startswith("flows/sensor.py"))
+    assert sensor["parameters"]["deployment"] == "qlora-pipeline/" + next(
+        d["name"] for d in k8s["deployments"] if d["entrypoint"].startswith("flows/pipeline.py"))
+
+    # Dockerfile: a parse of its instructions (no Docker engine here).
+    lines, current = [], ""
+    for raw in (REPO / "deploy" / "Dockerfile").read_text().splitlines():
+        if not current and (not raw.strip() or raw.lstrip().startswith("#")):
+            continue
+        current += raw.rstrip("\\").strip() + " "
+        if not raw.rstrip().endswith("\\"):
+            lines.append(current.strip())
+            current = ""
+    instructions = [line.split(None, 1) for line in lines]
+    known = {"FROM", "ARG", "ENV", "RUN", "WORKDIR", "COPY", "USER", "CMD", "LABEL", "EXPOSE", "ENTRYPOINT"}
+    assert all(op in known for op, _ in instructions), instructions
+    assert instructions[0][0] == "FROM" and "python:3.11" in instructions[0][1]
+    assert ["WORKDIR", workdir] in instructions
+    for source in ("requirements.lock", "pipeline_config/", "tasks/", "flows/", "data_contracts/"):
+        assert any(op == "COPY" and source in args for op, args in instructions), source
+        assert (REPO / source.rstrip("/")).exists()
+    torch_pin = next(line for line in (REPO / "requirements.lock").read_text().splitlines()
+                     if line.startswith("torch=="))
+    assert f"ARG TORCH_VERSION={torch_pin.split('==')[1].split('+')[0]}" in lines  # same torch, CUDA build
+
+
+# -- 5. the artifact store on S3 (moto in server mode: a real HTTP S3 endpoint on loopback) ------------------
+@pytest.fixture
+def s3_endpoint(tmp_path, monkeypatch):
+    pytest.importorskip("moto", reason="moto[server] is pinned in requirements.lock (make install)")
+    pytest.importorskip("s3fs", reason="s3fs is pinned in requirements.lock (make install)")
+    port = free_port()
+    log = open(tmp_path / "moto.log", "wb")
+    server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/moto-api/", timeout=60, process=server)
+        # botocore (under boto3 and s3fs's aiobotocore) reads the endpoint from AWS_ENDPOINT_URL.
+        for key, value in dict(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                               AWS_DEFAULT_REGION="us-east-1").items():
+            monkeypatch.setenv(key, value)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="qlora-artifacts")
+        yield boto3.client("s3")
+    finally:
+        stop(server)
+
+
+def test_artifact_store_on_s3_seals_objects_and_serves_cache_hits(s3_endpoint, ops_config, tmp_path):
+    import fsspec
+    from pipeline_config import load_config
+    from tasks.artifacts import MANIFEST, ArtifactStore
+    from tasks.validate import validate_task
+
+    fsspec.filesystem("s3", skip_instance_cache=True)  # no S3 client cached from another endpoint
+    root = "s3://qlora-artifacts/team/artifacts"
+    cfg = load_config(ops_config, [f"artifacts.root={root}", "data.max_seq_len=128"])
+
+    first = validate_task(cfg)
+    assert not first.cache_hit and first.ref.uri == f"{root}/objects/{first.ref.sha256}"
+    keys = {o["Key"] for o in s3_endpoint.list_objects_v2(Bucket="qlora-artifacts", Prefix="team/")["Contents"]}
+    prefix = f"team/artifacts/objects/{first.ref.sha256}/"
+    assert {prefix + MANIFEST, prefix + "train.jsonl", prefix + "train_tokens.npz"} <= keys
+    assert any(k.startswith("team/artifacts/index/validate/") for k in keys)
+
+    again = validate_task(cfg)  # a second run finds the index entry and the sealed object in the bucket
+    assert again.cache_hit and again.ref == first.ref
+
+    fresh = ArtifactStore(root, local_cache=tmp_path / "other-cache")  # another machine: downloads it once
+    manifest = json.loads((fresh.local_path(first.ref) / MANIFEST).read_text())
+    assert manifest["sha256"] == first.ref.sha256 and "eval.jsonl" in manifest["files"]
