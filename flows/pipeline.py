@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
@@ -24,7 +24,9 @@ class PipelineResult(BaseModel):
     stages: list[StageResult]
 
 
-@flow(name="qlora-pipeline", log_prints=True)
+# log_prints stays off: gptqmodel and transformers print progress bars by the thousand, which
+# would all become run logs; stages log what matters through the run logger.
+@flow(name="qlora-pipeline")
 def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None) -> PipelineResult:
     """Preflight -> validate -> train -> evaluate -> gate -> merge -> quantize -> evaluate quantized -> gate
     -> [human approval] -> publish.
@@ -62,6 +64,7 @@ def summarize(stages: list[StageResult], release: Release) -> None:
                  "seconds": round(release.seconds, 1), "artifact": release.path})
     create_table_artifact(key="run-summary", table=rows, description="qlora-pipeline run summary")
     width = max(len(r["stage"]) for r in rows)
-    print("stage".ljust(width), "  cache     seconds  artifact")
-    for r in rows:
-        print(r["stage"].ljust(width), f"  {r['cache']:<8} {r['seconds']:>8.1f}  {r['artifact']}")
+    lines = ["stage".ljust(width) + "  cache     seconds  artifact"]
+    lines += [r["stage"].ljust(width) + f"  {r['cache']:<8} {r['seconds']:>8.1f}  {r['artifact']}" for r in rows]
+    lines.append("total".ljust(width) + f"  {'':<8} {sum(r['seconds'] for r in rows):>8.1f}")
+    get_run_logger().info("run summary:\n%s", "\n".join(lines))
