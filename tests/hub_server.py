@@ -114,6 +114,15 @@ class DropResponse(Response):
         raise DropConnection
 
 
+def failure_response(mode: str | None) -> Response | None:
+    """The response an injected fault answers with before the request takes effect, if any."""
+    if mode == "drop":
+        return DropResponse()
+    if mode == "500":
+        return error(500, "Internal Error")
+    return None
+
+
 def error(status: int, message: str, code: str | None = None) -> JSONResponse:
     headers = {"X-Error-Message": message}
     if code:
@@ -270,10 +279,8 @@ def build_app(state: HubState) -> Starlette:
         repo, problem = state.repo_for(request, write=True)
         if problem:
             return problem
-        if (mode := state.fault("preupload")) is not None:
-            if mode == "drop":
-                return DropResponse()
-            return error(500, "Internal Error")
+        if (failure := failure_response(state.fault("preupload"))) is not None:
+            return failure
         oid = state.resolve(repo, request.path_params["rev"])
         if oid is None:
             return error(404, "Invalid rev id", "RevisionNotFound")
@@ -294,10 +301,8 @@ def build_app(state: HubState) -> Starlette:
         repo, problem = state.repo_for(request, write=True)
         if problem:
             return problem
-        if (mode := state.fault("lfs_batch")) is not None:
-            if mode == "drop":
-                return DropResponse()
-            return error(500, "Internal Error")
+        if (failure := failure_response(state.fault("lfs_batch"))) is not None:
+            return failure
         body = await request.json()
         if body.get("operation") != "upload" or "basic" not in body.get("transfers", ["basic"]):
             return error(422, "only basic uploads are supported")
@@ -319,10 +324,8 @@ def build_app(state: HubState) -> Starlette:
         # A pre-signed-style URL: the Hub's storage does not need the user's token here.
         oid = request.path_params["oid"]
         data = await request.body()
-        if (mode := state.fault("lfs_upload")) is not None:
-            if mode == "drop":
-                return DropResponse()
-            return Response("Internal Error", status_code=500)
+        if (failure := failure_response(state.fault("lfs_upload"))) is not None:
+            return failure
         if hashlib.sha256(data).hexdigest() != oid:
             return error(400, "content does not match its oid")
         tmp = state.lfs_path(oid).with_suffix(f".{time.time_ns()}.tmp")
@@ -334,10 +337,8 @@ def build_app(state: HubState) -> Starlette:
         repo, problem = state.repo_for(request, write=True)
         if problem:
             return problem
-        if (mode := state.fault("lfs_verify")) is not None:
-            if mode == "drop":
-                return DropResponse()
-            return error(500, "Internal Error")
+        if (failure := failure_response(state.fault("lfs_verify"))) is not None:
+            return failure
         body = await request.json()
         path = state.lfs_path(body["oid"])
         if not path.exists() or path.stat().st_size != body["size"]:
@@ -353,10 +354,8 @@ def build_app(state: HubState) -> Starlette:
             return error(404, "Invalid rev id", "RevisionNotFound")
         lines = [json.loads(line) for line in (await request.body()).splitlines() if line.strip()]
         mode = state.fault("commit")
-        if mode == "drop":
-            return DropResponse()
-        if mode == "500":
-            return error(500, "Internal Error")
+        if (failure := failure_response(mode)) is not None:
+            return failure
         if not lines or lines[0].get("key") != "header":
             return error(400, "first line must be the header")
         header = lines[0]["value"]
@@ -418,10 +417,8 @@ def build_app(state: HubState) -> Starlette:
             if repo.tags.pop(name, None) is None:
                 return error(404, "Invalid rev id", "RevisionNotFound")
             return JSONResponse({"success": True})
-        if (mode := state.fault("tag")) is not None:
-            if mode == "drop":
-                return DropResponse()
-            return error(500, "Internal Error")
+        if (failure := failure_response(state.fault("tag"))) is not None:
+            return failure
         body = await request.json()
         with state.lock:
             oid = state.resolve(repo, request.path_params["rev"])
