@@ -8,7 +8,11 @@ from pydantic import BaseModel
 
 from pipeline_config import load_config
 from tasks.approval import await_approval
-from tasks.evaluate import evaluate_quantized_task, evaluate_task
+from tasks.evaluate import (
+    evaluate_published_task,
+    evaluate_quantized_task,
+    evaluate_task,
+)
 from tasks.gate import gate_task
 from tasks.locking import release_lock
 from tasks.merge import merge_task
@@ -28,8 +32,8 @@ class PipelineResult(BaseModel):
 # would all become run logs; stages log what matters through the run logger.
 @flow(name="qlora-pipeline")
 def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None) -> PipelineResult:
-    """Preflight -> validate -> train -> evaluate -> gate -> merge -> quantize -> evaluate quantized -> gate
-    -> [human approval] -> publish.
+    """Preflight -> validate -> train -> evaluate -> gate -> merge -> quantize -> evaluate quantized
+    (+ the published release, re-scored) -> gate -> [human approval] -> publish.
 
     config: path of a pipeline YAML (the embedded default when empty); overrides: `section.key=value`.
     """
@@ -44,7 +48,8 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
         merged = merge_task(cfg, data, adapter)
         quantized = quantize_task(cfg, data, merged)
         quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized)
-        quantized_gate = gate_task(cfg, "quantized", quantized_evaluation)
+        published_evaluation = evaluate_published_task(cfg, data, quantized)  # None when nothing is published
+        quantized_gate = gate_task(cfg, "quantized", quantized_evaluation, published_evaluation)
         review = await_approval(cfg.approval.timeout_s) if cfg.approval.required else None
         release = publish_task(cfg, {
             "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,
@@ -52,7 +57,8 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
             "gate_quantized": quantized_gate,
         }, review)
 
-    stages = [data, adapter, evaluation, finetune_gate, merged, quantized, quantized_evaluation, quantized_gate]
+    stages = [data, adapter, evaluation, finetune_gate, merged, quantized, quantized_evaluation,
+              *([published_evaluation] if published_evaluation else []), quantized_gate]
     summarize(stages, release)
     return PipelineResult(release=release, stages=stages)
 

@@ -47,36 +47,77 @@ class LoraConfig(Section):
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = Field("all-linear", description="peft target_modules.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the LoRA weights (and so of their AdamW state). float32 (peft's default, "
+        "also under a bf16 base): updates of lr-size register on every weight; the LoRA matmuls run in fp32 "
+        "(TF32 on a GPU). bfloat16: half the adapter and optimizer memory and bf16 LoRA matmuls, but small "
+        "updates round away; for memory-bound runs with large r.")
 
 
 class TrainConfig(Section):
     max_steps: int = Field(30, gt=0)
-    tokens_per_step: int = Field(512, gt=0, description="Real (non-padding) tokens per optimizer step.")
+    tokens_per_step: int = Field(512, gt=0, description="Real (non-padding) tokens per optimizer step, over all "
+                                 "processes together: one packed row of examples.")
+    micro_batch_tokens: int = Field(
+        0, ge=0, description="0: each process runs its share of a step in one forward/backward; N: in micro-batches "
+        "of at most N tokens (cut between examples; an example is never split) with gradients accumulated. The loss "
+        "is normalized over the whole step's labelled tokens, so the result does not depend on the split.")
     learning_rate: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(3, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"] = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
+    checkpoint_every_n_layers: int = Field(
+        1, gt=0, description="With gradient_checkpointing: recompute the activations of every Nth decoder layer "
+        "only (1: all layers). Layers in between keep theirs: more memory, less recompute.")
     loss_chunk_tokens: int = Field(
         0, ge=0, description="0: the model's own loss over full logits; N: chunked cross-entropy over N tokens "
         "at a time, never holding the full fp32 logits (for long GPU steps).")
+    kernels: Literal["none", "liger"] = Field(
+        "none", description="liger: Liger Kernel's Triton RMSNorm, SwiGLU and RoPE, and its fused linear "
+        "cross-entropy for the loss (no logits held). CUDA only; needs `pip install liger-kernel`.")
+    compile: bool = Field(False, description="torch.compile each decoder layer (GPU; the first steps compile).")
+    attention: Literal["sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="transformers attention implementation in training. Packed rows need a "
+        "block-diagonal mask: sdpa computes the whole row's attention under it; flex_attention and "
+        "flash_attention_2 (flash-attn package) skip the blocks between examples.")
     loss_on_responses_only: bool = True
     checkpoint_every: int = Field(10, gt=0, description="Optimizer steps between resumable checkpoints.")
     log_every: int = Field(5, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_processes: int = Field(
+        1, gt=0, description=">1: the train stage runs the trainer under `accelerate launch` with this many "
+        "processes (one per GPU; on the CPU, gloo processes), each taking a share of every step.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With num_processes > 1: ddp, every process holds the whole 4-bit model "
+        "(deploy/accelerate/ddp.yaml); fsdp, the model is sharded over the GPUs, for a model that does not fit "
+        "one (deploy/accelerate/fsdp_qlora.yaml; CUDA only).")
+
+
+class LmEvalConfig(Section):
+    """lm-evaluation-harness tasks, read from local task files (no hub downloads)."""
+
+    tasks: list[str] = Field(min_length=1, description="Task names defined by the YAML files in include_path.")
+    include_path: str = Field(description="Folder of lm-eval task YAMLs; keep their data files in it too, so "
+                              "the cache key (a hash of the folder) changes when they do.")
+    limit: int | None = Field(None, gt=0, description="Score at most this many documents per task.")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, gt=0)
 
 
 class EvalConfig(Section):
     max_examples: int = Field(64, gt=0, description="Held-out examples scored for perplexity.")
     exact_match_examples: int = Field(24, ge=0, description="Held-out examples answered greedily.")
     max_new_tokens: int = Field(24, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(16, gt=0, description="Prompts generated together (greedy answers).")
     regression_path: str | None = Field(
         None, description="General-text regression set: JSONL with a `text` field, or plain text whose "
         "blank-line-separated paragraphs are the texts; its perplexity is scored for base and fine-tuned.")
     json_schema: str | None = Field(
         None, description="A JSON Schema file: the share of greedy answers that parse as JSON and validate "
         "against it is reported as json_valid_rate.")
+    lm_eval: LmEvalConfig | None = Field(
+        None, description="Optional lm-evaluation-harness tasks scored for every evaluated model (lm_eval key).")
 
 
 class GatesConfig(Section):

@@ -147,6 +147,10 @@ class ArtifactStore:
         parent = Path(self.base) if self.is_local else self.local_cache
         return parent / "scratch" / stage / key
 
+    def remote_scratch(self, stage: str, key: str) -> str | None:
+        """Where a remote store keeps a copy of `scratch_dir` (so another worker can resume); None if local."""
+        return None if self.is_local else f"{self.root}/scratch/{stage}/{key}"
+
     def _path(self, ref: ArtifactRef) -> str:
         return f"{self.base}/objects/{ref.sha256}"
 

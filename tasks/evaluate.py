@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +29,9 @@ def score_model(cfg: PipelineConfig, model, tokenizer, rows: list[dict], with_an
     model.eval()
     scored = rows[: cfg.eval.max_examples]
     with metrics.deterministic(cfg.seed):
-        result = {"perplexity": metrics.response_perplexity(model, tokenizer, scored, cfg.eval.batch_size)}
+        result = {"perplexity": metrics.response_perplexity(model, tokenizer, scored)}
         if regression_texts:
-            result["regression_perplexity"] = metrics.text_perplexity(model, tokenizer, regression_texts,
-                                                                      cfg.eval.batch_size)
+            result["regression_perplexity"] = metrics.text_perplexity(model, tokenizer, regression_texts)
         if with_answers and cfg.eval.exact_match_examples:
             asked = rows[: cfg.eval.exact_match_examples]
             answers = metrics.greedy_answers(model, tokenizer, asked, cfg.eval.max_new_tokens, cfg.eval.batch_size)
@@ -42,6 +42,11 @@ def score_model(cfg: PipelineConfig, model, tokenizer, rows: list[dict], with_an
                 {"prompt": row["instruction"], "expected": row["output"], "answer": answer}
                 for row, answer in list(zip(asked, answers))[:SAMPLE_COUNT]
             ]
+        if cfg.eval.lm_eval is not None:
+            lm = cfg.eval.lm_eval
+            result["lm_eval"] = metrics.lm_eval_scores(model, tokenizer, lm.tasks, lm.include_path, limit=lm.limit,
+                                                       num_fewshot=lm.num_fewshot, batch_size=lm.batch_size,
+                                                       seed=cfg.seed)
     return result
 
 
@@ -74,7 +79,13 @@ def extra_inputs(cfg: PipelineConfig) -> dict[str, str]:
     for key, path in files.items():
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"eval.{key}: no such file: {path}")
-    return {name: artifacts.sha256_path(Path(path)) for name, path in files.items() if path}
+    inputs = {name: artifacts.sha256_path(Path(path)) for name, path in files.items() if path}
+    if cfg.eval.lm_eval is not None:
+        folder = Path(cfg.eval.lm_eval.include_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"eval.lm_eval.include_path: no such folder: {folder}")
+        inputs["lm_eval_tasks"] = artifacts.sha256_path(folder)
+    return inputs
 
 
 def evaluate_finetune(cfg: PipelineConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
@@ -110,7 +121,7 @@ def evaluate_quantized(cfg: PipelineConfig, data_dir: Path, merged_dir: Path, gp
     results = {
         "merged": load_and_score(timing, "merged", lambda: modeling.load_full(merged_dir, dtype, device),
                                  cfg, tokenizer, rows, schema=schema),
-        "gptq": load_and_score(timing, "gptq", lambda: gptq.load_quantized(gptq_dir, device=device),
+        "gptq": load_and_score(timing, "gptq", lambda: modeling.load_gptq(gptq_dir, device),
                                cfg, tokenizer, rows, schema=schema),
     }
     results["timing"] = timing
@@ -118,9 +129,29 @@ def evaluate_quantized(cfg: PipelineConfig, data_dir: Path, merged_dir: Path, gp
     return results
 
 
+def evaluate_published(cfg: PipelineConfig, data_dir: Path, release: dict, model_dir: Path, out_dir: Path) -> dict:
+    """Score the GPTQ model of the release published at the target, by this run's metric code on this
+    run's held-out rows: the regression gate compares like with like even when the data or the metric
+    code changed since that release was made."""
+    device = modeling.resolve_device(cfg.train.device)
+    tokenizer = modeling.load_tokenizer(model_dir)
+    rows = dataset.read_jsonl(data_dir / "eval.jsonl")
+    timing: dict[str, float] = {}
+    results = {
+        "version": release["version"], "release_hash": release["release_hash"],
+        "published": load_and_score(timing, "published", lambda: modeling.load_gptq(model_dir, device),
+                                    cfg, tokenizer, rows, schema=json_schema(cfg)),
+        "timing": timing,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
 def _log(results: dict) -> None:
     logger = stage.logger()
     for name, scores in results.items():
+        if not isinstance(scores, dict):
+            continue
         if name == "timing":
             logger.info("evaluate: wall seconds %s", scores)
             continue
@@ -163,5 +194,38 @@ def evaluate_quantized_task(
         config={"eval": stage.section(cfg.eval), "device": cfg.train.device},
         inputs={"data": data.ref.sha256, "merged": merged.ref.sha256, "gptq": quantized.ref.sha256,
                 **extra_inputs(cfg)},
+        build=build,
+    )
+
+
+@task(name="evaluate-published", retries=1, retry_delay_seconds=5)
+def evaluate_published_task(cfg: PipelineConfig, data: StageResult, quantized: StageResult) -> StageResult | None:
+    """The release currently published at the target, re-scored for the regression gate; None when the gate
+    is off or nothing (other than this very model) is published."""
+    from tasks import publish  # publish imports the gate module, which this stage feeds
+
+    if cfg.gates.max_regression is None:
+        return None
+    # Looked up before the cache: a new publish at the target is a new input. A release built from this
+    # run's own GPTQ artifact is not its baseline (see publish.current_release).
+    release = publish.current_release(cfg, exclude_model=quantized.ref.sha256)
+    if release is None:
+        stage.logger().info("evaluate-published: nothing published at the target yet")
+        return None
+    store = ArtifactStore(cfg.artifacts.root)
+
+    def build(workdir: Path, key: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="qlora-published-") as download:
+            model_dir = publish.fetch_release_model(cfg, release, Path(download))
+            _log(evaluate_published(cfg, store.local_path(data.ref), release, model_dir, workdir))
+
+    return stage.run_stage(
+        "evaluate-published",
+        store,
+        code=artifacts.code_hash(sys.modules[__name__], metrics, dataset, modeling, gptq, publish.current_release,
+                                publish.hub.latest_release),
+        config={"eval": stage.section(cfg.eval), "device": cfg.train.device},
+        inputs={"data": data.ref.sha256, "published": artifacts.sha256_json(
+            {k: release[k] for k in ("target", "version", "release_hash")}), **extra_inputs(cfg)},
         build=build,
     )

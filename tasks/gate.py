@@ -80,14 +80,10 @@ def finetune_gates(gates: GatesConfig, results: dict) -> list[GateDecision]:
     return decisions
 
 
-def published_gptq_perplexity(published: dict) -> float | None:
-    return (((published.get("metrics") or {}).get("quantized") or {}).get("gptq") or {}).get("perplexity")
-
-
 def quantized_gates(gates: GatesConfig, results: dict, published: dict | None = None) -> list[GateDecision]:
     """Gates on the GPTQ model: it must stay close to the merged model it was made from, and must not
-    regress against the release currently published at the target (`published`, from
-    `tasks.publish.current_release_metrics`)."""
+    regress against the release currently published at the target. `published` is the evaluate-published
+    stage's metrics.json: that release's GPTQ model scored by the same code on this run's held-out data."""
     merged, gptq = results["merged"]["perplexity"], results["gptq"]["perplexity"]
     decisions = [
         check("gptq-perplexity-increase", "gptq.perplexity", gptq, "<=",
@@ -95,13 +91,10 @@ def quantized_gates(gates: GatesConfig, results: dict, published: dict | None = 
     ]
     if gates.max_regression is not None:
         gate, metric = "no-regression-vs-published", "gptq.perplexity"
-        reference = published_gptq_perplexity(published) if published else None
         if published is None:
             decisions.append(skip(gate, metric, "<=", "no published release"))
-        elif reference is None:
-            decisions.append(skip(gate, metric, "<=", f"published release {published['version']} has no GPTQ "
-                                                      f"perplexity"))
         else:
+            reference = published["published"]["perplexity"]
             decisions.append(check(gate, metric, gptq, "<=", reference * (1 + gates.max_regression),
                                    baseline=reference, reference=f"published {published['version']}"))
     return decisions
@@ -123,10 +116,11 @@ def decisions_markdown(name: str, decisions: list[GateDecision]) -> str:
 
 
 def apply_gates(name: str, gates: GatesConfig, metrics_dir: Path, out_dir: Path,
-                published: dict | None = None) -> list[GateDecision]:
-    """Decide the `name` gate set on metrics_dir/metrics.json; `published` (quantized gates only) is the
-    current release's record from `tasks.publish.current_release_metrics`."""
+                published_dir: Path | None = None) -> list[GateDecision]:
+    """Decide the `name` gate set on metrics_dir/metrics.json; published_dir (quantized gates only) holds
+    the evaluate-published stage's metrics.json, when a release is published at the target."""
     results = json.loads((metrics_dir / "metrics.json").read_text())
+    published = json.loads((published_dir / "metrics.json").read_text()) if published_dir else None
     decisions = finetune_gates(gates, results) if name == "finetune" else quantized_gates(gates, results, published)
     create_markdown_artifact(key=f"gates-{name}", markdown=decisions_markdown(name, decisions),
                              description=f"Release gates: {name}")
@@ -142,33 +136,18 @@ def apply_gates(name: str, gates: GatesConfig, metrics_dir: Path, out_dir: Path,
     return decisions
 
 
-def published_identity(published: dict | None) -> str:
-    """What of the published release the quantized gate depends on: a new publish changes it."""
-    if published is None:
-        return "none"
-    return artifacts.sha256_json({k: published.get(k) for k in ("target", "version", "release_hash")}
-                                 | {"gptq_perplexity": published_gptq_perplexity(published)})
-
-
 @task(name="gate", task_run_name="gate-{name}", retries=0)  # a failed gate is a decision, not a transient error
-def gate_task(cfg: PipelineConfig, name: str, evaluation: StageResult) -> StageResult:
-    from tasks import publish  # publish imports this module (GateDecision)
-
+def gate_task(cfg: PipelineConfig, name: str, evaluation: StageResult,
+              published: StageResult | None = None) -> StageResult:
+    """published: the evaluate-published stage's result (quantized gates; None when nothing is published)."""
     store = ArtifactStore(cfg.artifacts.root)
-    inputs = {"metrics": evaluation.ref.sha256}
-    published = None
-    if name == "quantized" and cfg.gates.max_regression is not None:
-        # The release this run's model would be compared against; read before the cache lookup so a
-        # new publish at the target re-decides the gate. A release built from this very evaluation
-        # is not its own baseline (see current_release_metrics).
-        published = publish.current_release_metrics(cfg, exclude_evaluation=evaluation.ref.sha256)
-        inputs["published"] = published_identity(published)
+    inputs = {"metrics": evaluation.ref.sha256, "published": published.ref.sha256 if published else "none"}
     return stage.run_stage(
         f"gate-{name}",
         store,
-        code=artifacts.code_hash(sys.modules[__name__], publish.current_release_metrics,
-                                publish.hub.latest_release_metrics),
+        code=artifacts.code_hash(sys.modules[__name__]),
         config=stage.section(cfg.gates),
         inputs=inputs,
-        build=lambda workdir, key: apply_gates(name, cfg.gates, store.local_path(evaluation.ref), workdir, published),
+        build=lambda workdir, key: apply_gates(name, cfg.gates, store.local_path(evaluation.ref), workdir,
+                                               store.local_path(published.ref) if published else None),
     )

@@ -11,9 +11,13 @@ Three entry points:
 gptqmodel is imported lazily inside the functions: importing it is slow (several seconds; it pulls in
 torchao/triton-related modules and prints a banner) and it mutates a few environment variables on import.
 
-Kernel cache: gptqmodel JIT-compiles its C++ helpers (e.g. the CPU block-packing extension used while saving)
-on first use, into ``$GPTQMODEL_TORCH_EXTENSIONS_DIR/<name>`` (default ``~/.cache/gptqmodel/torch_extensions``).
-The cache persists across processes; point ``GPTQMODEL_TORCH_EXTENSIONS_DIR`` at a project folder to keep it there.
+Kernel cache: gptqmodel JIT-compiles its C++ helpers once per machine (the CPU block-packing extension used
+while quantizing on the CPU: ~70 s) into ``$GPTQMODEL_TORCH_EXTENSIONS_DIR/<name>`` (read by
+``gptqmodel.utils.cpp.default_torch_ops_build_root`` at build time). This module points that variable at
+``kernel_cache_dir()``: ``$QLORA_PIPELINE_CACHE/gptqmodel``, default ``~/.cache/qlora-pipeline/gptqmodel``, unless
+it is already set. Mount that folder persistently (a volume in a container) and the compile happens once. On CUDA
+the packing runs on the GPU (``pack_impl="gpu"``, nothing to compile) and Triton keeps its compiled kernels in
+``$TRITON_CACHE_DIR``, pointed at ``$QLORA_PIPELINE_CACHE/triton`` the same way.
 """
 
 from __future__ import annotations
@@ -36,92 +40,139 @@ DEFAULT_CUDA_BACKEND = "gptq_triton"
 DEFAULT_CPU_BACKEND = "gptq_torch_aten"
 
 
+# Kernel used while quantizing, for the already-quantized layers' forward replay. Named explicitly on CUDA for the
+# same reason as DEFAULT_CUDA_BACKEND; on the CPU it is what gptqmodel's "auto" picks for GPTQ.
+QUANTIZE_CUDA_BACKEND = "gptq_triton"
+QUANTIZE_CPU_BACKEND = "gptq_torch"
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled gptqmodel (and Triton) kernels are kept across processes: $QLORA_PIPELINE_CACHE/gptqmodel."""
+    root = Path(os.environ.get("QLORA_PIPELINE_CACHE", "~/.cache/qlora-pipeline")).expanduser()
+    return root / "gptqmodel"
+
+
 def _configure_gptqmodel_env() -> None:
     """Environment gptqmodel reads at import / first use; must run before ``import gptqmodel``."""
     # gptqmodel sizes its CPU thread pool from this (default: half the cores, capped at 12).
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     # We run on a GIL build of Python; the warning about it is noise for our use.
     os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+    # Compiled kernels in one persistent place (see the module docstring); an explicit setting wins.
+    os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(kernel_cache_dir()))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(kernel_cache_dir().parent / "triton"))
+
+
+def tokenize_calibration(tokenizer, texts: list[str], max_seq_len: int) -> list[list[int]]:
+    """Token ids of already chat-rendered texts (they carry their own special tokens, so none are added),
+    each truncated to max_seq_len."""
+    return [tokenizer(text, truncation=True, max_length=max_seq_len, add_special_tokens=False)["input_ids"]
+            for text in texts]
+
+
+class _PhaseMeter:
+    """Wall seconds and, on CUDA, peak GPU memory of each phase of a quantization run."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda")
+        self.seconds: dict[str, float] = {}
+        self.peak_gib: dict[str, float] = {}
+
+    def run(self, phase: str, work):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = work()
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_gib[phase] = torch.cuda.max_memory_allocated() / 2**30
+        self.seconds[phase] = time.perf_counter() - start
+        return result
+
+
+def _region_seconds(model) -> dict[str, float]:
+    """gptqmodel's own per-region timing totals (forward, GPTQ, pack ...) of the last quantize() call.
+    Packing runs inside quantize(), per layer as it finishes; this is where its time is found."""
+    stats = getattr(getattr(model, "quant_region_timer", None), "_stats", {}) or {}
+    return {region: round(float(stat["total"]), 3) for region, stat in stats.items() if stat.get("count")}
 
 
 def gptq_quantize(
     model_dir: Path,
     out_dir: Path,
-    calibration_texts: list[str],
+    calibration: list[list[int]],
     *,
     bits: int = 4,
     group_size: int = 64,
     desc_act: bool = False,
+    act_group_aware: bool = True,
     sym: bool = True,
     damp_percent: float = 0.01,
-    max_seq_len: int = 256,
+    mse: float = 0.0,
     device: str = "cpu",
+    tokenizer=None,
 ) -> dict:
     """Quantize the (merged, full-precision) HF checkpoint in model_dir with gptqmodel GPTQ and save the standard
     GPTQ checkpoint (safetensors + quantization config in config.json + tokenizer files) into out_dir, which
-    transformers' AutoModelForCausalLM.from_pretrained loads (through optimum + gptqmodel). Returns a dict with the
-    quantization config used and timings."""
+    transformers' AutoModelForCausalLM.from_pretrained loads (through optimum + gptqmodel).
+
+    calibration: token id lists, one calibration sample each. act_group_aware: gptqmodel's GAR, act-order
+    within static groups (needs desc_act false). mse > 0: search each group's clipping range for the lowest
+    |error|^mse instead of min/max (2.4 is the GPTQ reference value). Returns the quantization config used,
+    wall seconds and (CUDA) peak GPU memory per phase (load / quantize / save; gptqmodel's own region totals,
+    packing included, under "regions_s")."""
     _configure_gptqmodel_env()
     start = time.perf_counter()
     from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.looper import loop_processor
     from transformers import AutoTokenizer
 
     import_s = time.perf_counter() - start
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # The texts are already chat-template rendered (they carry their own special tokens), so the tokenizer must
-    # not add any more. Each text becomes one calibration sample, truncated to max_seq_len tokens.
-    calibration = []
-    for text in calibration_texts:
-        encoded = tokenizer(text, truncation=True, max_length=max_seq_len, add_special_tokens=False)
-        calibration.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
-
+    cuda = str(device).startswith("cuda")
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]
     quant_config = QuantizeConfig(
-        bits=bits,
-        group_size=group_size,
-        desc_act=desc_act,
-        sym=sym,
-        damp_percent=damp_percent,
-        # The model is small enough to stay in RAM; offloading finished layers to disk only adds I/O time.
+        bits=bits, group_size=group_size, desc_act=desc_act, act_group_aware=act_group_aware and not desc_act,
+        sym=sym, damp_percent=damp_percent, mse=mse,
+        # The model stays in (GPU) memory; offloading finished layers to disk only adds I/O time.
         offload_to_disk=False,
+        # On CUDA pack on the GPU; on the CPU gptqmodel's compiled block packer (see kernel cache above).
+        pack_impl="gpu" if cuda else "cpu",
     )
-
-    load_start = time.perf_counter()
+    meter = _PhaseMeter(device)
     # gptqmodel's automatic dtype on CPU is bfloat16, which CPUs without native bf16 (e.g. AVX2-only) emulate
-    # several times slower than fp32; on CPU keep the checkpoint's fp32 for calibration forwards and GPTQ math.
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    model = GPTQModel.load(str(model_dir), quant_config, device=device, dtype=dtype)
-    load_s = time.perf_counter() - load_start
+    # several times slower than fp32; on CPU keep fp32 for calibration forwards and GPTQ math.
+    dtype = torch.float16 if cuda else torch.float32
+    model = meter.run("load", lambda: GPTQModel.load(str(model_dir), quant_config, device=device, dtype=dtype))
 
-    quantize_start = time.perf_counter()
-    # gptqmodel writes per-layer log files into ./logs of whatever the working directory is; keep
-    # them out of the user's checkout (and out of the artifact) in a folder removed afterwards.
-    from gptqmodel.looper import loop_processor
+    def quantize() -> None:
+        # gptqmodel writes per-layer log files into ./logs of whatever the working directory is; keep
+        # them out of the user's checkout (and out of the artifact) in a folder removed afterwards.
+        with tempfile.TemporaryDirectory(prefix="gptqmodel-logs-") as log_dir:
+            loop_processor._PROJECT_LOG_DIR = Path(log_dir)
+            model.quantize(samples, batch_size=1, tokenizer=tokenizer,
+                           backend=QUANTIZE_CUDA_BACKEND if cuda else QUANTIZE_CPU_BACKEND)
 
-    with tempfile.TemporaryDirectory(prefix="gptqmodel-logs-") as log_dir:
-        loop_processor._PROJECT_LOG_DIR = Path(log_dir)
-        model.quantize(calibration, batch_size=1, tokenizer=tokenizer)
-    quantize_s = time.perf_counter() - quantize_start
+    meter.run("quantize", quantize)
+    regions = _region_seconds(model)
 
-    save_start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save(str(out_dir))
-    tokenizer.save_pretrained(out_dir)
-    save_s = time.perf_counter() - save_start
+    def save() -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save(str(out_dir))
+        tokenizer.save_pretrained(out_dir)
 
+    meter.run("save", save)
     saved_config = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     return {
         "quantization_config": saved_config,
-        "num_calibration_samples": len(calibration),
-        "num_calibration_tokens": sum(len(sample["input_ids"]) for sample in calibration),
-        "timings_s": {
-            "import": import_s,
-            "load": load_s,
-            "quantize": quantize_s,
-            "save": save_s,
-            "total": time.perf_counter() - start,
-        },
+        "num_calibration_samples": len(samples),
+        "num_calibration_tokens": sum(len(ids) for ids in calibration),
+        "timings_s": {"import": import_s, **meter.seconds, "total": time.perf_counter() - start},
+        "regions_s": regions,
+        "peak_gpu_gib": meter.peak_gib,
     }
 
 

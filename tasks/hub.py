@@ -286,11 +286,11 @@ def publish_files(cfg: PipelineConfig, repo_id: str, files: dict[str, Path], rec
     return HubRelease(repo_id, tag, commit, created=True, message=message)
 
 
-def latest_release_metrics(cfg: PipelineConfig, exclude_evaluation: str | None = None) -> dict | None:
-    """metrics.json of the newest release tag of publish.target, for the regression gate:
-    {"target", "version" (the tag), "commit", "release_hash", "metrics"}; None when the repo or any
-    release tag is missing. Tags whose release was made from the `exclude_evaluation` artifact are
-    passed over (see `tasks.publish.current_release_metrics`). Errors are HubErrors, token-scrubbed."""
+def latest_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dict | None:
+    """The newest release tag of publish.target, for the regression gate: {"target", "version" (the tag),
+    "location" (its commit), "release_hash", "metrics"}; None when the repo or any release tag is missing.
+    Tags whose release was built from the GPTQ artifact `exclude_model` are passed over (see
+    `tasks.publish.current_release`). Errors are HubErrors, token-scrubbed."""
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
     target = parse_target(cfg.publish.target)
@@ -307,17 +307,27 @@ def latest_release_metrics(cfg: PipelineConfig, exclude_evaluation: str | None =
             record = read_release_record(api, target.repo_id, commit, token)
             if record is None:
                 continue
-            made_from = (record.get("artifacts", {}).get("quantized_evaluation") or {}).get("sha256")
-            if exclude_evaluation is not None and made_from == exclude_evaluation:
+            if exclude_model is not None and (record.get("artifacts", {}).get("gptq") or {}).get("sha256") == exclude_model:
                 continue
             with tempfile.TemporaryDirectory(prefix="qlora-hub-") as tmp:
                 path = call(f"read metrics.json at {tag} of {target.repo_id}", token, api.hf_hub_download,
                             target.repo_id, "metrics.json", revision=commit, cache_dir=tmp, token=token,
                             on={EntryNotFoundError: None})
                 metrics = json.loads(Path(path).read_text()) if path else {}
-            return {"target": cfg.publish.target, "version": f"{target.repo_id}@{tag}", "commit": commit,
+            return {"target": cfg.publish.target, "version": f"{target.repo_id}@{tag}", "location": commit,
                     "release_hash": record.get("release_hash"), "metrics": metrics}
     return None
+
+
+def download_release_model(cfg: PipelineConfig, commit: str, dest: Path) -> Path:
+    """The GPTQ model files of the release at `commit` of publish.target, downloaded into dest."""
+    target = parse_target(cfg.publish.target)
+    token = resolve_token(cfg)
+    with client_settings(cfg):
+        api = make_api(cfg, token)
+        call(f"download {target.repo_id}@{commit[:12]}", token, api.snapshot_download, target.repo_id,
+             revision=commit, local_dir=str(dest), token=token, ignore_patterns=["adapter/*", "*.md"])
+    return Path(dest)
 
 
 def folder_files(folder: Path, skip: tuple[str, ...] = ("MANIFEST.json",)) -> dict[str, Path]:

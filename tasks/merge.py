@@ -1,19 +1,47 @@
-"""Stage 4, merge: fold the LoRA adapter into base weights and save a plain safetensors model.
+"""Stage 4, merge: fold the LoRA adapter into the base weights and save a plain safetensors model.
 
-The adapter was trained against the NF4-quantized base, so the model that passed the gates is
-dequant(NF4(W)) + BA, not W + BA. Merging into the dequantized NF4 weights (the default)
-reproduces it; merging into the original weights (`merge.mode: original`) adds the NF4 rounding
-error back in. A fidelity check measures how far the merged logits are from the trained model's.
+Two modes (`merge.mode`):
+
+* **dequantize** (the default). QLoRA trained the adapter against the NF4-quantized base, so the
+  model that passed the gates computes dequant(NF4(W)) + s·BA, not W + s·BA. Every linear weight
+  that bitsandbytes quantized in training (all of them but the output embeddings, whether or not
+  LoRA targets them) is quantized again here exactly as `load_in_4bit` did (bitsandbytes'
+  `Params4bit` with `modeling.nf4_config`: NF4, blocksize 64, double-quantized absmax, from the
+  dtype training loaded the base in), dequantized, and the adapter's delta added. The merged model
+  is the trained model up to float rounding (max |logit diff| ~1e-4 on the embedded default).
+* **original**: the delta is added to the full-precision W. That model differs from the trained
+  one by the NF4 rounding error of every linear layer (max |logit diff| ~26 on the embedded
+  default: a different model than the one evaluated). Only right for an adapter trained on an
+  unquantized base.
+
+Streamed: the base checkpoint is read one tensor at a time (safetensors, memory-mapped), each
+tensor merged on `device` (the GPU when there is one) and written straight into its place in the
+output shard, whose header is computed up front from the shapes. Peak memory is the largest tensor
+and its working copies (NF4 roundtrip, fp32 sum), never a full copy of the model, in fp32 or
+otherwise. Non-linear tensors (embeddings, norms) are copied as they are, cast to `merge.dtype`.
+`merge_in_memory` (peft's `merge_and_unload` on the whole model) is kept as the reference the
+streamed merge is tested against.
+
+A fidelity check then compares the merged model's logits with the trained model's (NF4 base on the
+bitsandbytes kernels plus the adapter, as in training) on a few held-out prompts.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import math
+import shutil
+import struct
 import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from prefect import task
+from safetensors import safe_open
 
 from pipeline_config import PipelineConfig
 from tasks import artifacts, dataset, modeling, stage
@@ -21,11 +49,265 @@ from tasks.artifacts import ArtifactStore
 from tasks.stage import StageResult
 
 FIDELITY_PROMPTS = 8
+SHARD_BYTES = 5 * 10**9  # output shard size, transformers' default for save_pretrained
+
+# safetensors' dtype codes (https://github.com/huggingface/safetensors, format spec)
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+
+# Adapter features whose merge is not W + s·BA on linear weights; merging them as if it were would
+# silently publish a different model, so they are refused.
+UNSUPPORTED_ADAPTER_SETTINGS = {
+    "use_dora": False, "lora_bias": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+    "trainable_token_indices": None, "target_parameters": None, "layer_replication": None,
+}
+
+
+# --------------------------------------------------------------------------- the adapter
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """One LoRA pair: the base weight gains scaling · B @ A."""
+
+    lora_a: str  # tensor names in the adapter file
+    lora_b: str
+    scaling: float
+
+
+def read_adapter(adapter_dir: Path) -> dict[str, LoraDelta]:
+    """The adapter's LoRA pairs, keyed by the base weight each one changes."""
+    from peft.utils.other import get_pattern_key
+
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    for key, plain in UNSUPPORTED_ADAPTER_SETTINGS.items():
+        if config.get(key, plain) not in (plain, [], {}):
+            raise NotImplementedError(f"merge: adapters with {key}={config[key]!r} are not supported")
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as f:
+        shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118 (not a dict)
+
+    deltas = {}
+    for name, shape in shapes.items():
+        if not name.endswith(".lora_A.weight"):
+            if not name.endswith(".lora_B.weight"):
+                raise NotImplementedError(f"merge: adapter tensor {name} is not a LoRA A/B matrix")
+            continue
+        module = name.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
+        # As peft does: rank and alpha per module from rank_pattern/alpha_pattern, else the global ones.
+        # The rank is A's row count, which is what rank_pattern made it.
+        rank = shape[0]
+        alpha = config.get("alpha_pattern", {}).get(get_pattern_key(config.get("alpha_pattern", {}).keys(), module),
+                                                    config["lora_alpha"])
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        deltas[f"{module}.weight"] = LoraDelta(name, name.replace(".lora_A.", ".lora_B."), scaling)
+    return deltas
+
+
+# --------------------------------------------------------------------------- the base
+
+
+def base_weight_files(base_path: str | Path) -> list[Path]:
+    base = Path(base_path)
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        return [base / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (base / "model.safetensors").is_file():
+        return [base / "model.safetensors"]
+    raise FileNotFoundError(f"merge: no safetensors weights in {base}")
+
+
+def nf4_quantized_weights(base_path: str | Path) -> set[str]:
+    """Names of the weights bitsandbytes' load_in_4bit quantizes: transformers' own rule (every
+    nn.Linear except the output embeddings, tied weights and the config's skip list), applied to a
+    weightless (meta-device) instance of the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_path)))
+    skip = HfQuantizer.get_modules_to_not_convert(
+        model, modeling.nf4_config(torch.float32).llm_int8_skip_modules, model._keep_in_fp32_modules)
+    names = set()
+    for name, module in model.named_modules():
+        if not should_convert_module(name, skip):
+            continue
+        if isinstance(module, Conv1D):  # quantized transposed; not handled here
+            raise NotImplementedError("merge: Conv1D (GPT-2 style) models are not supported")
+        if type(module) is torch.nn.Linear:
+            names.add(f"{name}.weight")
+    return names
 
 
 @torch.no_grad()
-def merge_adapter(base_path: str | Path, adapter_dir: Path, mode: str = "dequantize"):
-    """The merged model (fp32, CPU) as a plain transformers model."""
+def nf4_roundtrip(weight: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """dequant(NF4(weight)) in fp32, computed as load_in_4bit computes it: the weight cast to the
+    training dtype, then bitsandbytes' Params4bit with the training BitsAndBytesConfig's settings."""
+    import bitsandbytes as bnb
+
+    settings = modeling.nf4_config(dtype)
+    param = bnb.nn.Params4bit(
+        weight.to(dtype), requires_grad=False, compress_statistics=settings.bnb_4bit_use_double_quant,
+        quant_type=settings.bnb_4bit_quant_type, quant_storage=settings.bnb_4bit_quant_storage,
+    ).to(device)
+    return bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+
+
+def training_dtype(cfg: PipelineConfig, adapter_dir: Path) -> torch.dtype:
+    """The dtype training loaded the base in (bnb quantized from it): resolved on the device the
+    adapter was trained on, which train_metrics.json records."""
+    metrics_file = Path(adapter_dir) / "train_metrics.json"
+    trained_on = json.loads(metrics_file.read_text()).get("device") if metrics_file.is_file() else None
+    device = trained_on or modeling.resolve_device(cfg.train.device)
+    return modeling.resolve_dtype(cfg.model.compute_dtype, torch.device(device).type)
+
+
+# --------------------------------------------------------------------------- streamed safetensors output
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def shard_plan(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
+    """Tensors split, in order, into shards of at most shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_safetensors(path: Path, specs: list[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file written tensor by tensor, as `tensors` yields them. The header (names, dtypes,
+    shapes, offsets) is known from the specs before any data exists, so each tensor goes to disk as
+    soon as it is made and none is held longer."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for spec in specs:
+        header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        for spec, (name, tensor) in zip(specs, tensors, strict=True):
+            if (spec.name, spec.dtype, spec.shape) != (name, tensor.dtype, tuple(tensor.shape)):
+                raise ValueError(f"merge: expected {spec}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+            out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+# --------------------------------------------------------------------------- the merge
+
+
+def output_dtype(stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    return dtype if stored.is_floating_point else stored  # integer buffers keep their type
+
+
+@torch.no_grad()
+def merged_tensor(name: str, stored: torch.Tensor, adapter, deltas: dict[str, LoraDelta], nf4_names: set[str],
+                  mode: str, nf4_dtype: torch.dtype, device: str) -> torch.Tensor:
+    """One output tensor (fp32 for merged linear weights, as stored otherwise)."""
+    if mode == "dequantize" and name in nf4_names:
+        weight = nf4_roundtrip(stored, nf4_dtype, device)
+    elif name in deltas:
+        weight = stored.to(device, torch.float32)
+    else:
+        return stored
+    if name in deltas:
+        delta = deltas[name]
+        lora_a = adapter.get_tensor(delta.lora_a).to(device, torch.float32)
+        lora_b = adapter.get_tensor(delta.lora_b).to(device, torch.float32)
+        # The same operations, in the same order, as peft's get_delta_weight + merge.
+        weight += (lora_b @ lora_a) * delta.scaling
+    return weight
+
+
+def stream_merge(base_path: str | Path, adapter_dir: Path, out_dir: Path, *, mode: str = "dequantize",
+                 dtype: torch.dtype = torch.float32, nf4_dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 shard_bytes: int = SHARD_BYTES) -> dict:
+    """Merge the adapter into the base checkpoint tensor by tensor and write safetensors shards (+ the
+    index when there are several) into out_dir. Returns counts and the wall time."""
+    start = time.perf_counter()
+    deltas = read_adapter(adapter_dir)
+    nf4_names = nf4_quantized_weights(base_path) if mode == "dequantize" else set()
+    files = base_weight_files(base_path)
+
+    specs, source = [], {}
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (not a dict)
+                stored = f.get_slice(name)
+                specs.append(TensorSpec(name, output_dtype(TORCH_DTYPES[stored.get_dtype()], dtype),
+                                        tuple(stored.get_shape())))
+                source[name] = path
+    missing = set(deltas) - set(source)
+    if missing:
+        raise ValueError(f"merge: the adapter changes weights the base does not have, e.g. {min(missing)}")
+
+    shards = shard_plan(specs, shard_bytes)
+    names = shard_names(len(shards))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    open_files = {path: safe_open(str(path), "pt", device="cpu") for path in files}
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt", device="cpu") as adapter:
+
+        def shard_tensors(shard: list[TensorSpec]) -> Iterator[tuple[str, torch.Tensor]]:
+            for spec in shard:
+                stored = open_files[source[spec.name]].get_tensor(spec.name)
+                tensor = merged_tensor(spec.name, stored, adapter, deltas, nf4_names, mode, nf4_dtype, device)
+                yield spec.name, tensor.to(spec.dtype)
+
+        for shard, file_name in zip(shards, names, strict=True):
+            write_safetensors(out_dir / file_name, shard, shard_tensors(shard))
+    open_files.clear()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                 "weight_map": {spec.name: file_name for shard, file_name in zip(shards, names) for spec in shard}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return {"mode": mode, "tensors": len(specs), "merged_weights": len(deltas),
+            "nf4_roundtripped_weights": len(nf4_names), "shards": len(shards),
+            "nf4_dtype": str(nf4_dtype).removeprefix("torch."), "device": device,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def save_model_files(base_path: str | Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    """config.json (with the output dtype), generation config and the adapter's tokenizer + chat template."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(base_path))
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    if (Path(base_path) / "generation_config.json").is_file():
+        shutil.copy(Path(base_path) / "generation_config.json", out_dir / "generation_config.json")
+    modeling.load_tokenizer(adapter_dir).save_pretrained(out_dir)
+
+
+@torch.no_grad()
+def merge_in_memory(base_path: str | Path, adapter_dir: Path, mode: str = "dequantize"):
+    """The reference merge: peft's merge_and_unload on the whole model, in fp32 on the CPU. Holds a
+    full fp32 copy of the model; the pipeline uses stream_merge, tested equal to this."""
     from peft import PeftModel
 
     if mode == "dequantize":
@@ -35,33 +317,71 @@ def merge_adapter(base_path: str | Path, adapter_dir: Path, mode: str = "dequant
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
 
+# --------------------------------------------------------------------------- fidelity
+
+
+def prompt_ids(tokenizer, rows: list[dict]) -> list[dict]:
+    return [tokenizer(dataset.render_chat(tokenizer, row), return_tensors="pt", add_special_tokens=False)
+            for row in rows]
+
+
+@torch.no_grad()
+def model_logits(model, prompts: list[dict]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(**ids.to(device)).logits.float().cpu() for ids in prompts]
+
+
+def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> dict[str, float]:
+    """Max absolute and relative logit differences, over every position of every prompt."""
+    max_abs, max_rel = 0.0, 0.0
+    for ref, out in zip(reference, candidate, strict=True):
+        diff = (ref - out).abs().max().item()
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / ref.abs().max().item())
+    return {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_rel, "prompts": len(reference)}
+
+
 @torch.no_grad()
 def logit_difference(reference, candidate, tokenizer, rows: list[dict]) -> dict[str, float]:
     """Max absolute and relative logit differences between two models on chat-rendered prompts."""
-    max_abs, max_rel = 0.0, 0.0
-    for row in rows:
-        ids = tokenizer(dataset.render_chat(tokenizer, row), return_tensors="pt", add_special_tokens=False)
-        ref = reference(**ids.to(next(reference.parameters()).device)).logits.float().cpu()
-        out = candidate(**ids.to(next(candidate.parameters()).device)).logits.float().cpu()
-        diff = (ref - out).abs()
-        max_abs = max(max_abs, diff.max().item())
-        max_rel = max(max_rel, (diff.max() / ref.abs().max()).item())
-    return {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_rel, "prompts": len(rows)}
+    prompts = prompt_ids(tokenizer, rows)
+    return compare_logits(model_logits(reference, prompts), model_logits(candidate, prompts))
+
+
+def release(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fidelity_check(cfg: PipelineConfig, adapter_dir: Path, merged_dir: Path, rows: list[dict], nf4_dtype: torch.dtype,
+                   device: str) -> dict:
+    """Logits of the trained model (NF4 base on bitsandbytes' kernels + adapter, as in training) vs the
+    merged model as saved. One model in memory at a time: the reference logits are kept instead."""
+    prompts = prompt_ids(modeling.load_tokenizer(adapter_dir), rows)
+    trained = modeling.load_finetuned(cfg.model.base, adapter_dir, nf4_dtype, device, kernel="bnb").eval()
+    reference = model_logits(trained, prompts)
+    release(trained)
+    # On the CPU in fp32 (bf16 matmuls are slow there; the models that merge on a CPU are small).
+    dtype = torch.float32 if device == "cpu" else getattr(torch, cfg.merge.dtype)
+    merged = modeling.load_full(merged_dir, dtype, device).eval()
+    candidate = model_logits(merged, prompts)
+    release(merged)
+    return compare_logits(reference, candidate)
 
 
 def merge_model(cfg: PipelineConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
-    merged = merge_adapter(cfg.model.base, adapter_dir, cfg.merge.mode)
-    tokenizer = modeling.load_tokenizer(adapter_dir)
-    # The reference is the trained model on the bitsandbytes 4-bit kernels, as in training.
-    trained = modeling.load_finetuned(cfg.model.base, adapter_dir, torch.float32, "cpu", kernel="bnb").eval()
+    device = modeling.resolve_device(cfg.train.device)
+    dtype, nf4_dtype = getattr(torch, cfg.merge.dtype), training_dtype(cfg, adapter_dir)
+    report = stream_merge(cfg.model.base, adapter_dir, out_dir, mode=cfg.merge.mode, dtype=dtype,
+                          nf4_dtype=nf4_dtype, device=device)
+    save_model_files(cfg.model.base, adapter_dir, out_dir, dtype)
     rows = dataset.read_jsonl(data_dir / "eval.jsonl")[:FIDELITY_PROMPTS]
-    fidelity = {"mode": cfg.merge.mode, **logit_difference(trained, merged.eval(), tokenizer, rows)}
-    del trained
-    merged.to(getattr(torch, cfg.merge.dtype)).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    fidelity = {**report, **fidelity_check(cfg, adapter_dir, out_dir, rows, nf4_dtype, device)}
     (out_dir / "fidelity.json").write_text(json.dumps(fidelity, indent=1))
-    stage.logger().info("merge: %s merge, max |logit diff| vs trained model %.4g",
-                          cfg.merge.mode, fidelity["max_abs_logit_diff"])
+    stage.logger().info("merge: %s merge streamed in %.1f s, max |logit diff| vs trained model %.4g",
+                        cfg.merge.mode, report["seconds"], fidelity["max_abs_logit_diff"])
     return fidelity
 
 
@@ -72,7 +392,8 @@ def merge_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult) -> 
         "merge",
         store,
         code=artifacts.code_hash(sys.modules[__name__], modeling, dataset),
-        config=stage.section(cfg.merge),
+        # model.compute_dtype decides the dtype the base was NF4-quantized from in training.
+        config={"merge": stage.section(cfg.merge), "compute_dtype": cfg.model.compute_dtype},
         inputs={"adapter": adapter.ref.sha256, "data": data.ref.sha256,
                 "base_model": artifacts.sha256_path(Path(cfg.model.base))},
         build=lambda workdir, key: merge_model(

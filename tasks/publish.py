@@ -82,17 +82,22 @@ def find_release(repo_dir: Path, digest: str) -> Path | None:
     return None
 
 
-def current_release_metrics(cfg: PipelineConfig, exclude_evaluation: str | None = None) -> dict | None:
-    """The release currently published at publish.target, for the regression gate:
-    {"target", "version", "release_hash", "metrics"} (metrics = its metrics.json), or None when
-    nothing is published.
+def made_from(record: dict) -> str | None:
+    """The GPTQ artifact a release record was built from."""
+    return (record.get("artifacts", {}).get("gptq") or {}).get("sha256")
 
-    local: the version LATEST names; hf://: the newest release tag (via `tasks.hub`). A release whose
-    `quantized_evaluation` artifact is `exclude_evaluation` was made from the very model being gated,
-    so it is passed over for the release before it: a model is not its own regression baseline, and
-    re-running a published configuration keeps deciding the gate the same way (all cache hits)."""
+
+def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dict | None:
+    """The release currently published at publish.target, the baseline of the regression gate:
+    {"target", "version", "release_hash", "location", "metrics"} (metrics = its recorded metrics.json),
+    or None when nothing is published. `location` is what `fetch_release_model` needs.
+
+    local: the version LATEST names; hf://: the newest release tag (via `tasks.hub`). A release built
+    from the GPTQ artifact `exclude_model` is the very model being gated, so it is passed over for the
+    release before it: a model is not its own regression baseline, and re-running a published
+    configuration decides the gate the same way (all cache hits, no new version)."""
     if hub.is_hub_target(cfg):
-        return hub.latest_release_metrics(cfg, exclude_evaluation)
+        return hub.latest_release(cfg, exclude_model)
     repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
     latest = repo_dir / "LATEST"
     if not latest.is_file():
@@ -101,13 +106,20 @@ def current_release_metrics(cfg: PipelineConfig, exclude_evaluation: str | None 
     candidates = [v for v in reversed(existing_versions(repo_dir)) if int(v.name[1:]) <= int(newest[1:])]
     for version_dir in candidates:
         record = json.loads((version_dir / RELEASE_FILE).read_text())
-        made_from = (record.get("artifacts", {}).get("quantized_evaluation") or {}).get("sha256")
-        if exclude_evaluation is not None and made_from == exclude_evaluation:
+        if exclude_model is not None and made_from(record) == exclude_model:
             continue
         return {"target": "local", "version": f"{cfg.publish.repo}/{version_dir.name}",
-                "release_hash": record["release_hash"],
+                "release_hash": record["release_hash"], "location": str(version_dir.resolve()),
                 "metrics": json.loads((version_dir / "metrics.json").read_text())}
     return None
+
+
+def fetch_release_model(cfg: PipelineConfig, release: dict, dest: Path) -> Path:
+    """A local folder with the published GPTQ model of `release` (from `current_release`): the registry
+    version folder itself, or the tagged commit downloaded from the Hub into dest."""
+    if release["target"] == "local":
+        return Path(release["location"])
+    return hub.download_release_model(cfg, release["location"], dest)
 
 
 def display_repo(cfg: PipelineConfig) -> str:

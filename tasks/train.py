@@ -7,7 +7,23 @@ Deliberately *not* `prepare_model_for_kbit_training`: its blanket fp32 upcast of
 embeddings and lm_head costs several-fold throughput on a GPU and buys nothing we need.
 
 Checkpoints (adapter, optimizer, scheduler, RNG, step) go to a scratch folder keyed by the
-stage's cache key, so a retry or a re-run after a crash resumes instead of starting over.
+stage's cache key, so a retry or a re-run after a crash resumes instead of starting over. With a
+remote artifact store (s3://...) each checkpoint is also uploaded to the store's scratch area, so a
+re-run on another worker, with an empty local disk, resumes too.
+
+A step is one packed row of `train.tokens_per_step` real tokens. Its loss is the mean over the
+row's labelled tokens however the row is cut: into micro-batches (`train.micro_batch_tokens`) and
+into per-process shares (`train.num_processes`), always between examples, every piece's summed
+loss divided by the whole step's label count. So neither changes what is trained, only memory and
+speed. Fast paths, all optional and off on the CPU, where the tests run the same code without them:
+chunked cross-entropy (`loss_chunk_tokens`), Liger kernels (`kernels`), torch.compile (`compile`),
+selective checkpointing (`checkpoint_every_n_layers`), varlen attention (`attention`).
+
+With `train.num_processes > 1` the stage runs this module under `accelerate launch` (configs in
+deploy/accelerate/); each process takes a share of every step. ddp: every process holds the whole
+model and the LoRA gradients are all-reduced once per step. fsdp: accelerate shards the model.
+Rank 0 alone writes checkpoints, TensorBoard events and the adapter; all ranks resume from the
+same checkpoint.
 """
 
 from __future__ import annotations
@@ -15,16 +31,22 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
+import re
+import shlex
 import shutil
+import socket
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from prefect import task
 
-from pipeline_config import PipelineConfig
+from pipeline_config import ConfigError, PipelineConfig
 from tasks import artifacts, dataset, modeling, stage
 from tasks.artifacts import ArtifactStore
 from tasks.stage import StageResult
@@ -33,6 +55,11 @@ CHECKPOINT = "checkpoint.pt"
 # Training loss on these first packs, before and after training, is the "did it learn" signal:
 # per-step losses on different packs are too noisy to compare over a few dozen steps.
 PROBE_PACKS = 4
+TENSORBOARD_DIR = "tensorboard"  # event files, inside the adapter artifact
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "accelerate"
+ACCELERATE_CONFIG = {"ddp": "ddp.yaml", "fsdp": "fsdp_qlora.yaml"}
+RESOLVED_CONFIG = "resolved-config.yaml"  # the config a launched trainer reads, in the scratch folder
+STEP_LINE = re.compile(r"train: step (\d+)/(\d+)")
 
 
 def seed_everything(seed: int) -> None:
@@ -40,14 +67,195 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Workers:
+    """This process's place among the training processes; (0, 1, 0) when it trains alone."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    fsdp: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def workers_from_env(cfg: PipelineConfig) -> Workers:
+    """The launcher (accelerate launch / torchrun) tells each process its rank in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Workers(rank=int(os.environ.get("RANK", "0")), world=world,
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   fsdp=world > 1 and cfg.train.distributed == "fsdp")
+
+
+def join_workers(workers: Workers, device: str) -> str:
+    """Join the process group (NCCL on GPUs, gloo on the CPU); the device this process trains on."""
+    if workers.world == 1:
+        return device
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(workers.local_rank)
+        device = f"cuda:{workers.local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def barrier(workers: Workers) -> None:
+    if workers.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor, workers: Workers) -> torch.Tensor:
+    if workers.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(value)
+    return value
+
+
+def sum_gradients(params: list[torch.nn.Parameter], workers: Workers) -> None:
+    """Data parallelism's gradient exchange, once per optimizer step: one all-reduce of all LoRA gradients,
+    flattened. Each process's gradients are its share of the step's loss (already divided by the whole
+    step's label count), so the sum is the step's gradient. Done by hand rather than by a DDP wrapper:
+    the shares may differ in micro-batch count, and the loss paths call into the model below its forward,
+    which a DDP wrapper must see. At 16k-token steps the exchange is ~1% of a step."""
+    if workers.world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1).float() for g in grads]), workers)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
+
+
+# --------------------------------------------------------------------------- steps, shares, micro-batches
+
+
+def count_targets(labels) -> int:
+    """Tokens the loss is taken on: labelled positions after the first (each predicts from the one before)."""
+    return sum(1 for label in list(labels)[1:] if label != dataset.IGNORE_INDEX)
+
+
+def cut(pack: dataset.Pack, lo: int, hi: int) -> dataset.Pack:
+    return dataset.Pack(pack.input_ids[lo:hi], pack.labels[lo:hi], pack.position_ids[lo:hi])
+
+
+def example_starts(pack: dataset.Pack) -> list[int]:
+    """Where each example of the pack begins (its position ids restart at 0)."""
+    return [i for i, position in enumerate(pack.position_ids) if position == 0]
+
+
+def rank_share(pack: dataset.Pack, rank: int, world: int) -> dataset.Pack:
+    """This process's contiguous share of a step's pack: the examples cut into `world` runs of about equal
+    token counts. Every process computes the same cuts (packing is deterministic), so shares are disjoint
+    and cover the pack; with fewer examples than processes some shares are empty."""
+    if world == 1:
+        return pack
+    n = len(pack.input_ids)
+    bounds = example_starts(pack) + [n]
+
+    def boundary(k: int) -> int:  # the example boundary nearest to k/world of the way through
+        return 0 if k == 0 else n if k == world else min(bounds, key=lambda b: abs(b - k * n / world))
+
+    return cut(pack, boundary(rank), boundary(rank + 1))
+
+
+def split_pack(pack: dataset.Pack, max_tokens: int) -> list[dataset.Pack]:
+    """The pack cut between examples into consecutive micro-batches of at most max_tokens tokens (an
+    example longer than that is a micro-batch of its own). The loss is unchanged: the first token of an
+    example is never a target, so no target loses the token it is predicted from. 0: no cut."""
+    n = len(pack.input_ids)
+    if n == 0:
+        return []
+    if max_tokens <= 0 or n <= max_tokens:
+        return [pack]
+    starts = example_starts(pack)
+    ends = starts[1:] + [n]
+    pieces, lo = [], 0
+    for start, end in zip(starts[1:], ends[1:]):
+        if end - lo > max_tokens:  # the example at `start` does not fit: the piece ends before it
+            pieces.append(cut(pack, lo, start))
+            lo = start
+    pieces.append(cut(pack, lo, n))
+    return pieces
+
+
+def micro_batches(pack: dataset.Pack, workers: Workers, max_tokens: int) -> list[dataset.Pack]:
+    """This process's micro-batches of one step."""
+    return split_pack(rank_share(pack, workers.rank, workers.world), max_tokens)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def adapter_dtype(cfg: PipelineConfig) -> torch.dtype:
+    return getattr(torch, cfg.lora.dtype)
+
+
+def check_fast_paths(cfg: PipelineConfig, device: str, workers: Workers) -> None:
+    """Options that cannot work here fail before any model is loaded, naming the key."""
+    on_cuda = torch.device(device).type == "cuda"
+    if cfg.train.kernels == "liger" and not on_cuda:
+        raise ConfigError(f"train.kernels: liger runs Triton kernels and needs a CUDA device; this run trains on "
+                          f"{device}. Use train.kernels: none.")
+    if cfg.train.attention == "flex_attention" and not on_cuda:
+        raise ConfigError(f"train.attention: flex_attention has no backward pass on {device}; use sdpa.")
+    if workers.fsdp and not on_cuda:
+        raise ConfigError("train.distributed: fsdp needs CUDA devices (bitsandbytes 4-bit sharding); use ddp.")
+    if workers.fsdp and cfg.train.compile:
+        raise ConfigError("train.compile is not supported with train.distributed: fsdp.")
+
+
+def apply_liger_kernels(model) -> None:
+    """Liger Kernel's RMSNorm, SwiGLU and RoPE on this model instance (the loss is fused separately, in
+    `training_loss`). Its RoPE patch replaces a module-level function of the model family, for every model
+    of that family in this process; it computes the same values."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ConfigError("train.kernels: liger needs the liger-kernel package (pip install liger-kernel; it "
+                          "brings Triton), which the CPU install leaves out.") from None
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def set_attention(model, name: str) -> None:
+    if model.config._attn_implementation == name:
+        return
+    try:
+        model.set_attn_implementation(name)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"train.attention: {name} is not available here: {exc}") from None
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
 def build_model(cfg: PipelineConfig, device: str):
+    """The 4-bit base with LoRA adapters on `device`, set up for training as cfg.train says."""
     from peft import LoraConfig, get_peft_model
 
-    dtype = modeling.resolve_dtype(cfg.model.compute_dtype, device)
+    on_cuda = torch.device(device).type == "cuda"
+    dtype = modeling.resolve_dtype(cfg.model.compute_dtype, torch.device(device).type)
     model = modeling.load_base_4bit(cfg.model.base, dtype, device)
     model.config.use_cache = False  # no KV cache in training; also lets packed position ids take effect
+    set_attention(model, cfg.train.attention)
+    if cfg.train.kernels == "liger":
+        apply_liger_kernels(model)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=cfg.train.checkpoint_every_n_layers)
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=cfg.lora.r,
@@ -56,13 +264,25 @@ def build_model(cfg: PipelineConfig, device: str):
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    wanted = adapter_dtype(cfg)
+    # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); ask for what lora.dtype says.
+    model = get_peft_model(model, lora, autocast_adapter_dtype=wanted == torch.float32)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(wanted)
+    if on_cuda:
+        # fp32 LoRA matmuls as TF32 on the tensor cores; process-wide, so train_adapter restores it after.
+        torch.set_float32_matmul_precision("high")
+    if cfg.train.compile:
+        for layer in decoder_layers(model):
+            layer.compile()
+    return model
 
 
 def build_optimizer(cfg: PipelineConfig, params: list[torch.nn.Parameter]):
     import bitsandbytes as bnb
 
-    kwargs = dict(lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    kwargs = {"lr": cfg.train.learning_rate, "weight_decay": cfg.train.weight_decay}
     if cfg.train.optimizer == "paged_adamw_32bit":
         return bnb.optim.PagedAdamW32bit(params, **kwargs)
     if cfg.train.optimizer == "paged_adamw_8bit":
@@ -80,8 +300,37 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def chunked_lm_loss(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled tokens, computed chunk by chunk.
+def wrap_fsdp(model):
+    """Shard the model over the processes as the launcher's FSDP config says (deploy/accelerate/
+    fsdp_qlora.yaml), with peft's wrap policy: LoRA layers in units of their own, so every flat parameter
+    is all-trainable or all-frozen (use_orig_params false)."""
+    from accelerate import Accelerator
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    accelerator = Accelerator()
+    accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    return accelerator.prepare_model(model)
+
+
+def unwrap(model):
+    """The peft model inside an FSDP wrapper."""
+    return getattr(model, "module", model)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def final_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """(hidden states that predict, their targets, lm_head): the decoder run without the lm_head."""
+    base = unwrap(model).get_base_model()
+    hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                        use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
+    return hidden, batch["labels"][:, 1:].reshape(-1), base.lm_head
+
+
+def chunked_nll(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled tokens, computed chunk by chunk.
 
     The full fp32 logits (tokens x vocabulary: 2 GiB for 16k tokens and a 32k vocabulary) are
     never held at once: each chunk's logits are recomputed in the backward pass (checkpointed),
@@ -89,27 +338,44 @@ def chunked_lm_loss(model, batch: dict[str, torch.Tensor], chunk_tokens: int) ->
     """
     from torch.utils.checkpoint import checkpoint
 
-    base = model.get_base_model()
-    hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                        use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
-    targets = batch["labels"][:, 1:].reshape(-1)
+    hidden, targets, lm_head = final_hidden(model, batch)
 
     def chunk_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = base.lm_head(h).float()
+        logits = lm_head(h).float()
         return torch.nn.functional.cross_entropy(logits, t, ignore_index=dataset.IGNORE_INDEX, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.size(0), chunk_tokens):
         end = start + chunk_tokens
         total = total + checkpoint(chunk_nll, hidden[start:end], targets[start:end], use_reentrant=False)
-    return total / (targets != dataset.IGNORE_INDEX).sum().clamp(min=1)
+    return total
 
 
-def training_loss(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+def fused_linear_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy through Liger's fused linear cross-entropy: lm_head and loss in one Triton
+    kernel, chunked over tokens, no logits kept."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    hidden, targets, lm_head = final_hidden(model, batch)
+    if type(lm_head) is not torch.nn.Linear:
+        raise ConfigError("train.kernels: liger fuses a plain lm_head; lora.target_modules adapts the lm_head")
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=dataset.IGNORE_INDEX, reduction="sum")
+    return loss(lm_head.weight, hidden, targets, lm_head.bias).float()
+
+
+def training_loss(model, batch: dict[str, torch.Tensor], chunk_tokens: int, kernels: str = "none",
+                  num_targets: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy summed over the batch's labelled tokens and divided by num_targets: by
+    default their count (the batch's mean); given the whole step's count, the losses of a step's pieces
+    add up to the step's mean, and so do their gradients."""
+    if num_targets is None:
+        num_targets = int((batch["labels"][:, 1:] != dataset.IGNORE_INDEX).sum())
+    num_targets = max(1, num_targets)
+    if kernels == "liger":
+        return fused_linear_nll(model, batch) / num_targets
     if chunk_tokens > 0:
-        return chunked_lm_loss(model, batch, chunk_tokens)
-    return model(**batch, use_cache=False).loss
+        return chunked_nll(model, batch, chunk_tokens) / num_targets
+    return model(**batch, use_cache=False, num_items_in_batch=num_targets).loss
 
 
 def as_batch(pack: dataset.Pack, device: str) -> dict[str, torch.Tensor]:
@@ -124,94 +390,284 @@ def probe_loss(model, packs: list[dataset.Pack], device: str) -> float:
     return sum(losses) / len(losses)
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict],
-                    probe_before: float) -> None:
+def accumulate_step(model, pack: dataset.Pack, cfg: PipelineConfig, workers: Workers, device: str) -> torch.Tensor:
+    """Forward and backward over this process's micro-batches of one step, gradients adding up in .grad;
+    returns this process's part of the step's loss (the parts sum to the step's mean loss)."""
+    targets = count_targets(pack.labels)
+    pieces = micro_batches(pack, workers, cfg.train.micro_batch_tokens)
+    chunk, kernels, scale, passes = cfg.train.loss_chunk_tokens, cfg.train.kernels, 1.0, len(pieces)
+    if workers.fsdp:
+        # The loss must run through FSDP's root forward (it gathers embeddings and lm_head), so the model's
+        # own loss; FSDP averages gradients over processes where the shares must add up; and every process
+        # runs as many passes, each being collective (a process short of work adds a zero-weight one).
+        chunk, kernels, scale = 0, "none", float(workers.world)
+        passes = max(len(micro_batches(pack, Workers(r, workers.world), cfg.train.micro_batch_tokens))
+                     for r in range(workers.world))
+    total = torch.zeros((), device=device)
+    for index in range(passes):
+        weight = scale if index < len(pieces) else 0.0
+        piece = pieces[index] if index < len(pieces) else split_pack(pack, cfg.train.micro_batch_tokens)[0]
+        loss = training_loss(model, as_batch(piece, device), chunk, kernels, targets)
+        (loss * weight).backward()
+        total += loss.detach() * (weight / scale)
+    return total
+
+
+def finish_gradients(model, params: list[torch.nn.Parameter], workers: Workers) -> float:
+    """Gradients of the whole step on every process, clipped to norm 1; returns the norm before clipping."""
+    if workers.fsdp:
+        return float(model.clip_grad_norm_(1.0))
+    sum_gradients(params, workers)
+    return float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+
+
+def optimizer_step(model, optimizer, scheduler, params: list[torch.nn.Parameter], pack: dataset.Pack,
+                   cfg: PipelineConfig, workers: Workers, device: str, step: int) -> dict:
+    """One optimizer step on one pack (this process's share of it); returns the step's history entry."""
+    start = time.perf_counter()
+    loss = all_reduce_sum(accumulate_step(model, pack, cfg, workers, device), workers).item()
+    grad_norm = finish_gradients(model, params, workers)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = len(pack.input_ids)
+    return {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+
+class Checkpoints:
+    """Training's resumable state: one file, replaced atomically, in a local folder, and mirrored to
+    `remote` (the artifact store's scratch area, e.g. s3://bucket/artifacts/scratch/train/<key>) when the
+    store is not on this machine's disk. Only complete checkpoints are ever visible under the final name:
+    locally through a rename, remotely because an object store's PUT is all-or-nothing."""
+
+    def __init__(self, local_dir: Path, remote: str | None = None):
+        self.local_dir = Path(local_dir)
+        self.remote = remote.rstrip("/") if remote else None
+        self.path = self.local_dir / CHECKPOINT
+
+    def _remote_fs(self):
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(self.remote)
+        return fs, f"{base}/{CHECKPOINT}"
+
+    def fetch(self) -> Path | None:
+        """The latest complete checkpoint as a local file, or None. The remote copy wins: it is written
+        after the local one, and a fresh worker has no local one."""
+        if self.remote:
+            fs, remote_file = self._remote_fs()
+            if fs.exists(remote_file):
+                self.local_dir.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(".download")
+                fs.get_file(remote_file, str(tmp))
+                tmp.replace(self.path)
+        return self.path if self.path.exists() else None
+
+    def save(self, state: dict) -> None:
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)  # only complete checkpoints ever carry the final name
+        if self.remote:
+            fs, remote_file = self._remote_fs()
+            fs.put_file(str(self.path), remote_file)
+
+    def clear(self) -> None:
+        """The finished adapter supersedes its checkpoints."""
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+        if self.remote:
+            fs, remote_file = self._remote_fs()
+            if fs.exists(remote_file):
+                fs.rm(remote_file)
+
+
+def checkpoint_state(model, optimizer, scheduler, step: int, history: list[dict], probe_before: float,
+                     workers: Workers) -> dict | None:
+    """Everything a resumed run needs, on rank 0 (None elsewhere). Under FSDP gathering it is collective:
+    every process calls this."""
     from peft import get_peft_model_state_dict
 
-    state = {
+    if workers.fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+        )
+
+        full, optim = get_state_dict(model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        adapter = get_peft_model_state_dict(unwrap(model), state_dict=full) if workers.main else None
+    else:
+        adapter, optim = get_peft_model_state_dict(model), optimizer.state_dict()
+    if not workers.main:
+        return None
+    return {
         "step": step,
         "probe_loss_before": probe_before,
-        "adapter": get_peft_model_state_dict(model),
-        "optimizer": optimizer.state_dict(),
+        "adapter": adapter,
+        "optimizer": optim,
         "scheduler": scheduler.state_dict(),
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
         "history": history,
+        "world": workers.world,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # only complete checkpoints ever carry the final name
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[dict], float]:
+def save_checkpoint(checkpoints: Checkpoints, model, optimizer, scheduler, step: int, history: list[dict],
+                    probe_before: float, workers: Workers = Workers()) -> None:
+    state = checkpoint_state(model, optimizer, scheduler, step, history, probe_before, workers)
+    if state is not None:
+        checkpoints.save(state)
+    barrier(workers)  # no process runs ahead of a checkpoint it might have to resume from
+
+
+def fetch_checkpoint(checkpoints: Checkpoints, workers: Workers) -> dict | None:
+    """The latest checkpoint's state, read by every process (rank 0 fetches it from the remote copy)."""
+    latest = checkpoints.fetch() if workers.main else None
+    barrier(workers)
+    latest = latest or (checkpoints.path if checkpoints.path.exists() else None)
+    return torch.load(latest, map_location="cpu", weights_only=False) if latest else None
+
+
+def restore_adapter(model, state: dict) -> None:
+    """Before FSDP wraps the model and before the optimizer sees its parameters."""
     from peft import set_peft_model_state_dict
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
     set_peft_model_state_dict(model, state["adapter"])
-    optimizer.load_state_dict(state["optimizer"])
+
+
+def restore_training(state: dict, model, optimizer, scheduler, workers: Workers) -> tuple[int, list[dict], float]:
+    if workers.fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
     return state["step"], state["history"], state["probe_loss_before"]
 
 
-def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, scratch_dir: Path) -> dict:
-    """Train the LoRA adapter; write it, the tokenizer and train_metrics.json into out_dir."""
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[dict], float]:
+    """A single process's resume from a checkpoint file."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    restore_adapter(model, state)
+    return restore_training(state, model, optimizer, scheduler, Workers())
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+SCALARS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
+           "grad_norm": "train/grad_norm"}
+
+
+def open_tensorboard(out_dir: Path, history: list[dict]):
+    """A TensorBoard event writer in the adapter's tensorboard/ folder. The steps before a resumed run's
+    checkpoint are written again from its history, so its events cover the whole run; events an
+    interrupted run left in the same folder are dropped (their steps after the checkpoint are redone)."""
+    from tensorboardX import SummaryWriter
+
+    shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
+    writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), flush_secs=30)
+    for entry in history:
+        log_scalars(writer, entry)
+    return writer
+
+
+def log_scalars(writer, entry: dict) -> None:
+    for key, tag in SCALARS.items():
+        if key in entry:
+            writer.add_scalar(tag, entry[key], entry["step"])
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints | Path) -> dict:
+    """Train the LoRA adapter; write it, the tokenizer, train_metrics.json and TensorBoard events into out_dir.
+
+    checkpoints: where resumable state is kept (a local folder, or a `Checkpoints` mirrored to the store).
+    Under a launcher (WORLD_SIZE > 1) every process calls this; rank 0 alone writes files."""
+    if not isinstance(checkpoints, Checkpoints):
+        checkpoints = Checkpoints(checkpoints)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        return run_training(cfg, Path(dataset_dir), Path(out_dir), checkpoints)
+    finally:
+        torch.set_float32_matmul_precision(precision)  # build_model's TF32 is for training, not later stages
+
+
+def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints) -> dict:
     logger = stage.logger()
-    seed_everything(cfg.seed)
-    device = modeling.resolve_device(cfg.train.device)
+    workers = workers_from_env(cfg)
+    seed_everything(cfg.seed)  # the same on every process: identical LoRA initialisation
+    device = join_workers(workers, modeling.resolve_device(cfg.train.device))
+    check_fast_paths(cfg, device, workers)
     # The validate artifact's tokenizer (chat template, pad) and tokenized examples; packed below.
     tokenizer, examples, dropped = dataset.load_training_data(dataset_dir, cfg)
     budget = max(cfg.train.tokens_per_step, cfg.data.max_seq_len)
-    logger.info("train: %d examples (%d over %d tokens dropped)", len(examples), dropped, cfg.data.max_seq_len)
+    say = logger.info if workers.main else (lambda *args: None)
+    say("train: %d examples (%d over %d tokens dropped)", len(examples), dropped, cfg.data.max_seq_len)
 
     model = build_model(cfg, device)
+    state = fetch_checkpoint(checkpoints, workers)
+    if state is not None:
+        restore_adapter(model, state)
+    if workers.fsdp:
+        model = wrap_fsdp(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps)
     )
 
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = scratch_dir / CHECKPOINT
     probe = list(itertools.islice(dataset.pack_stream(examples, budget, cfg.seed), PROBE_PACKS))
     step, history = 0, []
-    if checkpoint.exists():
-        step, history, probe_before = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        logger.info("train: resumed from checkpoint at step %d of %d", step, cfg.train.max_steps)
+    if state is not None:
+        step, history, probe_before = restore_training(state, model, optimizer, scheduler, workers)
+        say("train: resumed from checkpoint at step %d of %d (%s)", step, cfg.train.max_steps,
+            checkpoints.remote or checkpoints.local_dir)
     else:
         probe_before = probe_loss(model, probe, device)
     resumed_from = step
+    writer = open_tensorboard(out_dir, history) if workers.main else None
 
     model.train()
-    report_progress = stage.progress_reporter("train: optimizer steps done")
+    report_progress = stage.progress_reporter("train: optimizer steps done") if workers.main else (lambda f: None)
     start, tokens_seen = time.perf_counter(), 0
     packs = dataset.pack_stream(examples, budget, cfg.seed)
     for _ in range(step):  # resume: skip the packs already trained on (packing is deterministic)
         next(packs)
     while step < cfg.train.max_steps:
-        pack = next(packs)
-        loss = training_loss(model, as_batch(pack, device), cfg.train.loss_chunk_tokens)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += len(pack.input_ids)
-        history.append({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
+        entry = optimizer_step(model, optimizer, scheduler, trainable, next(packs), cfg, workers, device, step)
+        tokens_seen += entry["tokens"]
+        history.append(entry)
+        if writer is not None:
+            log_scalars(writer, entry)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             elapsed = time.perf_counter() - start
-            rate = tokens_seen / elapsed
             eta = (cfg.train.max_steps - step) * elapsed / (step - resumed_from)
-            logger.info(
-                "train: step %d/%d loss %.4f %.0f tokens/s eta %.0f s",
-                step, cfg.train.max_steps, loss.item(), rate, eta,
-            )
+            say("train: step %d/%d loss %.4f %.0f tokens/s grad norm %.3f eta %.0f s",
+                step, cfg.train.max_steps, entry["loss"], tokens_seen / elapsed, entry["grad_norm"], eta)
             report_progress(step / cfg.train.max_steps)
+            if writer is not None:
+                writer.flush()
         if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, step, history, probe_before)
+            save_checkpoint(checkpoints, model, optimizer, scheduler, step, history, probe_before, workers)
 
-    model.save_pretrained(out_dir)
+    probe_after = probe_loss(model, probe, device)
+    save_adapter(model, out_dir, workers)
+    if not workers.main:
+        barrier(workers)
+        return {}
+    writer.close()
     tokenizer.save_pretrained(out_dir)
     metrics = {
         "examples": len(examples),
@@ -219,12 +675,86 @@ def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, scratch
         "steps": step,
         "resumed_from_step": resumed_from,
         "probe_loss_before": probe_before,
-        "probe_loss_after": probe_loss(model, probe, device),
+        "probe_loss_after": probe_after,
         "history": history,
         "device": device,
+        "processes": workers.world,
     }
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    barrier(workers)  # the files are complete before any process exits
     return metrics
+
+
+def save_adapter(model, out_dir: Path, workers: Workers) -> None:
+    """adapter_model.safetensors + adapter_config.json, written by rank 0 (gathered first under FSDP)."""
+    if workers.fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if workers.main:
+            unwrap(model).save_pretrained(out_dir, state_dict=full)
+    elif workers.main:
+        model.save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------- the stage and its launcher
+
+
+def launch_command(cfg: PipelineConfig, config_file: Path, data_dir: Path, out_dir: Path, scratch_dir: Path,
+                   scratch_remote: str | None = None, main_process_port: int | None = None) -> list[str]:
+    """`accelerate launch` running this module in cfg.train.num_processes processes, with the accelerate
+    config of cfg.train.distributed from deploy/accelerate/. (`python -m accelerate.commands.launch` is
+    `accelerate launch` without depending on the venv's bin/ being on PATH.)"""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ACCELERATE_CONFIGS / ACCELERATE_CONFIG[cfg.train.distributed]),
+        "--num_processes", str(cfg.train.num_processes),
+        *(["--main_process_port", str(main_process_port)] if main_process_port else []),
+        "-m", "tasks.train",
+        "--config", str(config_file),
+        "--data-dir", str(data_dir),
+        "--out-dir", str(out_dir),
+        "--scratch-dir", str(scratch_dir),
+        *(["--scratch-remote", scratch_remote] if scratch_remote else []),
+    ]
+
+
+def write_resolved_config(cfg: PipelineConfig, path: Path) -> Path:
+    """The config exactly as this run resolved it (defaults filled in), for the launched processes."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_trainer(cfg: PipelineConfig, data_dir: Path, out_dir: Path, checkpoints: Checkpoints) -> None:
+    """Run the multi-process trainer to completion, its output streamed into this stage's log and its
+    step lines into the progress bar. A non-zero exit fails the stage (the task's retry then resumes)."""
+    logger = stage.logger()
+    report_progress = stage.progress_reporter("train: optimizer steps done")
+    config_file = write_resolved_config(cfg, checkpoints.local_dir / RESOLVED_CONFIG)
+    command = launch_command(cfg, config_file, data_dir, out_dir, checkpoints.local_dir, checkpoints.remote,
+                             main_process_port=free_port())
+    logger.info("train: %s", shlex.join(command))
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+        for line in process.stdout:
+            logger.info("%s", line.rstrip())
+            if match := STEP_LINE.search(line):
+                report_progress(int(match[1]) / int(match[2]))
+    if process.returncode != 0:
+        raise RuntimeError(f"train: the launched trainer exited with {process.returncode} (its output is above)")
 
 
 @task(name="train", retries=2, retry_delay_seconds=5)
@@ -232,9 +762,12 @@ def train_task(cfg: PipelineConfig, data: StageResult) -> StageResult:
     store = ArtifactStore(cfg.artifacts.root)
 
     def build(workdir: Path, key: str) -> None:
-        scratch = store.scratch_dir("train", key)
-        train_adapter(cfg, store.local_path(data.ref), workdir, scratch)
-        shutil.rmtree(scratch, ignore_errors=True)  # the finished adapter supersedes its checkpoints
+        checkpoints = Checkpoints(store.scratch_dir("train", key), store.remote_scratch("train", key))
+        if cfg.train.num_processes > 1:
+            launch_trainer(cfg, store.local_path(data.ref), workdir, checkpoints)
+        else:
+            train_adapter(cfg, store.local_path(data.ref), workdir, checkpoints)
+        checkpoints.clear()
 
     return stage.run_stage(
         "train",
@@ -252,16 +785,8 @@ def train_task(cfg: PipelineConfig, data: StageResult) -> StageResult:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the trainer alone, outside Prefect: `python -m tasks.train --config C --data-dir D --out-dir O`.
-
-    The same entry point a multi-process launcher (accelerate launch) starts; a test uses it to kill
-    training mid-run and check that the next run resumes.
-    """
+def cli_parser():
     import argparse
-    import logging
-
-    from pipeline_config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m tasks.train")
     parser.add_argument("--config")
@@ -269,12 +794,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", required=True, help="a validate artifact (train.jsonl)")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--scratch-dir", required=True, help="checkpoints; reused to resume")
-    args = parser.parse_args(argv)
+    parser.add_argument("--scratch-remote", help="also mirror checkpoints here (an fsspec URL, e.g. s3://...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the trainer alone, outside Prefect: `python -m tasks.train --config C --data-dir D --out-dir O`.
+
+    The same entry point a multi-process launcher (accelerate launch) starts in every process; a test
+    uses it to kill training mid-run and check that the next run resumes.
+    """
+    import logging
+
+    from pipeline_config import load_config
+
+    args = cli_parser().parse_args(argv)
     # force: importing prefect already configured the root logger (at WARNING).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_adapter(load_config(args.config, args.set), Path(args.data_dir), out, Path(args.scratch_dir))
+    try:
+        train_adapter(load_config(args.config, args.set), Path(args.data_dir), out,
+                      Checkpoints(Path(args.scratch_dir), args.scratch_remote))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -163,3 +163,18 @@ def run_deployment(config: Path, overrides: list[str], watch: bool = True) -> su
     params = json.dumps({"config": str(config), "overrides": overrides})
     return prefect_cli("deployment", "run", "qlora-pipeline/on-demand", "--params", params,
                        *(["--watch"] if watch else []), timeout=900)
+
+
+@pytest.fixture(scope="session")
+def embedded_adapter(assets, tmp_path_factory):
+    """A LoRA adapter trained for 3 steps on the embedded default (SmolLM2-135M + chatterbot), shared
+    by the merge and quantize tests: (config, adapter folder)."""
+    from pipeline_config import load_config
+    from tasks import train
+
+    cfg = load_config(None, ["train.max_steps=3", "train.tokens_per_step=256", "train.learning_rate=1e-3"])
+    work = tmp_path_factory.mktemp("embedded-adapter")
+    adapter = work / "adapter"
+    adapter.mkdir()
+    train.train_adapter(cfg, assets["data"], adapter, work / "scratch")
+    return cfg, adapter

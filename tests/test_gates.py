@@ -15,8 +15,14 @@ from pipeline_config import load_config
 from pipeline_config.schema import GatesConfig
 from tasks import metrics
 from tasks.artifacts import ArtifactStore
-from tasks.gate import GateFailed, decisions_markdown, finetune_gates, gate_task, quantized_gates
-from tasks.publish import current_release_metrics
+from tasks.gate import (
+    GateFailed,
+    decisions_markdown,
+    finetune_gates,
+    gate_task,
+    quantized_gates,
+)
+from tasks.publish import current_release, fetch_release_model
 from tasks.stage import StageResult
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
@@ -143,25 +149,22 @@ def test_evaluation_is_deterministic_and_timed(tiny_config, eval_inputs, tmp_pat
 
 
 # -- regression against the published release -------------------------------------------------------
-def store_metrics(cfg, results: dict) -> StageResult:
-    """A quantized-evaluation artifact holding `results`, as the evaluate-quantized stage seals it."""
+def store_metrics(cfg, results: dict, stage: str) -> StageResult:
+    """An evaluation artifact holding `results`, as the evaluate stages seal it."""
     store = ArtifactStore(cfg.artifacts.root)
     workdir = store.new_workdir()
     (workdir / "metrics.json").write_text(json.dumps(results))
-    return StageResult(stage="evaluate-quantized", ref=store.put(workdir, kind="evaluate-quantized"),
-                       cache_hit=False, seconds=0.0)
+    return StageResult(stage=stage, ref=store.put(workdir, kind=stage), cache_hit=False, seconds=0.0)
 
 
-def fake_publish(cfg, version: str, gptq_perplexity: float, evaluation_sha: str = "0" * 64) -> Path:
-    """A release in the local registry as publish_local leaves it (only the files the gate reads)."""
+def fake_publish(cfg, version: str, gptq_sha: str = "0" * 64) -> Path:
+    """A release in the local registry as publish_local leaves it (only the files the lookup reads)."""
     repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
     version_dir = repo_dir / version
     version_dir.mkdir(parents=True)
     (version_dir / "release.json").write_text(json.dumps({
-        "release_hash": secrets.token_hex(32),
-        "artifacts": {"quantized_evaluation": {"uri": "x", "sha256": evaluation_sha, "kind": "evaluate-quantized"}}}))
-    (version_dir / "metrics.json").write_text(json.dumps(
-        {"quantized": {"merged": {"perplexity": gptq_perplexity}, "gptq": {"perplexity": gptq_perplexity}}}))
+        "release_hash": secrets.token_hex(32), "artifacts": {"gptq": {"uri": "x", "sha256": gptq_sha, "kind": "quantize"}}}))
+    (version_dir / "metrics.json").write_text(json.dumps({"quantized": {"gptq": {"perplexity": 1.0}}}))
     (repo_dir / "LATEST").write_text(version + "\n")
     return version_dir
 
@@ -171,50 +174,53 @@ def registry_snapshot(cfg) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_regression_against_the_published_release_is_caught(tiny_config):
+def test_regression_gate_against_the_rescored_published_release(tiny_config):
     cfg = load_config(tiny_config, ["gates.max_regression=0.05"])
     evaluation = store_metrics(cfg, {"merged": {"perplexity": 100.0}, "gptq": {"perplexity": 104.0},
-                                     "timing": {"merged": 1.0, "gptq": 1.0}})
+                                     "timing": {"merged": 1.0, "gptq": 1.0}}, "evaluate-quantized")
 
     # Nothing published: the regression gate is recorded as skipped, the others decide.
-    assert current_release_metrics(cfg) is None
-    first = gate_task.fn(cfg, "quantized", evaluation)
+    first = gate_task.fn(cfg, "quantized", evaluation, None)
     gates = json.loads((ArtifactStore(cfg.artifacts.root).local_path(first.ref) / "gates.json").read_text())
     assert [(g["gate"], g["passed"], g["skipped"]) for g in gates] == [
         ("gptq-perplexity-increase", True, None), ("no-regression-vs-published", True, "no published release")]
 
-    # A release with a much lower GPTQ perplexity is published: the same metrics now fail, naming the gate;
-    # the gate re-decides (its cache key holds the published release) and nothing is published or changed.
-    fake_publish(cfg, "v1", gptq_perplexity=50.0)
-    published = current_release_metrics(cfg)
-    assert published["version"] == "tiny-release/v1" and published["metrics"]["quantized"]["gptq"]["perplexity"] == 50
-    before = registry_snapshot(cfg)
+    # The published release, re-scored on this run's data, is much better: the gate fails, naming it.
+    better = store_metrics(cfg, {"version": "tiny-release/v1", "release_hash": "a" * 64,
+                                 "published": {"perplexity": 50.0}}, "evaluate-published")
     with pytest.raises(GateFailed, match=r"no-regression-vs-published \(gptq.perplexity = 104.0000, required <= "
                                          r"52.5000, baseline 50.0000 from published tiny-release/v1\)"):
-        gate_task.fn(cfg, "quantized", evaluation)
-    assert registry_snapshot(cfg) == before
+        gate_task.fn(cfg, "quantized", evaluation, better)
 
-    # A newer published release within the margin: the gate passes against that one, with it as baseline.
-    fake_publish(cfg, "v2", gptq_perplexity=100.0)
-    passed = gate_task.fn(cfg, "quantized", evaluation)
+    # Within the margin: passes, with the published model's score as the recorded baseline.
+    close = store_metrics(cfg, {"version": "tiny-release/v2", "release_hash": "b" * 64,
+                                "published": {"perplexity": 100.0}}, "evaluate-published")
+    passed = gate_task.fn(cfg, "quantized", evaluation, close)
     assert not passed.cache_hit and passed.ref != first.ref
     decision = json.loads((ArtifactStore(cfg.artifacts.root).local_path(passed.ref) / "gates.json").read_text())[1]
     assert decision["passed"] and decision["baseline"] == 100.0 and decision["reference"] == "published tiny-release/v2"
-    assert gate_task.fn(cfg, "quantized", evaluation).cache_hit  # unchanged target: cached
-
-    # A release made from this very evaluation is not its own baseline: the one before it is used.
-    fake_publish(cfg, "v3", gptq_perplexity=1.0, evaluation_sha=evaluation.ref.sha256)
-    assert current_release_metrics(cfg, exclude_evaluation=evaluation.ref.sha256)["version"] == "tiny-release/v2"
-    assert gate_task.fn(cfg, "quantized", evaluation).cache_hit
+    assert gate_task.fn(cfg, "quantized", evaluation, close).cache_hit
 
     # gates.max_regression: null turns the gate off.
     off = load_config(tiny_config, ["gates.max_regression=null"])
     assert [d.gate for d in quantized_gates(off.gates, {"merged": {"perplexity": 1.0}, "gptq": {"perplexity": 1.0}},
-                                            published)] == ["gptq-perplexity-increase"]
+                                            None)] == ["gptq-perplexity-increase"]
+
+
+def test_current_release_skips_the_release_made_from_the_model_being_gated(tiny_config):
+    cfg = load_config(tiny_config)
+    assert current_release(cfg) is None
+    fake_publish(cfg, "v1", gptq_sha="1" * 64)
+    v2 = fake_publish(cfg, "v2", gptq_sha="2" * 64)
+    latest = current_release(cfg)
+    assert latest["version"] == "tiny-release/v2" and latest["location"] == str(v2.resolve())
+    assert fetch_release_model(cfg, latest, Path("/nonexistent")) == v2.resolve()
+    assert current_release(cfg, exclude_model="2" * 64)["version"] == "tiny-release/v1"
+    assert current_release(cfg, exclude_model="1" * 64)["version"] == "tiny-release/v2"
 
 
 # -- the Hub side of the publisher's interface ------------------------------------------------------
-def test_latest_release_metrics_from_the_hub(tmp_path, monkeypatch):
+def test_latest_release_and_its_model_from_the_hub(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     from pipeline_config import validate_config
@@ -229,23 +235,29 @@ def test_latest_release_metrics_from_the_hub(tmp_path, monkeypatch):
         cfg = validate_config({"data": {"train_path": "t.jsonl"}, "model": {"base": "m", "name": "tiny"},
                                "publish": {"repo": "r", "target": "hf://acme/tiny", "endpoint": server.url,
                                            "transfer": "lfs"}})
-        assert current_release_metrics(cfg) is None  # no repo yet
+        assert current_release(cfg) is None  # no repo yet
 
-        def bundle(name: str, ppl: float, evaluation_sha: str) -> Path:
+        def bundle(name: str, ppl: float, gptq_sha: str) -> Path:
             path = tmp_path / name
-            path.mkdir()
+            (path / "adapter").mkdir(parents=True)
             (path / "model.safetensors").write_bytes(os.urandom(1000))
+            (path / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(100))
             (path / "metrics.json").write_text(json.dumps({"quantized": {"gptq": {"perplexity": ppl}}}))
             (path / "release.json").write_text(json.dumps({
                 "release_hash": secrets.token_hex(32), "data_fingerprint": "ab" * 32,
-                "artifacts": {"quantized_evaluation": {"sha256": evaluation_sha}}}))
+                "artifacts": {"gptq": {"sha256": gptq_sha}}}))
             return path
 
         hub.publish_to_hub(cfg, bundle("one", 12.5, "1" * 64))
         hub.publish_to_hub(cfg, bundle("two", 11.0, "2" * 64))
-        latest = current_release_metrics(cfg)
+        latest = current_release(cfg)
         assert latest["version"] == "acme/tiny@v2-abababab" and latest["metrics"]["quantized"]["gptq"]["perplexity"] == 11
-        assert current_release_metrics(cfg, exclude_evaluation="2" * 64)["version"] == "acme/tiny@v1-abababab"
+        assert current_release(cfg, exclude_model="2" * 64)["version"] == "acme/tiny@v1-abababab"
         assert token not in json.dumps(latest)
+
+        # The regression gate re-scores that release's model: its files come down through the same client.
+        model_dir = fetch_release_model(cfg, latest, tmp_path / "download")
+        assert (model_dir / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+        assert not (model_dir / "adapter").exists()
     finally:
         server.stop()

@@ -12,8 +12,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from conftest import POOL, REPO, VENV_BIN, free_port, prefect_cli, stop, wait_http, write_config
+from conftest import (
+    POOL,
+    REPO,
+    VENV_BIN,
+    free_port,
+    prefect_cli,
+    stop,
+    wait_http,
+    write_config,
+)
 
 AUTH = "qlora-admin:correct-horse-battery-staple"
 
@@ -100,7 +108,12 @@ def ops_config(tmp_path, assets) -> Path:
 
 def pipeline_runs() -> list:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
+    )
 
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["qlora-pipeline"])),
@@ -117,9 +130,10 @@ def fake_release(cfg, version: str, fingerprint: str) -> None:
 
 # -- 2. the data sensor ----------------------------------------------------------------------------------
 def test_sensor_starts_the_pipeline_once_for_changed_data_and_never_for_unchanged(deployed, ops_config):
+    from prefect.client.orchestration import get_client
+
     from flows.sensor import fingerprint_tag, qlora_data_sensor
     from pipeline_config import load_config
-    from prefect.client.orchestration import get_client
     from tasks.datasource import data_source_fingerprint
 
     cfg = load_config(ops_config)
@@ -161,9 +175,10 @@ def test_sensor_starts_the_pipeline_once_for_changed_data_and_never_for_unchange
 
 # -- 3. one run at a time per publish target ---------------------------------------------------------------
 def test_a_second_run_on_a_held_target_fails_before_any_stage(ops_config, tmp_path):
+    from prefect.concurrency.sync import concurrency
+
     from flows.pipeline import qlora_pipeline
     from pipeline_config import load_config
-    from prefect.concurrency.sync import concurrency
     from tasks.locking import ReleaseLocked, ensure_limit, limit_name, release_lock
 
     cfg = load_config(ops_config)
@@ -310,6 +325,7 @@ def s3_endpoint(tmp_path, monkeypatch):
 
 def test_artifact_store_on_s3_seals_objects_and_serves_cache_hits(s3_endpoint, ops_config, tmp_path):
     import fsspec
+
     from pipeline_config import load_config
     from tasks.artifacts import MANIFEST, ArtifactStore
     from tasks.validate import validate_task
@@ -331,3 +347,101 @@ def test_artifact_store_on_s3_seals_objects_and_serves_cache_hits(s3_endpoint, o
     fresh = ArtifactStore(root, local_cache=tmp_path / "other-cache")  # another machine: downloads it once
     manifest = json.loads((fresh.local_path(first.ref) / MANIFEST).read_text())
     assert manifest["sha256"] == first.ref.sha256 and "eval.jsonl" in manifest["files"]
+
+
+# -- 6. a worker dies mid-training; a fresh worker on another "machine" resumes from object storage ----------
+def start_worker(log: Path, cache_dir: Path) -> subprocess.Popen:
+    """A process worker whose flow runs see an empty local disk cache (TMPDIR: another machine)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--prefetch-seconds", "1"],
+        cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "TMPDIR": str(cache_dir)},
+    )
+
+
+def descendants(pid: int) -> set[int]:
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+    found: set[int] = {pid}
+    while new := {child for child, parent in parent_of.items() if parent in found} - found:
+        found |= new
+    return found - {pid}
+
+
+def kill_machine(worker: subprocess.Popen) -> None:
+    """SIGKILL the worker and every process under it (its flow run), as a lost machine would."""
+    for pid in [worker.pid, *descendants(worker.pid)]:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    worker.wait()
+
+
+def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoint, tiny_config, tmp_path):
+    import time
+
+    import torch
+    from conftest import run_deployment
+
+    from pipeline_config import load_config
+    from tasks.artifacts import ArtifactStore
+
+    bucket, prefix = "qlora-artifacts", "e2e/artifacts"
+    overrides = [f"artifacts.root=s3://{bucket}/{prefix}", "train.max_steps=60", "train.checkpoint_every=5",
+                 "concurrency.lease_s=60"]
+    for command in (("work-pool", "create", POOL, "--type", "process", "--overwrite"),
+                    ("--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--all")):
+        done = prefect_cli(*command)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    first_worker = start_worker(tmp_path / "worker-1.log", tmp_path / "machine-1")
+    try:
+        started = run_deployment(tiny_config, overrides, watch=False)
+        assert started.returncode == 0, started.stdout + started.stderr
+
+        def checkpoints() -> list[str]:
+            listing = s3_endpoint.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/scratch/train/")
+            return [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith("/checkpoint.pt")]
+
+        deadline = time.monotonic() + 600
+        while not checkpoints() and time.monotonic() < deadline:
+            assert first_worker.poll() is None, (tmp_path / "worker-1.log").read_text()
+            time.sleep(0.05)
+        assert checkpoints(), "no training checkpoint reached object storage"
+    finally:
+        kill_machine(first_worker)
+
+    body = s3_endpoint.get_object(Bucket=bucket, Key=checkpoints()[0])["Body"].read()
+    (tmp_path / "checkpoint.pt").write_bytes(body)
+    killed_at = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < killed_at < 60
+    cfg = load_config(tiny_config, overrides)
+    assert not (Path(cfg.publish.registry) / cfg.publish.repo).exists()  # nothing published by the dead run
+
+    # The operator re-runs the deployment; a worker on another machine (empty disk cache) picks it up. It waits
+    # for the dead run's concurrency lease to lapse, then finds the validate artifact and the checkpoint in S3.
+    second_worker = start_worker(tmp_path / "worker-2.log", tmp_path / "machine-2")
+    try:
+        rerun = run_deployment(tiny_config, overrides, watch=True)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr + (tmp_path / "worker-2.log").read_text()
+    finally:
+        stop(second_worker)
+
+    from tasks.artifacts import ArtifactRef
+
+    store = ArtifactStore(cfg.artifacts.root, local_cache=tmp_path / "reader")
+    train_entries = s3_endpoint.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/index/train/")["Contents"]
+    assert len(train_entries) == 1
+    ref = ArtifactRef.model_validate_json(s3_endpoint.get_object(Bucket=bucket, Key=train_entries[0]["Key"])["Body"].read())
+    metrics = json.loads((store.local_path(ref) / "train_metrics.json").read_text())
+    assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == 60  # resumed, not restarted
+    assert not checkpoints()  # the finished adapter superseded the checkpoint
+    # The second machine started empty and pulled what it needed (the validate artifact, ...) from S3.
+    assert any((tmp_path / "machine-2" / "qlora-pipeline-cache" / "objects").iterdir())
+    assert (Path(cfg.publish.registry) / cfg.publish.repo / "v1" / "release.json").is_file()

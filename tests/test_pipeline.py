@@ -81,3 +81,30 @@ def test_bad_data_stops_the_run_before_training(tiny_config, tmp_path, assets):
     assert "output-length-1-to-4000" in state.message and "| 7:" in state.message
     artifacts_root = Path(load_config(tiny_config).artifacts.root)
     assert not (artifacts_root / "index" / "train").exists()  # no stage after validate ran
+
+
+@pytest.mark.slow
+def test_a_regression_against_the_published_release_fails_the_run(tiny_config):
+    cfg = load_config(tiny_config)
+    # On the tiny random model, 8 steps at 1e-2 lower held-out perplexity ~5%, 1 step ~0.1% (measured).
+    published = qlora_pipeline(config=str(tiny_config), overrides=["train.max_steps=8", "train.learning_rate=1e-2"]).release
+    assert published.version == "v1"
+    recorded = json.loads((Path(published.path) / "metrics.json").read_text())["quantized"]["gptq"]["perplexity"]
+    # The gate must re-score the published model, not trust what the release says about itself.
+    (Path(published.path) / "metrics.json").write_text(json.dumps({"quantized": {"gptq": {"perplexity": 1e9}}}))
+    registry = {p: p.read_bytes() for p in Path(cfg.publish.registry).rglob("*") if p.is_file()}
+
+    # Fewer training steps make a worse model; with no regression allowed, the run fails unpublished.
+    state = qlora_pipeline(config=str(tiny_config), overrides=["train.max_steps=1", "train.learning_rate=1e-2",
+                                                                  "gates.max_regression=0.0"],
+                           return_state=True)
+    assert state.is_failed()
+    assert "no-regression-vs-published" in state.message and "from published tiny-release/v1" in state.message
+    assert {p: p.read_bytes() for p in Path(cfg.publish.registry).rglob("*") if p.is_file()} == registry
+    rescored = [json.loads((Path(cfg.artifacts.root) / "objects" / entry["sha256"] / "metrics.json").read_text())
+                for entry in map(json.loads, map(Path.read_text,
+                                                  (Path(cfg.artifacts.root) / "index" / "evaluate-published").glob("*")))]
+    assert len(rescored) == 1 and rescored[0]["version"] == "tiny-release/v1"
+    # Same data, same metric code, same model: the re-scored perplexity is the one measured at publish time.
+    assert rescored[0]["published"]["perplexity"] == recorded
+    assert f"baseline {recorded:.4f}" in state.message

@@ -1,5 +1,5 @@
 """A training process killed mid-run (SIGKILL) resumes from its last complete checkpoint, and ends
-with the same adapter an uninterrupted run produces."""
+with the same adapter an uninterrupted run produces, and TensorBoard events covering every step."""
 
 import json
 import os
@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO
+from safetensors.torch import load_file
+from test_train_steps import read_events
 
 STEPS = ["--set", "train.max_steps=12", "--set", "train.checkpoint_every=2"]
 
@@ -49,6 +49,10 @@ def test_killed_training_resumes_and_matches_uninterrupted_run(tiny_config, asse
     assert "resumed from checkpoint at step" in output
     metrics = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
     assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == 12
+    # The resumed run's event file holds the steps before the checkpoint too (from its history).
+    (events,) = (tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*")
+    logged = {e.step for e in read_events(events) for v in e.summary.value if v.tag == "train/loss"}
+    assert logged == set(range(1, 13))
 
     # Same data order, optimizer state and RNG: the adapters agree to float32 round-off.
     expected = load_file(tmp_path / "ref" / "adapter_model.safetensors")
