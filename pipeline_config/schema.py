@@ -160,6 +160,8 @@ class QuantizeConfig(Section):
     damp_percent: float = Field(0.01, gt=0, lt=1)
     calibration_examples: int = Field(64, gt=0, description="Training examples, chat-rendered, used to calibrate.")
     calibration_seq_len: int = Field(256, gt=8)
+    calibration_batch_size: int = Field(
+        1, gt=0, description="Calibration samples per forward pass (padding is left out of the Hessians: speed only).")
 
 
 class PublishConfig(Section):

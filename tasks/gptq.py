@@ -110,6 +110,7 @@ def gptq_quantize(
     sym: bool = True,
     damp_percent: float = 0.01,
     mse: float = 0.0,
+    batch_size: int = 1,
     device: str = "cpu",
     tokenizer=None,
 ) -> dict:
@@ -117,7 +118,9 @@ def gptq_quantize(
     GPTQ checkpoint (safetensors + quantization config in config.json + tokenizer files) into out_dir, which
     transformers' AutoModelForCausalLM.from_pretrained loads (through optimum + gptqmodel).
 
-    calibration: token id lists, one calibration sample each. act_group_aware: gptqmodel's GAR, act-order
+    calibration: token id lists, one calibration sample each; batch_size of them are padded into one forward
+    pass (gptqmodel leaves the padding out of the Hessians, so this only changes speed, and float rounding).
+    tokenizer: the one to save with the model (default: model_dir's). act_group_aware: gptqmodel's GAR, act-order
     within static groups (needs desc_act false). mse > 0: search each group's clipping range for the lowest
     |error|^mse instead of min/max (2.4 is the GPTQ reference value). Returns the quantization config used,
     wall seconds and (CUDA) peak GPU memory per phase (load / quantize / save; gptqmodel's own region totals,
@@ -153,7 +156,7 @@ def gptq_quantize(
         # them out of the user's checkout (and out of the artifact) in a folder removed afterwards.
         with tempfile.TemporaryDirectory(prefix="gptqmodel-logs-") as log_dir:
             loop_processor._PROJECT_LOG_DIR = Path(log_dir)
-            model.quantize(samples, batch_size=1, tokenizer=tokenizer,
+            model.quantize(samples, batch_size=batch_size, tokenizer=tokenizer,
                            backend=QUANTIZE_CUDA_BACKEND if cuda else QUANTIZE_CPU_BACKEND)
 
     meter.run("quantize", quantize)

@@ -1,7 +1,9 @@
 """Stage 5, quantize: GPTQ post-training quantization of the merged model (gptqmodel).
 
-Calibrated on training examples rendered with the chat template, so the Hessians GPTQ uses
-come from the distribution the model will serve. The numerical work lives in `tasks/gptq.py`.
+Calibrated on training examples rendered with the chat template, each its own single-turn
+conversation (system prompt, question, answer), so the Hessians GPTQ uses come from the inputs the
+model will serve. Never the held-out rows: those score the result. The numerical work lives in
+`tasks/gptq.py`.
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ def quantize_model(cfg: PipelineConfig, data_dir: Path, merged_dir: Path, out_di
     texts = calibration_texts(tokenizer, dataset.read_jsonl(data_dir / "train.jsonl"), q.calibration_examples,
                               cfg.seed)
     report = gptq.gptq_quantize(
-        merged_dir, out_dir, texts,
-        bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym,
-        damp_percent=q.damp_percent, max_seq_len=q.calibration_seq_len,
-        device=modeling.resolve_device(cfg.train.device),
+        merged_dir, out_dir, gptq.tokenize_calibration(tokenizer, texts, q.calibration_seq_len),
+        bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym, damp_percent=q.damp_percent,
+        batch_size=q.calibration_batch_size, device=modeling.resolve_device(cfg.train.device), tokenizer=tokenizer,
     )
     report["calibration_fingerprint"] = artifacts.sha256_json(texts)
     (out_dir / "quantization.json").write_text(json.dumps(report, indent=1, default=str))
