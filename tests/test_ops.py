@@ -303,7 +303,7 @@ def test_k8s_deployments_and_dockerfile_fit_the_template():
 @pytest.fixture
 def s3_endpoint(tmp_path, monkeypatch):
     pytest.importorskip("moto", reason="moto[server] is pinned in requirements.lock (make install)")
-    pytest.importorskip("s3fs", reason="s3fs is pinned in requirements.lock (make install)")
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is pinned in requirements.lock (make install)")
     port = free_port()
     log = open(tmp_path / "moto.log", "wb")
     server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
@@ -317,20 +317,21 @@ def s3_endpoint(tmp_path, monkeypatch):
             monkeypatch.setenv(key, value)
         import boto3
 
+        # fsspec caches S3 filesystems by constructor arguments, not by AWS_ENDPOINT_URL: without this, a test
+        # would reuse a client bound to the previous test's (stopped) endpoint.
+        s3fs.S3FileSystem.clear_instance_cache()
         boto3.client("s3").create_bucket(Bucket="qlora-artifacts")
         yield boto3.client("s3")
     finally:
         stop(server)
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_artifact_store_on_s3_seals_objects_and_serves_cache_hits(s3_endpoint, ops_config, tmp_path):
-    import fsspec
-
     from pipeline_config import load_config
     from tasks.artifacts import MANIFEST, ArtifactStore
     from tasks.validate import validate_task
 
-    fsspec.filesystem("s3", skip_instance_cache=True)  # no S3 client cached from another endpoint
     root = "s3://qlora-artifacts/team/artifacts"
     cfg = load_config(ops_config, [f"artifacts.root={root}", "data.max_seq_len=128"])
 
