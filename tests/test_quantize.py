@@ -1,6 +1,6 @@
 """GPTQ on the embedded default (SmolLM2-135M + a short chatterbot adapter), with the default quantize
-config: held-out response perplexity within the embedded default's GPTQ gate
-(gates.max_quantized_perplexity_increase) of the merged model's, and below plain
+config: held-out response perplexity at most 10% above the merged model's (and within the embedded default's
+GPTQ gate, gates.max_quantized_perplexity_increase), and below plain
 round-to-nearest 4-bit quantization (same bits, groups and grid) of the same merged model. All three
 scored by the metric code the gates use, on the rows the evaluate stage scores."""
 
@@ -37,7 +37,6 @@ def test_gptq_stays_within_ten_percent_of_the_merged_model_and_beats_round_to_ne
           f"({gptq_ppl / merged_ppl - 1:+.1%}), RTN {rtn_ppl:.3f} ({rtn_ppl / merged_ppl - 1:+.1%}); "
           f"GPTQ {report['num_calibration_samples']} samples / {report['num_calibration_tokens']} tokens, "
           f"{report['timings_s']['total']:.0f} s")
-    # Issue 6 asks for 10%; this 135M model loses 14% at 4 bits with the best GPTQ settings measured
-    # (see pipeline_config/default.yaml), so the test holds it to the gate the pipeline itself applies.
-    assert gptq_ppl <= merged_ppl * (1 + cfg.gates.max_quantized_perplexity_increase)
+    assert gptq_ppl <= merged_ppl * 1.10  # issue 6: at most 10% above the merged model
+    assert gptq_ppl <= merged_ppl * (1 + cfg.gates.max_quantized_perplexity_increase)  # and the pipeline's gate
     assert gptq_ppl < rtn_ppl
