@@ -40,3 +40,10 @@ def test_gptq_stays_within_ten_percent_of_the_merged_model_and_beats_round_to_ne
     assert gptq_ppl <= merged_ppl * 1.10  # issue 6: at most 10% above the merged model
     assert gptq_ppl <= merged_ppl * (1 + cfg.gates.max_quantized_perplexity_increase)  # and the pipeline's gate
     assert gptq_ppl < rtn_ppl
+
+    # The evaluation scores GPTQ on dequantized weights on the CPU; users load the checkpoint through
+    # transformers with gptqmodel's packed int4 kernel. Same model either way (act-order g_idx included).
+    packed = held_out_perplexity(cfg, modeling.load_gptq(gptq_dir, "cpu", kernel="packed"), tokenizer, rows[:16])
+    dequantized = held_out_perplexity(cfg, modeling.load_gptq(gptq_dir, "cpu"), tokenizer, rows[:16])
+    print(f"GPTQ on 16 rows: packed kernel {packed:.4f}, dequantized {dequantized:.4f}")
+    assert packed == pytest.approx(dequantized, rel=0.01)
