@@ -286,6 +286,11 @@ def publish_files(cfg: PipelineConfig, repo_id: str, files: dict[str, Path], rec
     return HubRelease(repo_id, tag, commit, created=True, message=message)
 
 
+def made_from(record: dict) -> str | None:
+    """The GPTQ artifact a release record (release.json) was built from."""
+    return (record.get("artifacts", {}).get("gptq") or {}).get("sha256")
+
+
 def latest_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dict | None:
     """The newest release tag of publish.target, for the regression gate: {"target", "version" (the tag),
     "location" (its commit), "release_hash", "metrics"}; None when the repo or any release tag is missing.
@@ -307,7 +312,7 @@ def latest_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dic
             record = read_release_record(api, target.repo_id, commit, token)
             if record is None:
                 continue
-            if exclude_model is not None and (record.get("artifacts", {}).get("gptq") or {}).get("sha256") == exclude_model:
+            if exclude_model is not None and made_from(record) == exclude_model:
                 continue
             with tempfile.TemporaryDirectory(prefix="qlora-hub-") as tmp:
                 path = call(f"read metrics.json at {tag} of {target.repo_id}", token, api.hf_hub_download,

@@ -82,11 +82,6 @@ def find_release(repo_dir: Path, digest: str) -> Path | None:
     return None
 
 
-def made_from(record: dict) -> str | None:
-    """The GPTQ artifact a release record was built from."""
-    return (record.get("artifacts", {}).get("gptq") or {}).get("sha256")
-
-
 def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dict | None:
     """The release currently published at publish.target, the baseline of the regression gate:
     {"target", "version", "release_hash", "location", "metrics"} (metrics = its recorded metrics.json),
@@ -106,7 +101,7 @@ def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> di
     candidates = [v for v in reversed(existing_versions(repo_dir)) if int(v.name[1:]) <= int(newest[1:])]
     for version_dir in candidates:
         record = json.loads((version_dir / RELEASE_FILE).read_text())
-        if exclude_model is not None and made_from(record) == exclude_model:
+        if exclude_model is not None and hub.made_from(record) == exclude_model:
             continue
         return {"target": "local", "version": f"{cfg.publish.repo}/{version_dir.name}",
                 "release_hash": record["release_hash"], "location": str(version_dir.resolve()),
