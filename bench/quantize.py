@@ -39,6 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llama_shape import add_shape_arguments, llama_config  # noqa: E402 (bench/, beside this script)
+
 LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 TARGETS_S = {"merge": 120, "gptq": 240}
@@ -46,13 +48,7 @@ TARGETS_S = {"merge": 120, "gptq": 240}
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=128256)
+    add_shape_arguments(parser)
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank")
     parser.add_argument("--samples", type=int, default=128, help="GPTQ calibration samples")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sample")
@@ -69,15 +65,9 @@ def model_dtype(args):
     return torch.bfloat16 if args.device == "cuda" else torch.float32
 
 
-def llama_config(args):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=1, dtype=model_dtype(args),
-    )
+def base_config(args):
+    """The benchmarked base: bos/eos are word_tokenizer's ids; saved in model_dtype."""
+    return llama_config(args, bos_token_id=0, eos_token_id=1, dtype=model_dtype(args))
 
 
 def word_tokenizer(vocab: int):
@@ -101,7 +91,7 @@ def write_random_base(args, out: Path) -> None:
 
     from tasks import merge
 
-    config = llama_config(args)
+    config = base_config(args)
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     dtype = model_dtype(args)
@@ -133,7 +123,7 @@ def write_random_adapter(args, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    config = llama_config(args)
+    config = base_config(args)
     head_dim = args.hidden // args.heads
     shapes = {  # (out, in) of each linear layer
         "self_attn.q_proj": (args.hidden, args.hidden), "self_attn.k_proj": (args.kv_heads * head_dim, args.hidden),

@@ -47,6 +47,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llama_shape import add_shape_arguments, llama_config  # noqa: E402 (bench/, beside this script)
+
 CHUNK = {"train.loss_chunk_tokens": 4096}
 # name: (what it is, recipe, config overrides, shape)
 ROWS = {
@@ -72,13 +74,7 @@ GiB = 2**30
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=128256)
+    add_shape_arguments(parser)
     parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--small-tokens", type=int, default=512, help="micro-batch tokens of the small shape")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per row")
@@ -98,12 +94,9 @@ def shape_name(args) -> str:
 def make_model(args, path: Path) -> None:
     """A Llama with random weights (normal, std 0.02 as transformers initialises), saved as bf16 safetensors."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, vocab_size=args.vocab, max_position_embeddings=8192,
-                         rope_theta=500000.0, tie_word_embeddings=False)
+    config = llama_config(args)
     torch.manual_seed(0)
     with torch.device(args.device):  # initialising 8B weights on the CPU takes minutes; on the GPU, seconds
         model = LlamaForCausalLM(config).to(torch.bfloat16)
