@@ -32,7 +32,7 @@ class PipelineResult(BaseModel):
 # would all become run logs; stages log what matters through the run logger.
 @flow(name="qlora-pipeline")
 def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None) -> PipelineResult:
-    """Preflight -> validate -> train -> evaluate -> gate -> merge -> quantize -> evaluate quantized
+    """Preflight -> validate -> train -> evaluate -> gate -> merge -> gate -> quantize -> evaluate quantized
     (+ the published release, re-scored) -> gate -> [human approval] -> publish.
 
     config: path of a pipeline YAML (the embedded default when empty); overrides: `section.key=value`.
@@ -46,6 +46,7 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
         evaluation = evaluate_task(cfg, data, adapter)
         finetune_gate = gate_task(cfg, "finetune", evaluation)
         merged = merge_task(cfg, data, adapter)
+        merge_gate = gate_task(cfg, "merge", merged)  # the merged model is the trained model
         quantized = quantize_task(cfg, data, merged)
         quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized)
         published_evaluation = evaluate_published_task(cfg, data, quantized)  # None when nothing is published
@@ -53,11 +54,11 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
         review = await_approval(cfg.approval.timeout_s) if cfg.approval.required else None
         release = publish_task(cfg, {
             "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,
-            "merged": merged, "gptq": quantized, "quantized_evaluation": quantized_evaluation,
+            "merged": merged, "gate_merge": merge_gate, "gptq": quantized, "quantized_evaluation": quantized_evaluation,
             "gate_quantized": quantized_gate,
         }, review)
 
-    stages = [data, adapter, evaluation, finetune_gate, merged, quantized, quantized_evaluation,
+    stages = [data, adapter, evaluation, finetune_gate, merged, merge_gate, quantized, quantized_evaluation,
               *([published_evaluation] if published_evaluation else []), quantized_gate]
     summarize(stages, release)
     return PipelineResult(release=release, stages=stages)

@@ -126,6 +126,10 @@ class GatesConfig(Section):
         0.0, description="Fine-tuned perplexity must be below base perplexity by at least this fraction."
     )
     min_exact_match: float = Field(0.0, ge=0, le=1, description="Fine-tuned exact match must be at least this.")
+    max_merge_logit_diff: float = Field(
+        1e-2, gt=0, description="The merged model's logits may differ from the trained model's (NF4 base + "
+        "adapter) by at most this, max absolute over the merge stage's fidelity prompts (fidelity.json)."
+    )
     max_quantized_perplexity_increase: float = Field(
         0.10, ge=0, description="GPTQ perplexity may exceed the merged model's by at most this fraction."
     )

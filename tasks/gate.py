@@ -1,4 +1,7 @@
-"""Stage 3b and 5b, gate: compare metrics with the configured thresholds; a failure stops the run.
+"""Stages 3b, 4b and 5b, gate: compare metrics with the configured thresholds; a failure stops the run.
+
+Three gate sets: `finetune` (the evaluate stage's metrics.json), `merge` (the merge stage's
+fidelity.json: the merged model is the trained model) and `quantized` (evaluate-quantized's metrics.json).
 
 Each decision is recorded (gates.json, a Prefect markdown artifact, later the model card) so a
 release can always say why it was allowed out.
@@ -80,6 +83,13 @@ def finetune_gates(gates: GatesConfig, results: dict) -> list[GateDecision]:
     return decisions
 
 
+def merge_gates(gates: GatesConfig, fidelity: dict) -> list[GateDecision]:
+    """The merged model must compute what the trained model computes: a larger logit difference means
+    the release would not be the model that passed the finetune gates."""
+    return [check("merge-fidelity", "merged.max_abs_logit_diff", fidelity["max_abs_logit_diff"], "<=",
+                  gates.max_merge_logit_diff)]
+
+
 def quantized_gates(gates: GatesConfig, results: dict, published: dict | None = None) -> list[GateDecision]:
     """Gates on the GPTQ model: it must stay close to the merged model it was made from, and must not
     regress against the release currently published at the target. `published` is the evaluate-published
@@ -100,35 +110,49 @@ def quantized_gates(gates: GatesConfig, results: dict, published: dict | None = 
     return decisions
 
 
+def number(value: float) -> str:
+    """Four decimals, or four significant digits for the small values (logit differences) that would read 0.0000."""
+    return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.4g}"
+
+
 def decisions_markdown(name: str, decisions: list[GateDecision]) -> str:
     lines = [f"### Gates: {name}", "", "| gate | metric | value | threshold | baseline | result |",
              "|---|---|---|---|---|---|"]
     for d in decisions:
-        baseline = "" if d.baseline is None else f"{d.baseline:.4f}"
+        baseline = "" if d.baseline is None else number(d.baseline)
         if d.reference and baseline:
             baseline += f" ({d.reference})"
         if d.skipped:
             lines.append(f"| {d.gate} | {d.metric} | | | | skipped: {d.skipped} |")
             continue
-        lines.append(f"| {d.gate} | {d.metric} | {d.value:.4f} | {d.comparison} {d.threshold:.4f} | {baseline} | "
+        lines.append(f"| {d.gate} | {d.metric} | {number(d.value)} | {d.comparison} {number(d.threshold)} | {baseline} | "
                      f"{'pass' if d.passed else '**FAIL**'} |")
     return "\n".join(lines) + "\n"
 
 
-def apply_gates(name: str, gates: GatesConfig, metrics_dir: Path, out_dir: Path,
-                published_dir: Path | None = None) -> list[GateDecision]:
-    """Decide the `name` gate set on metrics_dir/metrics.json; published_dir (quantized gates only) holds
-    the evaluate-published stage's metrics.json, when a release is published at the target."""
-    results = json.loads((metrics_dir / "metrics.json").read_text())
+def decide(name: str, gates: GatesConfig, measured_dir: Path, published_dir: Path | None) -> list[GateDecision]:
+    if name == "merge":
+        return merge_gates(gates, json.loads((measured_dir / "fidelity.json").read_text()))
+    results = json.loads((measured_dir / "metrics.json").read_text())
+    if name == "finetune":
+        return finetune_gates(gates, results)
     published = json.loads((published_dir / "metrics.json").read_text()) if published_dir else None
-    decisions = finetune_gates(gates, results) if name == "finetune" else quantized_gates(gates, results, published)
+    return quantized_gates(gates, results, published)
+
+
+def apply_gates(name: str, gates: GatesConfig, measured_dir: Path, out_dir: Path,
+                published_dir: Path | None = None) -> list[GateDecision]:
+    """Decide the `name` gate set on what measured_dir holds (metrics.json; fidelity.json for merge);
+    published_dir (quantized gates only) holds the evaluate-published stage's metrics.json, when a release
+    is published at the target."""
+    decisions = decide(name, gates, measured_dir, published_dir)
     create_markdown_artifact(key=f"gates-{name}", markdown=decisions_markdown(name, decisions),
                              description=f"Release gates: {name}")
     failing = [d for d in decisions if not d.passed]
     if failing:
         raise GateFailed(f"{name} gates failed: " + "; ".join(
-            f"{d.gate} ({d.metric} = {d.value:.4f}, required {d.comparison} {d.threshold:.4f}"
-            + (f", baseline {d.baseline:.4f} from {d.reference}" if d.reference else "") + ")" for d in failing))
+            f"{d.gate} ({d.metric} = {number(d.value)}, required {d.comparison} {number(d.threshold)}"
+            + (f", baseline {number(d.baseline)} from {d.reference}" if d.reference else "") + ")" for d in failing))
     (out_dir / "gates.json").write_text(json.dumps([d.model_dump() for d in decisions], indent=1))
     skipped = [d for d in decisions if d.skipped]
     stage.logger().info("gate %s: %d gates passed, %d skipped%s", name, len(decisions) - len(skipped), len(skipped),
@@ -139,7 +163,8 @@ def apply_gates(name: str, gates: GatesConfig, metrics_dir: Path, out_dir: Path,
 @task(name="gate", task_run_name="gate-{name}", retries=0)  # a failed gate is a decision, not a transient error
 def gate_task(cfg: PipelineConfig, name: str, evaluation: StageResult,
               published: StageResult | None = None) -> StageResult:
-    """published: the evaluate-published stage's result (quantized gates; None when nothing is published)."""
+    """evaluation: the stage whose measurements the gates read (an evaluate stage, or merge for "merge");
+    published: the evaluate-published stage's result (quantized gates; None when nothing is published)."""
     store = ArtifactStore(cfg.artifacts.root)
     inputs = {"metrics": evaluation.ref.sha256, "published": published.ref.sha256 if published else "none"}
     return stage.run_stage(

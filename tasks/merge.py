@@ -22,8 +22,11 @@ otherwise. Non-linear tensors (embeddings, norms) are copied as they are, cast t
 `merge_in_memory` (peft's `merge_and_unload` on the whole model) is kept as the reference the
 streamed merge is tested against.
 
-A fidelity check then compares the merged model's logits with the trained model's (NF4 base on the
-bitsandbytes kernels plus the adapter, as in training) on a few held-out prompts.
+A fidelity check then compares the merged model's logits with the trained model's on a few held-out
+prompts: the NF4 base plus the adapter, on bitsandbytes' kernels on a GPU and, on the CPU, as the exact
+fp32 values of the same NF4 weights (modeling.load_finetuned's "auto"), so that no CPU-specific 4-bit
+inference kernel (bf16 on AVX512-BF16 CPUs) stands in for the model that was trained. The `merge` gate
+(`gates.max_merge_logit_diff`) fails the run on a larger difference.
 """
 
 from __future__ import annotations
@@ -357,10 +360,10 @@ def release(model) -> None:
 
 def fidelity_check(cfg: PipelineConfig, adapter_dir: Path, merged_dir: Path, rows: list[dict], nf4_dtype: torch.dtype,
                    device: str) -> dict:
-    """Logits of the trained model (NF4 base on bitsandbytes' kernels + adapter, as in training) vs the
+    """Logits of the trained model (NF4 base + adapter; see the module docstring for the kernel) vs the
     merged model as saved. One model in memory at a time: the reference logits are kept instead."""
     prompts = prompt_ids(modeling.load_tokenizer(adapter_dir), rows)
-    trained = modeling.load_finetuned(cfg.model.base, adapter_dir, nf4_dtype, device, kernel="bnb").eval()
+    trained = modeling.load_finetuned(cfg.model.base, adapter_dir, nf4_dtype, device, kernel="auto").eval()
     reference = model_logits(trained, prompts)
     release(trained)
     # On the CPU in fp32 (bf16 matmuls are slow there; the models that merge on a CPU are small).

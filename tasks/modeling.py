@@ -58,9 +58,38 @@ def load_base_4bit(path: str | Path, compute_dtype: torch.dtype, device: str):
     """The base model with NF4 + double-quantized linear layers, the way QLoRA trains it."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), quantization_config=nf4_config(compute_dtype), dtype=compute_dtype, device_map=device
     )
+    keep_4bit_layout(model)
+    return model
+
+
+def linear_4bit_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    import bitsandbytes as bnb
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep every 4-bit weight in the layout training reads, whatever the CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 rewrites a 4-bit weight, once and for good, into the
+    layout of a bf16 inference kernel the first time its layer runs in eval mode without grad
+    (`Linear4bit.forward`, `_convert_weight_packed_for_cpu`), and nothing undoes it on `.train()`. Every
+    later call, training included, then runs `gemv_4bit`, which computes in bf16 and has no autograd:
+    the LoRA gradients through it are wrong (measured: median relative error 1.0). Training probes and
+    scores the model in eval mode, so turn that conversion off per layer; on other CPUs and on CUDA the
+    flag is never read and this changes nothing.
+    """
+    for _, module in linear_4bit_layers(model):
+        module.support_avx512bf16_for_cpu = False
+
+
+def layers_packed_for_inference(model) -> list[str]:
+    """Names of the 4-bit layers bitsandbytes has converted to its CPU inference layout (see keep_4bit_layout)."""
+    return [name for name, module in linear_4bit_layers(model)
+            if getattr(module.weight.quant_state, "packing_format_for_cpu", False)]
 
 
 def load_full(path: str | Path, dtype: torch.dtype, device: str):
@@ -75,13 +104,8 @@ def dequantized_nf4_weights(base_path: str | Path) -> dict[str, torch.Tensor]:
     import bitsandbytes as bnb
 
     quantized = load_base_4bit(base_path, torch.float32, "cpu")
-    weights = {}
-    for name, module in quantized.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weights[f"{name}.weight"] = bnb.functional.dequantize_4bit(
-                module.weight.data, module.weight.quant_state
-            ).to(torch.float32)
-    return weights
+    return {f"{name}.weight": bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            for name, module in linear_4bit_layers(quantized)}
 
 
 @torch.no_grad()

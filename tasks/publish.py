@@ -243,7 +243,7 @@ def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, Sta
         metrics = {"finetune": read("evaluation", "metrics.json"),
                    "quantized": read("quantized_evaluation", "metrics.json")}
         gates = {name: [GateDecision(**d) for d in read(f"gate_{name}", "gates.json")]
-                 for name in ("finetune", "quantized")}
+                 for name in ("finetune", "merge", "quantized")}
         data_files = read("data", artifacts.MANIFEST)["files"]
         lineage = {
             "release_hash": digest,

@@ -384,6 +384,9 @@ def as_batch(pack: dataset.Pack, device: str) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def probe_loss(model, packs: list[dataset.Pack], device: str) -> float:
+    """Mean loss of `packs` in eval mode, before and after training. Eval mode without grad is the
+    forward that makes bitsandbytes repack 4-bit weights on AVX512-BF16 CPUs: safe only because
+    modeling.load_base_4bit turned that off, and optimizer_step checks it stayed off."""
     model.eval()
     losses = [model(**as_batch(pack, device), use_cache=False).loss.item() for pack in packs]
     model.train()
@@ -421,9 +424,26 @@ def finish_gradients(model, params: list[torch.nn.Parameter], workers: Workers) 
     return float(torch.nn.utils.clip_grad_norm_(params, 1.0))
 
 
+class InferenceLayoutError(RuntimeError):
+    """A 4-bit layer about to be trained holds its weight in bitsandbytes' CPU inference layout."""
+
+
+def refuse_inference_layout(model) -> None:
+    """Fail before a training step that would run on weights packed for inference: its matmul has no
+    autograd, so the step would apply wrong gradients without any error (see modeling.keep_4bit_layout)."""
+    packed = modeling.layers_packed_for_inference(model)
+    if packed:
+        raise InferenceLayoutError(
+            f"{len(packed)} 4-bit layer(s), first {packed[0]}, were converted by bitsandbytes to its CPU "
+            "inference layout (an eval-mode forward without grad on an AVX512-BF16 CPU); training through it "
+            "gives wrong LoRA gradients. Load 4-bit models with tasks.modeling.load_base_4bit, which keeps "
+            "the training layout.")
+
+
 def optimizer_step(model, optimizer, scheduler, params: list[torch.nn.Parameter], pack: dataset.Pack,
                    cfg: PipelineConfig, workers: Workers, device: str, step: int) -> dict:
     """One optimizer step on one pack (this process's share of it); returns the step's history entry."""
+    refuse_inference_layout(model)
     start = time.perf_counter()
     loss = all_reduce_sum(accumulate_step(model, pack, cfg, workers, device), workers).item()
     grad_norm = finish_gradients(model, params, workers)

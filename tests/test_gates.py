@@ -16,6 +16,7 @@ from pipeline_config.schema import GatesConfig
 from tasks import metrics
 from tasks.artifacts import ArtifactStore
 from tasks.gate import (
+    GateDecision,
     GateFailed,
     decisions_markdown,
     finetune_gates,
@@ -155,6 +156,29 @@ def store_metrics(cfg, results: dict, stage: str) -> StageResult:
     workdir = store.new_workdir()
     (workdir / "metrics.json").write_text(json.dumps(results))
     return StageResult(stage=stage, ref=store.put(workdir, kind=stage), cache_hit=False, seconds=0.0)
+
+
+def test_merge_gate_fails_when_the_merged_model_is_not_the_trained_model(tiny_config):
+    """The merge stage's fidelity.json decides: a logit difference over gates.max_merge_logit_diff stops the
+    run (issue 12: a merge scored against the wrong 4-bit kernel read 1.09 and published)."""
+    cfg = load_config(tiny_config)
+    store = ArtifactStore(cfg.artifacts.root)
+
+    def merged_with(diff: float) -> StageResult:
+        workdir = store.new_workdir()
+        (workdir / "fidelity.json").write_text(json.dumps({"max_abs_logit_diff": diff, "mode": "dequantize"}))
+        return StageResult(stage="merge", ref=store.put(workdir, kind="merge"), cache_hit=False, seconds=0.0)
+
+    good = gate_task.fn(cfg, "merge", merged_with(2.5e-5))
+    decisions = json.loads((store.local_path(good.ref) / "gates.json").read_text())
+    assert [(d["gate"], d["metric"], d["passed"], d["threshold"]) for d in decisions] == [
+        ("merge-fidelity", "merged.max_abs_logit_diff", True, cfg.gates.max_merge_logit_diff)]
+    assert "| 2.5e-05 | <= 0.0100 |" in decisions_markdown("merge", [GateDecision(**decisions[0])])
+    with pytest.raises(GateFailed, match=r"merge-fidelity \(merged.max_abs_logit_diff = 1.0900, required <= 0.0100\)"):
+        gate_task.fn(cfg, "merge", merged_with(1.09))
+    strict = load_config(tiny_config, ["gates.max_merge_logit_diff=1e-6"])
+    with pytest.raises(GateFailed, match="2.5e-05, required <= 1e-06"):
+        gate_task.fn(strict, "merge", merged_with(2.5e-5))
 
 
 def fake_publish(cfg, version: str, gptq_sha: str = "0" * 64) -> Path:

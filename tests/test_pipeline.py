@@ -28,6 +28,7 @@ def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
     assert json.loads((version_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
     metrics = json.loads((version_dir / "metrics.json").read_text())
     assert {"finetune", "quantized", "gates"} <= metrics.keys()
+    assert [d["gate"] for d in metrics["gates"]["merge"]] == ["merge-fidelity"]
     card = (version_dir / "README.md").read_text()
     assert card.startswith("---\n") and "base_model: tiny-llama" in card and "gptq-perplexity-increase" in card
 
@@ -53,7 +54,7 @@ def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
     third = qlora_pipeline(config=str(tiny_config), overrides=["gates.max_perplexity=1e8"])
     hits = cache_hits(third)
     assert hits == {"validate": True, "train": True, "evaluate": True, "gate-finetune": False, "merge": True,
-                    "quantize": True, "evaluate-quantized": True, "gate-quantized": False}
+                    "gate-merge": False, "quantize": True, "evaluate-quantized": True, "gate-quantized": False}
     assert third.release.created and third.release.version == "v2"
 
 
