@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from pipeline_config import ConfigError, load_config
@@ -26,7 +28,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from tasks.contracts import DataError
         from tasks.validate import validate_for_cli
 
-        passed, report = validate_for_cli(cfg, args.data, args.format)
+        contract_given = any(item.split("=", 1)[0].strip() == "data.contract" for item in args.set)
+        passed, report = validate_for_cli(cfg, args.data, args.format, contract_given)
     except DataError as problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_FAILED
@@ -110,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--data", help="a data file (or datasets folder/id) to check instead of the config's "
                                           "train and eval data")
     validate.add_argument("--format", choices=["auto", "alpaca", "prompt-completion", "messages"],
-                          help="row format (default: data.format)")
+                          help="row format (default: data.format); checked against data_contracts/<format>.json "
+                               "unless --set data.contract=... names another")
     validate.set_defaults(func=cmd_validate)
 
     publish = commands.add_parser("publish", help="publish an already built release bundle (runs no stage)")
@@ -133,8 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_process() -> None:
+    """What the command line sets for itself before the libraries load, so a successful run logs no ERROR or
+    WARNING that is not one: the temporary Prefect server it starts (no API URL set) sends no telemetry, which
+    fails offline and logs an ERROR; torchao's optional CUDA extensions and torch's pytree deprecation are
+    reported on every start of a CPU install. A setting the user made wins."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    from tasks.modeling import quiet_transformers
+
+    quiet_transformers()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_process()
     try:
         return args.func(args)
     except ConfigError as problem:

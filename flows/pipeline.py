@@ -16,6 +16,7 @@ from tasks.evaluate import (
 from tasks.gate import gate_task
 from tasks.locking import release_lock
 from tasks.merge import merge_task
+from tasks.modeling import quiet_transformers
 from tasks.publish import Release, preflight_task, publish_task
 from tasks.quantize import quantize_task
 from tasks.stage import StageResult
@@ -38,6 +39,7 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
     config: path of a pipeline YAML (the embedded default when empty); overrides: `section.key=value`.
     """
     cfg = load_config(config, overrides or [])
+    quiet_transformers()
     with release_lock(cfg):  # one run at a time per publish target (concurrency.mode: wait | fail)
         preflight_task(cfg)  # the publish target is reachable (Hub token, repo visibility) before any training
 

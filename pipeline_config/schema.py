@@ -18,6 +18,8 @@ class Section(BaseModel):
 class DataConfig(Section):
     train_path: str = Field(description="Training rows: a JSONL/JSON/CSV/Parquet file, a local `datasets` folder "
                             "or a dataset id (NAME#SPLIT picks a split).")
+    name: str | None = Field(None, description="The dataset's name or Hub id, for the model card's `datasets`; "
+                             "unset: the dataset id of train_path, or its folder's name.")
     eval_path: str | None = Field(None, description="Held-out rows, never trained on; unset: split off the "
                                   "training rows by seed (eval_fraction).")
     format: Literal["auto", "alpaca", "prompt-completion", "messages"] = Field(
@@ -123,15 +125,17 @@ class EvalConfig(Section):
 class GatesConfig(Section):
     max_perplexity: float = Field(40.0, gt=0, description="Fine-tuned held-out perplexity must be at most this.")
     min_perplexity_gain: float = Field(
-        0.0, description="Fine-tuned perplexity must be below base perplexity by at least this fraction."
+        0.05, description="Fine-tuned perplexity must be below base perplexity by at least this fraction."
     )
     min_exact_match: float = Field(0.0, ge=0, le=1, description="Fine-tuned exact match must be at least this.")
     max_merge_logit_diff: float = Field(
         1e-2, gt=0, description="The merged model's logits may differ from the trained model's (NF4 base + "
         "adapter) by at most this, max absolute over the merge stage's fidelity prompts (fidelity.json)."
     )
+    # Measured on the embedded default with the quantize defaults below (held-out response perplexity): merged
+    # 7.157 -> GPTQ 7.836 (+9.5%); the 3-step test adapter 8.001 -> 8.527 (+6.6%); round-to-nearest 4-bit +61%.
     max_quantized_perplexity_increase: float = Field(
-        0.10, ge=0, description="GPTQ perplexity may exceed the merged model's by at most this fraction."
+        0.15, ge=0, description="GPTQ perplexity may exceed the merged model's by at most this fraction."
     )
     max_regression: float | None = Field(
         0.05, ge=0, description="GPTQ perplexity may exceed the published release's GPTQ perplexity by at most "
@@ -157,15 +161,18 @@ class MergeConfig(Section):
 
 
 class QuantizeConfig(Section):
+    # Chosen by measurement on the embedded default (merged 7.157; GPTQ perplexity, g64 unless noted):
+    # symmetric 9.06, asymmetric 8.19, + 256 calibration rows 7.99, + act-order 7.84 (+9.5%); with 64 rows:
+    # mse clipping 8.20, damp 0.1 9.38, group 32 8.54. 256 rows in batches of 8 take ~6 min on 2 CPU cores.
     bits: Literal[4, 8] = 4
-    group_size: int = Field(64, description="-1 for per-channel.")
-    desc_act: bool = False
-    sym: bool = True
+    group_size: int = Field(64, description="-1 for per-channel (64: SmolLM2's 576 is no multiple of 128).")
+    desc_act: bool = Field(True, description="Act-order: quantize columns by decreasing Hessian diagonal.")
+    sym: bool = Field(False, description="Symmetric 4-bit grids (false: asymmetric, with zero points).")
     damp_percent: float = Field(0.01, gt=0, lt=1)
-    calibration_examples: int = Field(64, gt=0, description="Training examples, chat-rendered, used to calibrate.")
+    calibration_examples: int = Field(256, gt=0, description="Training examples, chat-rendered, used to calibrate.")
     calibration_seq_len: int = Field(256, gt=8)
     calibration_batch_size: int = Field(
-        1, gt=0, description="Calibration samples per forward pass (padding is left out of the Hessians: speed only).")
+        8, gt=0, description="Calibration samples per forward pass (padding is left out of the Hessians: speed only).")
 
 
 class PublishConfig(Section):

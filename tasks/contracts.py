@@ -8,28 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import re
 from collections import Counter
 from io import StringIO
 from pathlib import Path
 from typing import Any, Literal
 
-# GX 1.24.1 ships no analytics client, but GX releases that do read this when a context is created.
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-
-import great_expectations as gx  # noqa: E402
-import pandas as pd  # noqa: E402
-from great_expectations import exceptions as gx_exceptions  # noqa: E402
-from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
-from great_expectations.expectations.expectation_configuration import (  # noqa: E402
+import great_expectations as gx
+import pandas as pd
+from great_expectations import exceptions as gx_exceptions
+from great_expectations.data_context.types.base import ProgressBarsConfig
+from great_expectations.expectations.expectation_configuration import (
     ExpectationConfiguration,
 )
-from pydantic import BaseModel  # noqa: E402
-
-# GX logs each ephemeral docs folder it creates at INFO (and sets its logger's level on import);
-# in a pipeline log that is noise.
-logging.getLogger("great_expectations").setLevel(logging.WARNING)
-logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
+from pydantic import BaseModel
 
 Severity = Literal["error", "warning"]
 
@@ -357,6 +349,18 @@ def _markdown_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", "\\n")
 
 
+def quiet_context():
+    """An ephemeral GX context (~10 ms, writes nothing to disk, shares no state between calls) with no
+    analytics and no progress bars. GX logs each docs folder it creates at INFO (and sets its logger's level
+    on import); in a pipeline log that is noise."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral")
+    context.enable_analytics(False)
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
 def validate_rows(df: pd.DataFrame, suite_path: Path) -> ValidationReport:
     """Run the suite at ``suite_path`` over all rows; ``passed`` is False on any error-severity failure."""
     if LINE_COLUMN not in df.columns:
@@ -365,9 +369,7 @@ def validate_rows(df: pd.DataFrame, suite_path: Path) -> ValidationReport:
     # GX reports failing rows by index label; a 0..n-1 index makes each label a position into `rows`.
     rows = df.reset_index(drop=True)
 
-    # A fresh ephemeral context costs ~10 ms, writes nothing to disk and shares no state between calls.
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    context = quiet_context()
     batch = (
         context.data_sources.add_pandas("rows")
         .add_dataframe_asset("rows")
@@ -593,5 +595,18 @@ def render_data_docs(validation, path: Path) -> bool:
     except Exception:  # noqa: BLE001 - a rendering bug must not fail a passing dataset
         logging.getLogger("qlora_pipeline").warning("GX data docs rendering failed", exc_info=True)
         return False
-    path.write_text(html, encoding="utf-8")
+    path.write_text(stable_html(html), encoding="utf-8")
     return True
+
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+GX_TIMESTAMP = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+
+
+def stable_html(html: str) -> str:
+    """GX's page with the same bytes for the same validation: GX stamps the render and run time into it and
+    gives each collapsible block a random uuid4, which would make every validate artifact (and so every stage
+    after it) new although the data is the same. Ids become their order of appearance; times are dropped."""
+    ids: dict[str, str] = {}
+    html = UUID.sub(lambda m: ids.setdefault(m.group(0), f"block-{len(ids) + 1}"), html)
+    return GX_TIMESTAMP.sub("(time not recorded)", html)

@@ -20,7 +20,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 # prefect 3.8 raises these from a private module; TimeoutError is their public base for the wait case
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from pipeline_config import PipelineConfig
 
@@ -43,11 +43,17 @@ def limit_name(cfg: PipelineConfig) -> str:
 
 
 def ensure_limit(name: str) -> None:
-    """Create the limit (1 slot) if missing: an unknown name would not limit anything."""
+    """Create the limit (1 slot) if missing: an unknown name would not limit anything. Looked up first: a
+    create of an existing name is answered 409, but Prefect's server logs it as an ERROR with a traceback."""
     with get_client(sync_client=True) as client:
         try:
+            client.read_global_concurrency_limit_by_name(name)
+            return
+        except ObjectNotFound:
+            pass
+        try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
+        except ObjectAlreadyExists:  # another run created it in between
             pass
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-# transformers and gptqmodel print progress bars and advisory warnings by default; a pipeline log
-# is read by people, so keep it to what we log ourselves.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders; never reach for a hub
+
+def quiet_transformers() -> None:
+    """transformers prints advisory warnings and a progress bar per load; a pipeline log is read by people,
+    so keep it to what we log ourselves. Called by the entry points (CLI, flow), never on import."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -29,7 +32,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # With pad == eos, code that strips or masks pads also drops the end-of-turn token and the
         # model never learns to stop; use a distinct token the vocabulary already has.
@@ -59,7 +62,8 @@ def load_base_4bit(path: str | Path, compute_dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), quantization_config=nf4_config(compute_dtype), dtype=compute_dtype, device_map=device
+        str(path), quantization_config=nf4_config(compute_dtype), dtype=compute_dtype, device_map=device,
+        local_files_only=True,  # a folder; nothing to look up on a hub
     )
     keep_4bit_layout(model)
     return model
@@ -95,7 +99,7 @@ def layers_packed_for_inference(model) -> list[str]:
 def load_full(path: str | Path, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device, local_files_only=True)
 
 
 @torch.no_grad()

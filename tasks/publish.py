@@ -31,6 +31,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import yaml
+from huggingface_hub import EvalResult, ModelCardData
 from prefect import runtime, task
 from pydantic import BaseModel
 
@@ -129,21 +130,29 @@ def lineage_config(cfg: PipelineConfig) -> dict:
     return data
 
 
+def dataset_id(cfg: PipelineConfig) -> str:
+    """What the card's `datasets` names: data.name, else the Hub/datasets id of train_path (NAME#SPLIT -> NAME),
+    else the name of the folder the training file is in (a file name says nothing about the data)."""
+    if cfg.data.name:
+        return cfg.data.name
+    path = Path(cfg.data.train_path.split("#", 1)[0])
+    return str(path) if not path.exists() else (path.name if path.is_dir() else path.resolve().parent.name)
+
+
 def model_card(cfg: PipelineConfig, metrics: dict, gates: dict[str, list[GateDecision]], lineage: dict) -> str:
     repo = display_repo(cfg)
     on_hub = hub.is_hub_target(cfg)
     fingerprint = lineage["data_fingerprint"]
-    header = {
-        "base_model": cfg.model.name,
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["qlora", "gptq", f"{cfg.quantize.bits}-bit", "qlora-pipeline"],
-        "datasets": [Path(cfg.data.train_path).name],
-        "model-index": [{"name": repo, "results": [
-            {"task": {"type": "text-generation"},
-             "metrics": [{"type": "perplexity", "name": "held-out response perplexity (GPTQ)",
-                          "value": round(metrics["quantized"]["gptq"]["perplexity"], 4)}]}]}],
-    }
+    dataset_name = dataset_id(cfg)
+    card_data = ModelCardData(
+        base_model=cfg.model.name, library_name="transformers", pipeline_tag="text-generation",
+        tags=["qlora", "gptq", f"{cfg.quantize.bits}-bit", "qlora-pipeline"], datasets=[dataset_name],
+        model_name=repo,
+        eval_results=[EvalResult(
+            task_type="text-generation", dataset_type=dataset_name, dataset_name=f"{dataset_name} (held-out rows)",
+            dataset_split="eval", metric_type="perplexity", metric_name="held-out response perplexity (GPTQ)",
+            metric_value=round(metrics["quantized"]["gptq"]["perplexity"], 4))],
+    )
     rows = [
         ("base", metrics["finetune"]["base"]),
         ("fine-tuned (NF4 + LoRA)", metrics["finetune"]["finetuned"]),
@@ -171,14 +180,14 @@ def model_card(cfg: PipelineConfig, metrics: dict, gates: dict[str, list[GateDec
                      f"model = AutoModelForCausalLM.from_pretrained(path, "
                      f'quantization_config=GPTQConfig(bits={cfg.quantize.bits}, backend="gptq_torch"))')
     return f"""---
-{yaml.safe_dump(header, sort_keys=False).strip()}
+{card_data.to_yaml()}
 ---
 
 # {repo}
 
 {cfg.model.name} fine-tuned with QLoRA (NF4, r={cfg.lora.r}) on `{cfg.data.train_path}`, merged into the
 dequantized base and quantized with GPTQ ({cfg.quantize.bits}-bit, group size {cfg.quantize.group_size}),
-by [qlora-pipeline](https://github.com/) run `{lineage['flow_run_id']}`.
+by qlora-pipeline {lineage['pipeline_version']}, flow run `{lineage['flow_run_id']}`.
 
 ## Data
 

@@ -415,13 +415,20 @@ def validate_task(cfg: PipelineConfig) -> StageResult:
     )
 
 
-def validate_for_cli(cfg: PipelineConfig, data: str | None, fmt: str | None) -> tuple[bool, str]:
-    """`qlora-pipeline validate`: (passed, markdown report); DataError propagates."""
+def validate_for_cli(cfg: PipelineConfig, data: str | None, fmt: str | None,
+                     contract_given: bool = False) -> tuple[bool, str]:
+    """`qlora-pipeline validate`: (passed, markdown report); DataError propagates.
+
+    fmt (--format) checks the rows as that format, against that format's contract
+    (data_contracts/<format>.json) unless the command itself named one (contract_given: --set data.contract=...);
+    the config's contract belongs to the config's format."""
     updates = {}
     if data:
         updates.update(train_path=data, eval_path=None, eval_fraction=0.0)
     if fmt:
         updates["format"] = fmt
+        if not contract_given:
+            updates["contract"] = None
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=updates)})
     with tempfile.TemporaryDirectory(prefix="qlora-validate-") as tmp:
         try:

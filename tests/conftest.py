@@ -59,7 +59,7 @@ def stop(process: subprocess.Popen) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     global _server
-    os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1",
+    os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                       GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
     if os.environ.get("PREFECT_API_URL"):
         return  # a server was given to us

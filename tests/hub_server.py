@@ -241,6 +241,20 @@ def build_app(state: HubState) -> Starlette:
             state.repos[repo_id] = repo
         return JSONResponse({"url": f"{base_url(request)}/{repo_id}", "name": repo_id, "id": repo_id})
 
+    def card_metadata_errors(content: str) -> list[dict]:
+        """What huggingface_hub's own parser (and the Hub's) rejects: a model-index that does not parse into
+        EvalResults (task, dataset, metrics); and `datasets` entries that are file names."""
+        from huggingface_hub import ModelCard
+
+        try:
+            data = ModelCard(content).data
+        except Exception as exc:  # noqa: BLE001 - the client's parser error is the validation message
+            return [{"message": f"model card metadata does not parse: {exc}"}]
+        # Stricter than the Hub, which stores any string here: a data file's name is never a dataset id.
+        problems = [f"datasets: {name!r} is a file name, not a dataset id" for name in (data.datasets or [])
+                    if not isinstance(name, str) or name.endswith((".json", ".jsonl", ".csv", ".parquet", ".txt"))]
+        return [{"message": p} for p in problems]
+
     async def validate_yaml(request: Request) -> Response:
         who, problem = state.identity(request)
         if problem:
@@ -257,6 +271,8 @@ def build_app(state: HubState) -> Starlette:
                     errors.append({"message": "metadata must be a YAML mapping between --- lines"})
                 elif not isinstance(meta.get("tags", []), list) or not isinstance(meta.get("datasets", []), list):
                     errors.append({"message": "\"tags\" and \"datasets\" must be lists"})
+                else:
+                    errors += card_metadata_errors(content)
             except yaml.YAMLError as exc:
                 errors.append({"message": f"invalid YAML: {exc}"})
         return JSONResponse({"errors": errors, "warnings": []}, status_code=400 if errors else 200)

@@ -305,3 +305,26 @@ def test_changing_tokenizer_or_template_reruns_validate_and_train(assets, tiny_m
     assert key_inputs["tokenizer"] != validate.cache_inputs(cfg)["tokenizer"]
     fingerprint = json.loads((Path(cfg.artifacts.root) / "objects" / first[0].ref.sha256 / "fingerprint.json").read_text())
     assert fingerprint["components"]["chat_template"]
+
+
+def test_the_validate_artifact_is_the_same_bytes_in_every_process(tiny_config, tmp_path):
+    """Same config and data, validated in two fresh processes: the same sha256, so a second worker or a fresh
+    store re-uses everything downstream (GX's data-docs page carries times and random ids; they are removed)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    digests = []
+    for attempt in ("a", "b"):
+        out = tmp_path / attempt
+        out.mkdir()
+        script = ("import sys; from pathlib import Path; from pipeline_config import load_config; "
+                  "from tasks.validate import validate_dataset; from tasks.artifacts import sha256_path; "
+                  "validate_dataset(load_config(sys.argv[1]), Path(sys.argv[2])); print(sha256_path(Path(sys.argv[2])))")
+        done = subprocess.run([sys.executable, "-c", script, str(tiny_config), str(out)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert (out / "data_docs" / "train.html").stat().st_size > 0
+        digests.append(done.stdout.split()[-1])
+    assert digests[0] == digests[1]

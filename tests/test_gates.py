@@ -245,8 +245,6 @@ def test_current_release_skips_the_release_made_from_the_model_being_gated(tiny_
 
 # -- the Hub side of the publisher's interface ------------------------------------------------------
 def test_latest_release_and_its_model_from_the_hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     from pipeline_config import validate_config
     from tasks import hub
     from tests.hub_server import HubServer
@@ -254,7 +252,6 @@ def test_latest_release_and_its_model_from_the_hub(tmp_path, monkeypatch):
     token = "hf_" + secrets.token_hex(16)
     server = HubServer({token: {"user": "alice", "orgs": ["acme"], "role": "write"}}, tmp_path / "hub").start()
     try:
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setenv("HF_TOKEN", token)
         cfg = validate_config({"data": {"train_path": "t.jsonl"}, "model": {"base": "m", "name": "tiny"},
                                "publish": {"repo": "r", "target": "hf://acme/tiny", "endpoint": server.url,

@@ -33,10 +33,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def online(monkeypatch, server):
-    """conftest keeps huggingface_hub offline; the Hub tests talk to the loopback server only."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    """The write token of the loopback server's org (the tests talk to that server only)."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     server.state.faults.clear()
 
