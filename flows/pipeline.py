@@ -8,6 +8,8 @@ from pydantic import BaseModel
 
 from pipeline_config import load_config
 from tasks.approval import await_approval
+from tasks.artifacts import ArtifactStore
+from tasks.base_model import fetch_base_model_task, with_base_folder
 from tasks.evaluate import (
     evaluate_published_task,
     evaluate_quantized_task,
@@ -33,7 +35,7 @@ class PipelineResult(BaseModel):
 # would all become run logs; stages log what matters through the run logger.
 @flow(name="qlora-pipeline")
 def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None) -> PipelineResult:
-    """Preflight -> validate -> train -> evaluate -> gate -> merge -> gate -> quantize -> evaluate quantized
+    """Preflight -> [fetch base model] -> validate -> train -> evaluate -> gate -> merge -> gate -> quantize -> evaluate quantized
     (+ the published release, re-scored) -> gate -> [human approval] -> publish.
 
     config: path of a pipeline YAML (the embedded default when empty); overrides: `section.key=value`.
@@ -41,7 +43,10 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
     cfg = load_config(config, overrides or [])
     quiet_transformers()
     with release_lock(cfg):  # one run at a time per publish target (concurrency.mode: wait | fail)
-        preflight_task(cfg)  # the publish target is reachable (Hub token, repo visibility) before any training
+        checked = preflight_task(cfg)  # base model and publish target can be had (tokens, visibility): no GPU yet
+        fetched = fetch_base_model_task(cfg, checked["base_model"]) if checked["base_model"] else None
+        if fetched:  # model.base named a Hub id: every later stage reads the downloaded folder
+            cfg = with_base_folder(cfg, ArtifactStore(cfg.artifacts.root).local_path(fetched.ref))
 
         data = validate_task(cfg)
         adapter = train_task(cfg, data)
@@ -60,7 +65,7 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
             "gate_quantized": quantized_gate,
         }, review)
 
-    stages = [data, adapter, evaluation, finetune_gate, merged, merge_gate, quantized, quantized_evaluation,
+    stages = [*([fetched] if fetched else []), data, adapter, evaluation, finetune_gate, merged, merge_gate, quantized, quantized_evaluation,
               *([published_evaluation] if published_evaluation else []), quantized_gate]
     summarize(stages, release)
     return PipelineResult(release=release, stages=stages)

@@ -37,8 +37,12 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    base: str = Field(description="Folder of a plain safetensors HF checkpoint with its tokenizer.")
-    name: str = Field(description="Human name of the base model, for the model card.")
+    base: str = Field(description="Folder of a safetensors HF checkpoint with its tokenizer, or a Hub model id "
+                      "ORG/NAME[@REVISION] (branch, tag or commit; default main), downloaded with huggingface_hub.")
+    name: str | None = Field(None, description="Name of the base model for the model card's base_model; unset: the "
+                             "Hub id of model.base, or its folder's name.")
+    trust_remote_code: bool = Field(False, description="Allow a checkpoint whose config.json asks for custom code "
+                                    "(auto_map); refused otherwise.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a GPU, float32 on the CPU (bf16 matmuls are slow there)."
     )
@@ -79,8 +83,9 @@ class TrainConfig(Section):
         "none", description="liger: Liger Kernel's Triton RMSNorm, SwiGLU and RoPE, and its fused linear "
         "cross-entropy for the loss (no logits held). CUDA only; needs `pip install liger-kernel`.")
     compile: bool = Field(False, description="torch.compile each decoder layer (GPU; the first steps compile).")
-    attention: Literal["sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
-        "sdpa", description="transformers attention implementation in training. Packed rows need a "
+    attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+        "auto", description="transformers attention implementation in training; auto: the one transformers picks "
+        "for the model (sdpa where the architecture supports it, eager for Gemma 2's soft-capping). Packed rows need a "
         "block-diagonal mask: sdpa computes the whole row's attention under it; flex_attention and "
         "flash_attention_2 (flash-attn package) skip the blocks between examples.")
     loss_on_responses_only: bool = True

@@ -165,6 +165,7 @@ def gptq_quantize(
     def save() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save(str(out_dir))
+        fuse_split_projections(model_dir, out_dir)
         tokenizer.save_pretrained(out_dir)
 
     meter.run("save", save)
@@ -177,6 +178,51 @@ def gptq_quantize(
         "regions_s": regions,
         "peak_gpu_gib": meter.peak_gib,
     }
+
+
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+def fuse_split_projections(model_dir: Path, out_dir: Path) -> list[str]:
+    """Join gptqmodel's separately quantized `gate_proj` + `up_proj` back into the `gate_up_proj` the model's
+    transformers module has (Phi-3), in the saved safetensors, so that the checkpoint loads: output columns
+    gate first, then up (Phi3MLP chunks them so). Both must share one g_idx (no act-order; preflight refuses
+    that combination). Returns the fused module names."""
+    import safetensors.torch
+    from safetensors import safe_open
+
+    with safe_open(next(Path(model_dir).glob("*.safetensors")), "pt") as f:  # names only
+        names = set(f.keys())
+    for index in Path(model_dir).glob("*.safetensors.index.json"):
+        names |= set(json.loads(index.read_text())["weight_map"])
+    fused_modules = {name[: -len(".gate_up_proj.weight")] for name in names if name.endswith(".gate_up_proj.weight")}
+    done = []
+    for shard in sorted(Path(out_dir).glob("*.safetensors")):
+        tensors = safetensors.torch.load_file(shard)
+        for prefix in sorted(fused_modules):
+            gate, up = f"{prefix}.gate_proj", f"{prefix}.up_proj"
+            if f"{gate}.qweight" not in tensors:
+                continue
+            if not torch.equal(tensors[f"{gate}.g_idx"], tensors[f"{up}.g_idx"]):
+                raise ValueError(f"{prefix}: gate_proj and up_proj were quantized with different column orders "
+                                 "(act-order); they cannot be fused into gate_up_proj (set quantize.desc_act: false)")
+            for part in GPTQ_TENSORS:
+                if f"{gate}.{part}" in tensors:
+                    a, b = tensors.pop(f"{gate}.{part}"), tensors.pop(f"{up}.{part}")
+                    tensors[f"{prefix}.gate_up_proj.{part}"] = a if part == "g_idx" else torch.cat([a, b], dim=-1)
+            done.append(prefix)
+        if done:
+            safetensors.torch.save_file(tensors, shard, metadata={"format": "pt"})
+    for index in Path(out_dir).glob("*.safetensors.index.json"):  # sharded: point the index at the new names
+        data = json.loads(index.read_text())
+        for prefix in done:
+            for part in GPTQ_TENSORS:
+                shard_name = data["weight_map"].pop(f"{prefix}.gate_proj.{part}", None)
+                data["weight_map"].pop(f"{prefix}.up_proj.{part}", None)
+                if shard_name:
+                    data["weight_map"][f"{prefix}.gate_up_proj.{part}"] = shard_name
+        index.write_text(json.dumps(data, indent=2))
+    return done
 
 
 @torch.no_grad()

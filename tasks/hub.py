@@ -363,7 +363,9 @@ def publish_to_hub(cfg: PipelineConfig, bundle: Path, extras: dict[str, Path] | 
 
 def extra_card(cfg: PipelineConfig, name: str, repo_id: str, tag: str, record: dict) -> str:
     what = {"adapter": "the LoRA adapter (peft) of", "merged": "the merged full-precision model of"}[name]
-    header = {"base_model": cfg.model.name, "library_name": "peft" if name == "adapter" else "transformers",
+    from tasks.base_model import base_model_name
+
+    header = {"base_model": base_model_name(cfg), "library_name": "peft" if name == "adapter" else "transformers",
               "tags": ["qlora", "qlora-pipeline", name]}
     import yaml
 

@@ -38,6 +38,7 @@ from pydantic import BaseModel
 from pipeline_config import PipelineConfig
 from tasks import artifacts, hub
 from tasks.artifacts import ArtifactRef, ArtifactStore
+from tasks.base_model import base_model_name, source_of
 from tasks.datasource import data_source_fingerprint
 from tasks.gate import GateDecision, decisions_markdown
 from tasks.stage import StageResult, run_stage
@@ -145,7 +146,7 @@ def model_card(cfg: PipelineConfig, metrics: dict, gates: dict[str, list[GateDec
     fingerprint = lineage["data_fingerprint"]
     dataset_name = dataset_id(cfg)
     card_data = ModelCardData(
-        base_model=cfg.model.name, library_name="transformers", pipeline_tag="text-generation",
+        base_model=base_model_name(cfg), library_name="transformers", pipeline_tag="text-generation",
         tags=["qlora", "gptq", f"{cfg.quantize.bits}-bit", "qlora-pipeline"], datasets=[dataset_name],
         model_name=repo,
         eval_results=[EvalResult(
@@ -185,7 +186,7 @@ def model_card(cfg: PipelineConfig, metrics: dict, gates: dict[str, list[GateDec
 
 # {repo}
 
-{cfg.model.name} fine-tuned with QLoRA (NF4, r={cfg.lora.r}) on `{cfg.data.train_path}`, merged into the
+{base_model_name(cfg)} fine-tuned with QLoRA (NF4, r={cfg.lora.r}) on `{cfg.data.train_path}`, merged into the
 dequantized base and quantized with GPTQ ({cfg.quantize.bits}-bit, group size {cfg.quantize.group_size}),
 by qlora-pipeline {lineage['pipeline_version']}, flow run `{lineage['flow_run_id']}`.
 
@@ -263,7 +264,7 @@ def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, Sta
             "flow_run_id": str(runtime.flow_run.id or "local"),
             "pipeline_version": package_version("qlora-pipeline"),
             "git_commit": git_commit(),
-            "base_model": cfg.model.name,
+            "base_model": {"name": base_model_name(cfg), **(source_of(cfg.model.base) or {"folder": cfg.model.base})},
             "approval": {
                 "decision": "approved" if all(d.passed for ds in gates.values() for d in ds) else "rejected",
                 "by": review["reviewer"] if review else "qlora-pipeline quality gates (automatic)",
@@ -356,8 +357,15 @@ def publish_release(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, 
 
 @task(name="preflight")
 def preflight_task(cfg: PipelineConfig) -> dict | None:
-    """Fail the run before any training when the publish target cannot be reached (token, visibility)."""
-    return hub.preflight(cfg)
+    """Fail the run before any training when the base model cannot be had (unsupported family; a Hub id that
+    does not resolve with the token) or the publish target cannot be reached (token, visibility).
+    Returns {"publish": hub.preflight's result, "base_model": the resolved Hub source or None for a folder}."""
+    from tasks import base_model, modeling
+
+    source = base_model.resolve_revision(cfg)
+    if source is None:
+        modeling.check_supported_family(cfg.model.base, desc_act=cfg.quantize.desc_act)
+    return {"publish": hub.preflight(cfg), "base_model": source}
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5)

@@ -229,7 +229,7 @@ def apply_liger_kernels(model) -> None:
 
 
 def set_attention(model, name: str) -> None:
-    if model.config._attn_implementation == name:
+    if name == "auto" or model.config._attn_implementation == name:
         return
     try:
         model.set_attn_implementation(name)

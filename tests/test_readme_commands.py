@@ -117,7 +117,13 @@ def test_readme_hub_run_and_republish_as_written(tiny_config, tmp_path):
                                env=env, timeout=300)
         assert again.returncode == 0 and "already published" in again.stdout
         for process in (run, copy, again):
-            assert token not in process.stdout + process.stderr
+            output = process.stdout + process.stderr
+            assert token not in output
+            # A successful run logs no ERROR that is not one (telemetry offline, the concurrency limit's
+            # create, torchao's optional CUDA libraries, torch's pytree deprecation).
+            noise = [line for line in output.splitlines()
+                     if "| ERROR" in line or "Traceback" in line or "torchao" in line or "_pytree" in line]
+            assert noise == [], "\n".join(noise[:20])
     finally:
         server.stop()
 

@@ -1,0 +1,149 @@
+"""Stage 0b, fetch-base-model: `model.base` as a Hub id, `ORG/NAME` or `ORG/NAME@REVISION`, becomes a folder.
+
+The way Axolotl (`base_model:`) and LLaMA-Factory (`model_name_or_path:`) name a base model. Preflight
+resolves the revision (branch, tag or commit; default `main`) to a commit sha with the token the publish step
+uses (`publish.token_secret`, else `HF_TOKEN`, else anonymous), so a wrong token or a missing repo fails the
+run before any stage. This stage then downloads that commit's safetensors weights, config and tokenizer
+files into the artifact store; its cache key is the repo id and the commit, so an unchanged revision is a
+cache hit (no download) and a moved branch is a new commit: the base model, and every stage after it, is
+new. The folder holds `hub_source.json` (id, revision, commit), which the model card's lineage reads.
+
+`HF_HUB_OFFLINE=1`, when the user sets it, is honoured: the revision is resolved from, and the files come
+from, huggingface_hub's local cache only. A folder given as `model.base` is used as it is; this stage does
+not run for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from prefect import task
+
+from pipeline_config import PipelineConfig
+from tasks import artifacts, hub, modeling, stage
+from tasks.artifacts import ArtifactStore
+from tasks.stage import StageResult
+
+SOURCE_FILE = "hub_source.json"
+HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?$")
+# Weights as safetensors only (a pickle can run code on load); config, generation config, tokenizer.
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                     "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "*.model", "*.jinja",
+                     "chat_template.json", "added_tokens.json"]
+
+
+def hub_model_id(base: str) -> tuple[str, str] | None:
+    """(repo id, revision) when model.base names a Hub model rather than an existing folder."""
+    if Path(base).exists():
+        return None
+    match = HUB_ID.fullmatch(base)
+    return (match.group(1), match.group(2) or "main") if match else None
+
+
+def source_of(base_dir: str | Path) -> dict | None:
+    """The Hub id, revision and commit a fetched base folder came from (None for a user's own folder)."""
+    path = Path(base_dir) / SOURCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def base_model_name(cfg: PipelineConfig) -> str:
+    """The card's base_model: model.name, else the Hub id model.base was fetched from, else its folder's name."""
+    if cfg.model.name:
+        return cfg.model.name
+    source = source_of(cfg.model.base) or ({"id": hub_model_id(cfg.model.base)[0]} if hub_model_id(cfg.model.base)
+                                           else None)
+    return source["id"] if source else Path(cfg.model.base).resolve().name
+
+
+def download_token(cfg: PipelineConfig) -> str | None:
+    """The publishing token when one is configured or set; None (anonymous) for public models otherwise."""
+    try:
+        return hub.resolve_token(cfg)
+    except hub.HubError:
+        if cfg.publish.token_secret:
+            raise  # a named Secret block that cannot be read is a configuration error, not "anonymous"
+        return None
+
+
+def resolve_revision(cfg: PipelineConfig) -> dict | None:
+    """Preflight: {"id", "revision", "commit"} for a Hub id model.base (None for a folder), or a HubError
+    naming the repo and what is wrong (token rejected, no access, no such revision, no safetensors)."""
+    named = hub_model_id(cfg.model.base)
+    if named is None:
+        return None
+    repo_id, revision = named
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if constants.HF_HUB_OFFLINE:  # the user asked for no network: the local cache must hold the revision
+        folder = hub.call(f"model.base {repo_id}@{revision} from the local Hugging Face cache (HF_HUB_OFFLINE)", None,
+                          snapshot_download, repo_id, revision=revision, local_files_only=True)
+        return {"id": repo_id, "revision": revision, "commit": Path(folder).name}
+    token = download_token(cfg)
+    api = hub.make_api(cfg, token)
+    where = f"model.base {repo_id}@{revision} at {api.endpoint}"
+    with_token = f"the token in {hub.token_source(cfg)}" if token else "no token (HF_TOKEN unset)"
+    problem = {RepositoryNotFoundError: f"not found, or not readable with {with_token}",
+               GatedRepoError: "is gated: accept its terms on the Hub with the token's user",
+               RevisionNotFoundError: f"has no revision {revision!r}", 401: "token rejected (401 Unauthorized)"}
+    info = hub.call(where, token, api.model_info, repo_id, revision=revision, token=token,
+                    on={key: ("problem", text) for key, text in problem.items()})
+    if isinstance(info, tuple):
+        raise hub.HubError(f"{where}: {info[1]}")
+    files = [s.rfilename for s in info.siblings or []]
+    if not any(name.endswith(".safetensors") for name in files):
+        raise hub.HubError(f"{where}: no .safetensors weights (only safetensors are loaded: a pickled checkpoint "
+                           "can run code); convert it, or give model.base as a folder")
+    # The family and custom-code checks need only config.json: refuse now, not after the download.
+    with tempfile.TemporaryDirectory(prefix="qlora-base-config-") as tmp:  # not into the user's HF cache
+        hub.call(f"{where}: config.json", token, api.hf_hub_download, repo_id, "config.json", revision=info.sha,
+                 token=token, local_dir=tmp)
+        refuse_remote_code(cfg, Path(tmp))
+        modeling.check_supported_family(tmp, shown_as=f"{repo_id}@{revision}", desc_act=cfg.quantize.desc_act)
+    return {"id": repo_id, "revision": revision, "commit": info.sha}
+
+
+def download(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
+    from huggingface_hub import constants, snapshot_download
+
+    token = None if constants.HF_HUB_OFFLINE else download_token(cfg)
+    hub.call(f"download of model.base {source['id']}@{source['commit'][:12]}", token, snapshot_download,
+             source["id"], revision=source["commit"], allow_patterns=DOWNLOAD_PATTERNS, local_dir=out_dir,
+             token=token, endpoint=cfg.publish.endpoint.rstrip("/") if cfg.publish.endpoint else None,
+             local_files_only=constants.HF_HUB_OFFLINE)
+    shutil.rmtree(out_dir / ".cache", ignore_errors=True)  # the client's download bookkeeping, not the model
+    refuse_remote_code(cfg, out_dir)
+    modeling.check_supported_family(out_dir, shown_as=f"{source['id']}@{source['revision']}",
+                                    desc_act=cfg.quantize.desc_act)
+    (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+
+
+def refuse_remote_code(cfg: PipelineConfig, folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if config.get("auto_map") and not cfg.model.trust_remote_code:
+        raise hub.HubError(f"model.base {cfg.model.base}: its config.json asks for custom code (auto_map: "
+                           f"{sorted(config['auto_map'])}); it is not run unless model.trust_remote_code: true")
+
+
+def with_base_folder(cfg: PipelineConfig, folder: Path) -> PipelineConfig:
+    """The config every later stage sees: model.base is the fetched folder (content-hashed in their keys)."""
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"base": str(folder)})})
+
+
+@task(name="fetch-base-model", retries=2, retry_delay_seconds=10)  # a download is worth retrying
+def fetch_base_model_task(cfg: PipelineConfig, source: dict) -> StageResult:
+    """source: preflight's resolved {"id", "revision", "commit"}."""
+    store = ArtifactStore(cfg.artifacts.root)
+    return stage.run_stage(
+        "fetch-base-model",
+        store,
+        code=artifacts.code_hash(sys.modules[__name__]),
+        config={"trust_remote_code": cfg.model.trust_remote_code},
+        inputs={"repo": source["id"], "commit": source["commit"]},  # not the revision: a moved branch re-fetches
+        build=lambda workdir, key: download(cfg, source, workdir),
+    )
