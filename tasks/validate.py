@@ -68,11 +68,22 @@ def tokenizer_hash(cfg: PipelineConfig) -> dict[str, str]:
         raise DataError(f"{folder}: no tokenizer files in the folder")
     hashes = {"tokenizer": artifacts.sha256_json({p.name: artifacts.sha256_path(p) for p in files})}
     if cfg.data.chat_template:
-        template = Path(cfg.data.chat_template)
-        if not template.is_file():
-            raise DataError(f"{template}: chat template file not found (data.chat_template)")
-        hashes["chat_template"] = artifacts.sha256_path(template)
+        hashes["chat_template"] = artifacts.sha256_path(chat_template_file(cfg.data.chat_template))
     return hashes
+
+
+SHIPPED_TEMPLATES = Path(__file__).resolve().parents[1] / "pipeline_config" / "chat_templates"
+
+
+def chat_template_file(setting: str) -> Path:
+    """data.chat_template: a .jinja file, or the name of one shipped in pipeline_config/chat_templates/."""
+    shipped = SHIPPED_TEMPLATES / f"{setting}.jinja"
+    template = shipped if "/" not in setting and shipped.is_file() else Path(setting)
+    if not template.is_file():
+        names = ", ".join(sorted(p.stem for p in SHIPPED_TEMPLATES.glob("*.jinja")))
+        raise DataError(f"{setting}: chat template not found (data.chat_template: a .jinja file, or one of the "
+                        f"shipped templates: {names})")
+    return template
 
 
 def load_tokenizer(cfg: PipelineConfig):
@@ -86,9 +97,11 @@ def load_tokenizer(cfg: PipelineConfig):
     except Exception as error:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
         raise DataError(f"{folder}: cannot load tokenizer ({' '.join(str(error).split())[:200]})") from error
     if cfg.data.chat_template:
-        tokenizer.chat_template = Path(cfg.data.chat_template).read_text(encoding="utf-8")
+        tokenizer.chat_template = chat_template_file(cfg.data.chat_template).read_text(encoding="utf-8")
     if not tokenizer.chat_template:
-        raise DataError(f"{folder}: the tokenizer has no chat template; set data.chat_template to a .jinja file")
+        names = ", ".join(sorted(p.stem for p in SHIPPED_TEMPLATES.glob("*.jinja")))
+        raise DataError(f"{folder}: the tokenizer has no chat template (a base checkpoint); set data.chat_template "
+                        f"to a .jinja file or to a shipped template ({names})")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})  # the model's embeddings must grow to match
     return tokenizer

@@ -328,3 +328,34 @@ def test_the_validate_artifact_is_the_same_bytes_in_every_process(tiny_config, t
         assert (out / "data_docs" / "train.html").stat().st_size > 0
         digests.append(done.stdout.split()[-1])
     assert digests[0] == digests[1]
+
+
+def test_a_base_checkpoint_without_a_chat_template_needs_one_and_gets_the_shipped_chatml(tmp_path, tiny_model, capsys):
+    """A tokenizer with no chat template (a base checkpoint) is refused naming data.chat_template and the shipped
+    templates; `data.chat_template: chatml` renders ChatML whose assistant turns end with the tokenizer's eos,
+    and the validate artifact's tokenizer carries it on to training and the release."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert not AutoTokenizer.from_pretrained(base).chat_template
+
+    rows = jsonl(tmp_path / "rows.jsonl", alpaca())
+    config = write_config(tmp_path / "cfg.yaml", data={"train_path": str(rows), "eval_fraction": 0.25},
+                          model={"base": str(base)}, publish={"repo": "r"}, artifacts={"root": str(tmp_path / "a")})
+    code, _, err = run_cli(capsys, "--config", str(config))
+    assert code == 1 and "has no chat template (a base checkpoint); set data.chat_template" in err and "chatml" in err
+
+    out = tmp_path / "validated"
+    out.mkdir()
+    validate.validate_dataset(load_config(config, ["data.chat_template=chatml"]), out)
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+                                         tokenize=False)
+    assert text == f"<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>{tokenizer.eos_token}\n"
+    code, _, err = run_cli(capsys, "--config", str(config), "--set", "data.chat_template=no-such-template")
+    assert code == 1 and "no-such-template: chat template not found" in err and "chatml" in err

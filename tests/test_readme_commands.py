@@ -68,6 +68,22 @@ def test_validate_with_format_passes_a_good_file_and_names_the_rows_of_a_bad_one
     assert "| 5:" in failed.stdout or " 5," in failed.stdout or "line 5" in failed.stdout, failed.stdout
 
 
+def test_validate_data_as_the_quick_start_shows(tmp_path, assets):
+    """`.venv/bin/qlora-pipeline validate --data my_rows.jsonl`: exit 0 on good rows (the report on stdout), 1 on
+    bad ones with a one-line error naming the rule; the format is detected."""
+    good = qlora_pipeline("validate", "--data", str(assets["data"] / "train.jsonl"), env=readme_env(tmp_path))
+    assert good.returncode == 0 and "PASS" in good.stdout.upper(), good.stdout[-2000:] + good.stderr[-2000:]
+    rows = (assets["data"] / "train.jsonl").read_text().splitlines()
+    broken = json.loads(rows[2])
+    broken["output"] = ""
+    rows[2] = json.dumps(broken)
+    bad = tmp_path / "my_rows.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    failed = qlora_pipeline("validate", "--data", str(bad), env=readme_env(tmp_path))
+    assert failed.returncode == 1 and "output-length-1-to-4000" in failed.stderr, failed.stderr
+    assert "| 3:" in failed.stdout
+
+
 def test_validate_keeps_a_contract_the_command_names(tmp_path, assets):
     """--format picks that format's contract unless the same command names one: alpaca's, here, which a
     prompt-completion file cannot pass."""
