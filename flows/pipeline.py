@@ -10,6 +10,7 @@ from pipeline_config import load_config
 from tasks.approval import await_approval
 from tasks.artifacts import ArtifactStore
 from tasks.base_model import fetch_base_model_task, with_base_folder
+from tasks.hub_dataset import fetch_dataset_task, fetched_file, with_data_files
 from tasks.evaluate import (
     evaluate_published_task,
     evaluate_quantized_task,
@@ -35,7 +36,7 @@ class PipelineResult(BaseModel):
 # would all become run logs; stages log what matters through the run logger.
 @flow(name="qlora-pipeline")
 def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None) -> PipelineResult:
-    """Preflight -> [fetch base model] -> validate -> train -> evaluate -> gate -> merge -> gate -> quantize -> evaluate quantized
+    """Preflight -> [fetch base model, datasets] -> validate -> train -> evaluate -> gate -> merge -> gate -> quantize -> evaluate quantized
     (+ the published release, re-scored) -> gate -> [human approval] -> publish.
 
     config: path of a pipeline YAML (the embedded default when empty); overrides: `section.key=value`.
@@ -47,6 +48,10 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
         fetched = fetch_base_model_task(cfg, checked["base_model"]) if checked["base_model"] else None
         if fetched:  # model.base named a Hub id: every later stage reads the downloaded folder
             cfg = with_base_folder(cfg, ArtifactStore(cfg.artifacts.root).local_path(fetched.ref))
+        fetched_data = {key: fetch_dataset_task(cfg, key, source) for key, source in checked["datasets"].items()}
+        if fetched_data:  # Hub data paths: validate reads the downloaded files
+            cfg = with_data_files(cfg, {key: fetched_file(cfg, result, checked["datasets"][key])
+                                        for key, result in fetched_data.items()})
 
         data = validate_task(cfg)
         adapter = train_task(cfg, data)
@@ -65,7 +70,7 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
             "gate_quantized": quantized_gate,
         }, review)
 
-    stages = [*([fetched] if fetched else []), data, adapter, evaluation, finetune_gate, merged, merge_gate, quantized, quantized_evaluation,
+    stages = [*([fetched] if fetched else []), *fetched_data.values(), data, adapter, evaluation, finetune_gate, merged, merge_gate, quantized, quantized_evaluation,
               *([published_evaluation] if published_evaluation else []), quantized_gate]
     summarize(stages, release)
     return PipelineResult(release=release, stages=stages)

@@ -39,6 +39,7 @@ from pipeline_config import PipelineConfig
 from tasks import artifacts, hub
 from tasks.artifacts import ArtifactRef, ArtifactStore
 from tasks.base_model import base_model_name, source_of
+from tasks.hub_dataset import source_of_file
 from tasks.datasource import data_source_fingerprint
 from tasks.gate import GateDecision, decisions_markdown
 from tasks.stage import StageResult, run_stage
@@ -136,6 +137,8 @@ def dataset_id(cfg: PipelineConfig) -> str:
     else the name of the folder the training file is in (a file name says nothing about the data)."""
     if cfg.data.name:
         return cfg.data.name
+    if fetched := source_of_file(cfg.data.train_path):
+        return fetched["id"]
     path = Path(cfg.data.train_path.split("#", 1)[0])
     return str(path) if not path.exists() else (path.name if path.is_dir() else path.resolve().parent.name)
 
@@ -261,6 +264,8 @@ def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, Sta
             "data_source_fingerprint": data_source_fingerprint(cfg),  # raw train/eval files (flows/sensor.py)
             "datasets": [[split, path, data_files.get(f"{split}.jsonl", {"sha256": None})]
                          for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path))],
+            "dataset_sources": {split: source_of_file(path) for split, path in
+                                (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)) if source_of_file(path)},
             "flow_run_id": str(runtime.flow_run.id or "local"),
             "pipeline_version": package_version("qlora-pipeline"),
             "git_commit": git_commit(),
@@ -359,13 +364,16 @@ def publish_release(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, 
 def preflight_task(cfg: PipelineConfig) -> dict | None:
     """Fail the run before any training when the base model cannot be had (unsupported family; a Hub id that
     does not resolve with the token) or the publish target cannot be reached (token, visibility).
-    Returns {"publish": hub.preflight's result, "base_model": the resolved Hub source or None for a folder}."""
+    Returns {"publish": hub.preflight's result, "base_model": the resolved Hub source or None for a folder,
+    "datasets": the resolved Hub source of each Hub data path}."""
     from tasks import base_model, modeling
+
+    from tasks import hub_dataset
 
     source = base_model.resolve_revision(cfg)
     if source is None:
         modeling.check_supported_family(cfg.model.base, desc_act=cfg.quantize.desc_act)
-    return {"publish": hub.preflight(cfg), "base_model": source}
+    return {"publish": hub.preflight(cfg), "base_model": source, "datasets": hub_dataset.resolve_revisions(cfg)}
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5)

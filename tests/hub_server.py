@@ -17,6 +17,7 @@ pipeline publishes, with the request/response shapes that client parses:
     DELETE /api/models/{ns}/{name}/tag/{tag}                delete a tag
     GET    /api/models/{ns}/{name}/tree/{rev}[/{path}]      tree listing (recursive or not)
     GET    /{ns}/{name}/resolve/{rev}/{path}  (and HEAD)    file content with X-Repo-Commit / ETag headers
+    ...    /api/datasets/{ns}/{name}/..., /datasets/{ns}/{name}/resolve/...   the same for dataset repos
 
 Auth follows the Hub: a Bearer token that is not known gets 401 with X-Error-Message "Invalid
 credentials in Authorization header" on every endpoint; a private repo without a token (or with a
@@ -172,7 +173,7 @@ class HubState:
         if problem:
             return None, problem
         ns, name = request.path_params["ns"], request.path_params["name"]
-        repo = self.repos.get(f"{ns}/{name}")
+        repo = self.repos.get(repo_key(request.url.path, f"{ns}/{name}"))
         if repo is None or (repo.private and not self.member(who, ns)):
             status = 401 if who is None else 404
             return None, error(status, "Repository not found", "RepoNotFound")
@@ -204,6 +205,12 @@ class HubState:
         return self.lfs_dir / oid
 
 
+def repo_key(path: str, repo_id: str) -> str:
+    """Model repos by their id, dataset repos under datasets/ (the Hub keeps the two kinds apart; only
+    small, regular files are served for datasets: no LFS routes)."""
+    return f"datasets/{repo_id}" if path.startswith(("/api/datasets/", "/datasets/")) else repo_id
+
+
 def build_app(state: HubState) -> Starlette:
     def base_url(request: Request) -> str:
         return str(request.base_url).rstrip("/")
@@ -231,14 +238,15 @@ def build_app(state: HubState) -> Starlette:
         if not state.member(who, namespace) or who["role"] != "write":
             return error(403, f"You don't have the rights to create a model under the namespace \"{namespace}\"")
         repo_id = f"{namespace}/{body['name']}"
+        key = f"datasets/{repo_id}" if body.get("type") == "dataset" else repo_id
         with state.lock:
-            if repo_id in state.repos:
+            if key in state.repos:
                 return error(409, "You already created this model repo")
             repo = Repo(repo_id=repo_id, private=body.get("visibility", "public") == "private")
             initial = state.new_commit(repo, None, "initial commit",
                                        {".gitattributes": Entry(size=len(GITATTRIBUTES), content=GITATTRIBUTES)})
             repo.branches["main"] = initial.oid
-            state.repos[repo_id] = repo
+            state.repos[key] = repo
         return JSONResponse({"url": f"{base_url(request)}/{repo_id}", "name": repo_id, "id": repo_id})
 
     def card_metadata_errors(content: str) -> list[dict]:
@@ -498,19 +506,24 @@ def build_app(state: HubState) -> Starlette:
         body = entry.content if entry.content is not None else state.lfs_path(entry.lfs_oid).read_bytes()
         return Response(body, status_code=200, headers=headers, media_type="application/octet-stream")
 
-    repo_prefix = "/api/models/{ns}/{name}"
     routes = [
         Route("/api/whoami-v2", whoami, methods=["GET"]),
         Route("/api/repos/create", create_repo, methods=["POST"]),
         Route("/api/validate-yaml", validate_yaml, methods=["POST"]),
-        Route(repo_prefix, repo_info, methods=["GET"]),
-        Route(repo_prefix + "/revision/{rev}", repo_info, methods=["GET"]),
-        Route(repo_prefix + "/preupload/{rev}", preupload, methods=["POST"]),
-        Route(repo_prefix + "/commit/{rev}", commit, methods=["POST"]),
-        Route(repo_prefix + "/refs", refs, methods=["GET"]),
-        Route(repo_prefix + "/tag/{rev}", tag, methods=["POST", "DELETE"]),
-        Route(repo_prefix + "/tree/{rev}", tree, methods=["GET"]),
-        Route(repo_prefix + "/tree/{rev}/{path:path}", tree, methods=["GET"]),
+    ]
+    for repo_prefix in ("/api/models/{ns}/{name}", "/api/datasets/{ns}/{name}"):
+        routes += [
+            Route(repo_prefix, repo_info, methods=["GET"]),
+            Route(repo_prefix + "/revision/{rev}", repo_info, methods=["GET"]),
+            Route(repo_prefix + "/preupload/{rev}", preupload, methods=["POST"]),
+            Route(repo_prefix + "/commit/{rev}", commit, methods=["POST"]),
+            Route(repo_prefix + "/refs", refs, methods=["GET"]),
+            Route(repo_prefix + "/tag/{rev}", tag, methods=["POST", "DELETE"]),
+            Route(repo_prefix + "/tree/{rev}", tree, methods=["GET"]),
+            Route(repo_prefix + "/tree/{rev}/{path:path}", tree, methods=["GET"]),
+        ]
+    routes += [
+        Route("/datasets/{ns}/{name}/resolve/{rev}/{path:path}", resolve_file, methods=["GET", "HEAD"]),
         Route("/{ns}/{name}.git/info/lfs/objects/batch", lfs_batch, methods=["POST"]),
         Route("/_lfs/{ns}/{name}/upload/{oid}", lfs_upload, methods=["PUT"]),
         Route("/_lfs/{ns}/{name}/verify/{oid}", lfs_verify, methods=["POST"]),

@@ -110,3 +110,34 @@ def test_a_wrong_or_missing_token_fails_at_preflight_naming_the_repo(hub_base, t
                            return_state=True)
     assert state.is_failed() and "has no revision 'no-such-branch'" in state.message
     assert not (tmp_path / "artifacts" / "index").exists()  # nothing ran after preflight
+
+
+@pytest.mark.slow
+def test_train_and_eval_data_from_a_private_hub_dataset(hub_base, tiny_config, tmp_path, monkeypatch, assets):
+    """data.train_path / data.eval_path as ORG/NAME@REVISION:FILE: fetched at the resolved commit, cached by it,
+    named in the card (datasets: the repo id) and its lineage (the commit); a file that is not there fails at
+    preflight."""
+    from huggingface_hub import ModelCard
+
+    server, api = hub_base
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    api.create_repo("acme/chats", repo_type="dataset", private=True)
+    api.upload_folder(folder_path=str(assets["data"]), repo_id="acme/chats", repo_type="dataset",
+                      allow_patterns=["*.jsonl"], commit_message="chatterbot rows")
+    commit = api.dataset_info("acme/chats").sha
+    hub_set = ["data.train_path=acme/chats@main:train.jsonl", "data.eval_path=acme/chats@main:eval*.jsonl",
+               f"publish.endpoint={server.url}"]
+
+    first = qlora_pipeline(config=str(tiny_config), overrides=hub_set)
+    fetched = [s for s in first.stages if s.stage == "fetch-dataset"]
+    assert len(fetched) == 2 and not any(s.cache_hit for s in fetched) and first.release.created
+    card = ModelCard.load(Path(first.release.path) / "README.md")
+    assert card.data.datasets == ["acme/chats"] and commit in card.text and "eval.jsonl" in card.text
+
+    again = qlora_pipeline(config=str(tiny_config), overrides=hub_set)
+    assert all(s.cache_hit for s in again.stages) and not again.release.created
+
+    state = qlora_pipeline(config=str(tiny_config), overrides=[*hub_set, "data.eval_path=acme/chats:test.jsonl"],
+                           return_state=True)
+    assert state.is_failed() and "data.eval_path acme/chats@main" in state.message
+    assert "'test.jsonl' matches 0 files" in state.message
