@@ -141,3 +141,20 @@ def test_train_and_eval_data_from_a_private_hub_dataset(hub_base, tiny_config, t
                            return_state=True)
     assert state.is_failed() and "data.eval_path acme/chats@main" in state.message
     assert "'test.jsonl' matches 0 files" in state.message
+
+
+def test_custom_code_is_refused_unless_the_config_allows_it(tmp_path, tiny_model):
+    from pipeline_config import validate_config
+    from tasks import base_model
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}))
+    raw = {"data": {"train_path": "t.jsonl"}, "model": {"base": "acme/custom"}, "publish": {"repo": "r"}}
+    with pytest.raises(hub.HubError, match=r"asks for custom code .*model.trust_remote_code: true"):
+        base_model.refuse_remote_code(validate_config(raw), folder)
+    raw["model"]["trust_remote_code"] = True
+    base_model.refuse_remote_code(validate_config(raw), folder)  # allowed: no error
+    assert base_model.hub_model_id("acme/custom@v2") == ("acme/custom", "v2")
+    assert base_model.hub_model_id(str(tiny_model)) is None  # a folder is a folder
