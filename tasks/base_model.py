@@ -70,6 +70,28 @@ def download_token(cfg: PipelineConfig) -> str | None:
         return None
 
 
+def read_repo(cfg: PipelineConfig, key: str, repo_id: str, revision: str, repo_type: str):
+    """(repo info at revision, client, token, how errors name it) for the config key naming a Hub repo, or a
+    HubError naming the key, the repo and what is wrong: token rejected, not found or not readable, gated, no
+    such revision. The token is the publishing one when set, else none (public repos)."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    token = download_token(cfg)
+    api = hub.make_api(cfg, token)
+    where = f"{key} {repo_id}@{revision} at {api.endpoint}"
+    with_token = f"the token in {hub.token_source(cfg)}" if token else "no token (HF_TOKEN unset)"
+    problem = {RepositoryNotFoundError: f"{'dataset ' if repo_type == 'dataset' else ''}not found, or not readable "
+                                        f"with {with_token}",
+               GatedRepoError: "is gated: accept its terms on the Hub with the token's user",
+               RevisionNotFoundError: f"has no revision {revision!r}", 401: "token rejected (401 Unauthorized)"}
+    read = api.dataset_info if repo_type == "dataset" else api.model_info
+    info = hub.call(where, token, read, repo_id, revision=revision, token=token,
+                    on={kind: ("problem", text) for kind, text in problem.items()})
+    if isinstance(info, tuple):
+        raise hub.HubError(f"{where}: {info[1]}")
+    return info, api, token, where
+
+
 def resolve_revision(cfg: PipelineConfig) -> dict | None:
     """Preflight: {"id", "revision", "commit"} for a Hub id model.base (None for a folder), or a HubError
     naming the repo and what is wrong (token rejected, no access, no such revision, no safetensors)."""
@@ -78,23 +100,12 @@ def resolve_revision(cfg: PipelineConfig) -> dict | None:
         return None
     repo_id, revision = named
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     if constants.HF_HUB_OFFLINE:  # the user asked for no network: the local cache must hold the revision
         folder = hub.call(f"model.base {repo_id}@{revision} from the local Hugging Face cache (HF_HUB_OFFLINE)", None,
                           snapshot_download, repo_id, revision=revision, local_files_only=True)
         return {"id": repo_id, "revision": revision, "commit": Path(folder).name}
-    token = download_token(cfg)
-    api = hub.make_api(cfg, token)
-    where = f"model.base {repo_id}@{revision} at {api.endpoint}"
-    with_token = f"the token in {hub.token_source(cfg)}" if token else "no token (HF_TOKEN unset)"
-    problem = {RepositoryNotFoundError: f"not found, or not readable with {with_token}",
-               GatedRepoError: "is gated: accept its terms on the Hub with the token's user",
-               RevisionNotFoundError: f"has no revision {revision!r}", 401: "token rejected (401 Unauthorized)"}
-    info = hub.call(where, token, api.model_info, repo_id, revision=revision, token=token,
-                    on={key: ("problem", text) for key, text in problem.items()})
-    if isinstance(info, tuple):
-        raise hub.HubError(f"{where}: {info[1]}")
+    info, api, token, where = read_repo(cfg, "model.base", repo_id, revision, "model")
     files = [s.rfilename for s in info.siblings or []]
     if not any(name.endswith(".safetensors") for name in files):
         raise hub.HubError(f"{where}: no .safetensors weights (only safetensors are loaded: a pickled checkpoint "

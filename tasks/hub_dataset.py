@@ -22,7 +22,7 @@ from prefect import task
 from pipeline_config import PipelineConfig
 from tasks import artifacts, hub, stage
 from tasks.artifacts import ArtifactStore
-from tasks.base_model import SOURCE_FILE, download_token
+from tasks.base_model import SOURCE_FILE, download_token, read_repo
 from tasks.stage import StageResult
 
 HUB_DATA = re.compile(r"^([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?:(.+)$")
@@ -45,18 +45,7 @@ def resolve_revisions(cfg: PipelineConfig) -> dict[str, dict]:
         if spec is None:
             continue
         repo_id, revision, pattern = spec
-        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-        token = download_token(cfg)
-        api = hub.make_api(cfg, token)
-        where = f"data.{key} {repo_id}@{revision} at {api.endpoint}"
-        with_token = f"the token in {hub.token_source(cfg)}" if token else "no token (HF_TOKEN unset)"
-        problem = {RepositoryNotFoundError: f"dataset not found, or not readable with {with_token}",
-                   RevisionNotFoundError: f"has no revision {revision!r}", 401: "token rejected (401 Unauthorized)"}
-        info = hub.call(where, token, api.dataset_info, repo_id, revision=revision, token=token,
-                        on={kind: ("problem", text) for kind, text in problem.items()})
-        if isinstance(info, tuple):
-            raise hub.HubError(f"{where}: {info[1]}")
+        info, _, _, where = read_repo(cfg, f"data.{key}", repo_id, revision, "dataset")
         matches = sorted(name for name in (s.rfilename for s in info.siblings or []) if fnmatch.fnmatch(name, pattern))
         if len(matches) != 1:
             raise hub.HubError(f"{where}: {pattern!r} matches {len(matches)} files ({', '.join(matches[:5]) or 'none'}); "
