@@ -36,8 +36,8 @@ class PipelineResult(BaseModel):
 # would all become run logs; stages log what matters through the run logger.
 @flow(name="qlora-pipeline")
 def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None) -> PipelineResult:
-    """Preflight -> [fetch base model, datasets] -> validate -> train -> evaluate -> gate -> merge -> gate -> quantize -> evaluate quantized
-    (+ the published release, re-scored) -> gate -> [human approval] -> publish.
+    """Preflight -> [fetch base model, datasets] -> validate -> train -> evaluate -> gate -> merge -> gate
+    -> quantize -> evaluate quantized (+ the published release, re-scored) -> gate -> [human approval] -> publish.
 
     config: path of a pipeline YAML (the embedded default when empty); overrides: `section.key=value`.
     """
@@ -66,11 +66,12 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
         review = await_approval(cfg.approval.timeout_s) if cfg.approval.required else None
         release = publish_task(cfg, {
             "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,
-            "merged": merged, "gate_merge": merge_gate, "gptq": quantized, "quantized_evaluation": quantized_evaluation,
-            "gate_quantized": quantized_gate,
+            "merged": merged, "gate_merge": merge_gate, "gptq": quantized,
+            "quantized_evaluation": quantized_evaluation, "gate_quantized": quantized_gate,
         }, review)
 
-    stages = [*([fetched] if fetched else []), *fetched_data.values(), data, adapter, evaluation, finetune_gate, merged, merge_gate, quantized, quantized_evaluation,
+    stages = [*([fetched] if fetched else []), *fetched_data.values(), data, adapter, evaluation, finetune_gate,
+              merged, merge_gate, quantized, quantized_evaluation,
               *([published_evaluation] if published_evaluation else []), quantized_gate]
     summarize(stages, release)
     return PipelineResult(release=release, stages=stages)

@@ -55,9 +55,10 @@ def base_model_name(cfg: PipelineConfig) -> str:
     """The card's base_model: model.name, else the Hub id model.base was fetched from, else its folder's name."""
     if cfg.model.name:
         return cfg.model.name
-    source = source_of(cfg.model.base) or ({"id": hub_model_id(cfg.model.base)[0]} if hub_model_id(cfg.model.base)
-                                           else None)
-    return source["id"] if source else Path(cfg.model.base).resolve().name
+    if source := source_of(cfg.model.base):
+        return source["id"]
+    named = hub_model_id(cfg.model.base)  # before the fetch (the `publish --release` command)
+    return named[0] if named else Path(cfg.model.base).resolve().name
 
 
 def download_token(cfg: PipelineConfig) -> str | None:
@@ -101,10 +102,14 @@ def resolve_revision(cfg: PipelineConfig) -> dict | None:
     repo_id, revision = named
     from huggingface_hub import constants, snapshot_download
 
+    from huggingface_hub import constants, snapshot_download
+
+    shown_as = f"{repo_id}@{revision}"
     if constants.HF_HUB_OFFLINE:  # the user asked for no network: the local cache must hold the revision
-        folder = hub.call(f"model.base {repo_id}@{revision} from the local Hugging Face cache (HF_HUB_OFFLINE)", None,
-                          snapshot_download, repo_id, revision=revision, local_files_only=True)
-        return {"id": repo_id, "revision": revision, "commit": Path(folder).name}
+        folder = Path(hub.call(f"model.base {shown_as} from the local Hugging Face cache (HF_HUB_OFFLINE)", None,
+                               snapshot_download, repo_id, revision=revision, local_files_only=True))
+        check_config(cfg, folder, shown_as)
+        return {"id": repo_id, "revision": revision, "commit": folder.name}
     info, api, token, where = read_repo(cfg, "model.base", repo_id, revision, "model")
     files = [s.rfilename for s in info.siblings or []]
     if not any(name.endswith(".safetensors") for name in files):
@@ -114,24 +119,34 @@ def resolve_revision(cfg: PipelineConfig) -> dict | None:
     with tempfile.TemporaryDirectory(prefix="qlora-base-config-") as tmp:  # not into the user's HF cache
         hub.call(f"{where}: config.json", token, api.hf_hub_download, repo_id, "config.json", revision=info.sha,
                  token=token, local_dir=tmp)
-        refuse_remote_code(cfg, Path(tmp))
-        modeling.check_supported_family(tmp, shown_as=f"{repo_id}@{revision}", desc_act=cfg.quantize.desc_act)
+        check_config(cfg, Path(tmp), shown_as)
     return {"id": repo_id, "revision": revision, "commit": info.sha}
 
 
-def download(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
-    from huggingface_hub import constants, snapshot_download
+def check_config(cfg: PipelineConfig, folder: Path, shown_as: str) -> None:
+    """Preflight's checks on the base model's config.json: no custom code unless allowed, a supported family."""
+    refuse_remote_code(cfg, folder)
+    modeling.check_supported_family(folder, shown_as=shown_as, desc_act=cfg.quantize.desc_act)
 
-    token = None if constants.HF_HUB_OFFLINE else download_token(cfg)
-    hub.call(f"download of model.base {source['id']}@{source['commit'][:12]}", token, snapshot_download,
+
+def download(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
+    """The resolved commit's files (preflight has checked its config.json) into out_dir, with SOURCE_FILE."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    token = None if offline else download_token(cfg)
+    api = hub.make_api(cfg, token)
+    hub.call(f"download of model.base {source['id']}@{source['commit'][:12]}", token, api.snapshot_download,
              source["id"], revision=source["commit"], allow_patterns=DOWNLOAD_PATTERNS, local_dir=out_dir,
-             token=token, endpoint=cfg.publish.endpoint.rstrip("/") if cfg.publish.endpoint else None,
-             local_files_only=constants.HF_HUB_OFFLINE)
-    shutil.rmtree(out_dir / ".cache", ignore_errors=True)  # the client's download bookkeeping, not the model
-    refuse_remote_code(cfg, out_dir)
-    modeling.check_supported_family(out_dir, shown_as=f"{source['id']}@{source['revision']}",
-                                    desc_act=cfg.quantize.desc_act)
-    (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+             token=token, local_files_only=offline)
+    seal_download(out_dir, source)
+
+
+def seal_download(folder: Path, source: dict, beside: Path | None = None) -> None:
+    """Drop the client's download bookkeeping in folder (not part of the model or data) and record where the
+    files came from in SOURCE_FILE, in `beside` (default: folder), where source_of looks."""
+    shutil.rmtree(folder / ".cache", ignore_errors=True)
+    ((beside or folder) / SOURCE_FILE).write_text(json.dumps(source, indent=1))
 
 
 def refuse_remote_code(cfg: PipelineConfig, folder: Path) -> None:

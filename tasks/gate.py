@@ -125,8 +125,8 @@ def decisions_markdown(name: str, decisions: list[GateDecision]) -> str:
         if d.skipped:
             lines.append(f"| {d.gate} | {d.metric} | | | | skipped: {d.skipped} |")
             continue
-        lines.append(f"| {d.gate} | {d.metric} | {number(d.value)} | {d.comparison} {number(d.threshold)} | {baseline} | "
-                     f"{'pass' if d.passed else '**FAIL**'} |")
+        lines.append(f"| {d.gate} | {d.metric} | {number(d.value)} | {d.comparison} {number(d.threshold)} | "
+                     f"{baseline} | {'pass' if d.passed else '**FAIL**'} |")
     return "\n".join(lines) + "\n"
 
 

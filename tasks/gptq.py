@@ -196,13 +196,14 @@ def fuse_split_projections(model_dir: Path, out_dir: Path) -> list[str]:
     for index in Path(model_dir).glob("*.safetensors.index.json"):
         names |= set(json.loads(index.read_text())["weight_map"])
     fused_modules = {name[: -len(".gate_up_proj.weight")] for name in names if name.endswith(".gate_up_proj.weight")}
+    if not fused_modules:
+        return []  # every other family: the checkpoint is left as gptqmodel saved it, unread
     done = []
     for shard in sorted(Path(out_dir).glob("*.safetensors")):
         tensors = safetensors.torch.load_file(shard)
-        for prefix in sorted(fused_modules):
+        in_shard = [prefix for prefix in sorted(fused_modules) if f"{prefix}.gate_proj.qweight" in tensors]
+        for prefix in in_shard:
             gate, up = f"{prefix}.gate_proj", f"{prefix}.up_proj"
-            if f"{gate}.qweight" not in tensors:
-                continue
             if not torch.equal(tensors[f"{gate}.g_idx"], tensors[f"{up}.g_idx"]):
                 raise ValueError(f"{prefix}: gate_proj and up_proj were quantized with different column orders "
                                  "(act-order); they cannot be fused into gate_up_proj (set quantize.desc_act: false)")
@@ -210,9 +211,9 @@ def fuse_split_projections(model_dir: Path, out_dir: Path) -> list[str]:
                 if f"{gate}.{part}" in tensors:
                     a, b = tensors.pop(f"{gate}.{part}"), tensors.pop(f"{up}.{part}")
                     tensors[f"{prefix}.gate_up_proj.{part}"] = a if part == "g_idx" else torch.cat([a, b], dim=-1)
-            done.append(prefix)
-        if done:
+        if in_shard:  # only the shards that changed are written again
             safetensors.torch.save_file(tensors, shard, metadata={"format": "pt"})
+            done += in_shard
     for index in Path(out_dir).glob("*.safetensors.index.json"):  # sharded: point the index at the new names
         data = json.loads(index.read_text())
         for prefix in done:

@@ -11,9 +11,7 @@ commit is in its input hash (through the fetched artifact) and in the model card
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from prefect import task
 from pipeline_config import PipelineConfig
 from tasks import artifacts, hub, stage
 from tasks.artifacts import ArtifactStore
-from tasks.base_model import SOURCE_FILE, download_token, read_repo
+from tasks.base_model import download_token, read_repo, seal_download, source_of
 from tasks.stage import StageResult
 
 HUB_DATA = re.compile(r"^([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?:(.+)$")
@@ -48,21 +46,20 @@ def resolve_revisions(cfg: PipelineConfig) -> dict[str, dict]:
         info, _, _, where = read_repo(cfg, f"data.{key}", repo_id, revision, "dataset")
         matches = sorted(name for name in (s.rfilename for s in info.siblings or []) if fnmatch.fnmatch(name, pattern))
         if len(matches) != 1:
-            raise hub.HubError(f"{where}: {pattern!r} matches {len(matches)} files ({', '.join(matches[:5]) or 'none'}); "
+            listed = ", ".join(matches[:5]) or "none"
+            raise hub.HubError(f"{where}: {pattern!r} matches {len(matches)} files ({listed}); "
                                "name exactly one file per split")
         sources[key] = {"id": repo_id, "revision": revision, "commit": info.sha, "file": matches[0]}
     return sources
 
 
 def download(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
-    from huggingface_hub import hf_hub_download
-
     token = download_token(cfg)
-    hub.call(f"download of {source['id']}@{source['commit'][:12]}:{source['file']}", token, hf_hub_download,
+    api = hub.make_api(cfg, token)
+    hub.call(f"download of {source['id']}@{source['commit'][:12]}:{source['file']}", token, api.hf_hub_download,
              source["id"], source["file"], repo_type="dataset", revision=source["commit"], local_dir=out_dir,
-             token=token, endpoint=cfg.publish.endpoint.rstrip("/") if cfg.publish.endpoint else None)
-    shutil.rmtree(out_dir / ".cache", ignore_errors=True)  # the client's download bookkeeping, not data
-    (out_dir / source["file"]).parent.joinpath(SOURCE_FILE).write_text(json.dumps(source, indent=1))
+             token=token)
+    seal_download(out_dir, source, beside=(out_dir / source["file"]).parent)  # where source_of_file looks
 
 
 def with_data_files(cfg: PipelineConfig, files: dict[str, Path]) -> PipelineConfig:
@@ -72,8 +69,7 @@ def with_data_files(cfg: PipelineConfig, files: dict[str, Path]) -> PipelineConf
 
 def source_of_file(path: str | None) -> dict | None:
     """The Hub source of a fetched data file, written beside it (None for a user's own file)."""
-    marker = Path(path).parent / SOURCE_FILE if path else None
-    return json.loads(marker.read_text()) if marker and marker.is_file() else None
+    return source_of(Path(path).parent) if path else None
 
 
 @task(name="fetch-dataset", task_run_name="fetch-dataset-{key}", retries=2, retry_delay_seconds=10)

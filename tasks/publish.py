@@ -38,10 +38,11 @@ from pydantic import BaseModel
 from pipeline_config import PipelineConfig
 from tasks import artifacts, hub
 from tasks.artifacts import ArtifactRef, ArtifactStore
-from tasks.base_model import base_model_name, source_of
-from tasks.hub_dataset import source_of_file
+from tasks.base_model import base_model_name, resolve_revision, source_of
+from tasks.hub_dataset import resolve_revisions, source_of_file
 from tasks.datasource import data_source_fingerprint
 from tasks.gate import GateDecision, decisions_markdown
+from tasks.modeling import check_supported_family
 from tasks.stage import StageResult, run_stage
 
 RELEASE_FILE = "release.json"
@@ -264,8 +265,9 @@ def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, Sta
             "data_source_fingerprint": data_source_fingerprint(cfg),  # raw train/eval files (flows/sensor.py)
             "datasets": [[split, path, data_files.get(f"{split}.jsonl", {"sha256": None})]
                          for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path))],
-            "dataset_sources": {split: source_of_file(path) for split, path in
-                                (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)) if source_of_file(path)},
+            "dataset_sources": {split: source for split, source in
+                                (("train", source_of_file(cfg.data.train_path)),
+                                 ("eval", source_of_file(cfg.data.eval_path))) if source},
             "flow_run_id": str(runtime.flow_run.id or "local"),
             "pipeline_version": package_version("qlora-pipeline"),
             "git_commit": git_commit(),
@@ -366,14 +368,10 @@ def preflight_task(cfg: PipelineConfig) -> dict | None:
     does not resolve with the token) or the publish target cannot be reached (token, visibility).
     Returns {"publish": hub.preflight's result, "base_model": the resolved Hub source or None for a folder,
     "datasets": the resolved Hub source of each Hub data path}."""
-    from tasks import base_model, modeling
-
-    from tasks import hub_dataset
-
-    source = base_model.resolve_revision(cfg)
-    if source is None:
-        modeling.check_supported_family(cfg.model.base, desc_act=cfg.quantize.desc_act)
-    return {"publish": hub.preflight(cfg), "base_model": source, "datasets": hub_dataset.resolve_revisions(cfg)}
+    source = resolve_revision(cfg)
+    if source is None:  # a folder
+        check_supported_family(cfg.model.base, desc_act=cfg.quantize.desc_act)
+    return {"publish": hub.preflight(cfg), "base_model": source, "datasets": resolve_revisions(cfg)}
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5)

@@ -80,10 +80,13 @@ def chat_template_file(setting: str) -> Path:
     shipped = SHIPPED_TEMPLATES / f"{setting}.jinja"
     template = shipped if "/" not in setting and shipped.is_file() else Path(setting)
     if not template.is_file():
-        names = ", ".join(sorted(p.stem for p in SHIPPED_TEMPLATES.glob("*.jinja")))
         raise DataError(f"{setting}: chat template not found (data.chat_template: a .jinja file, or one of the "
-                        f"shipped templates: {names})")
+                        f"shipped templates: {shipped_template_names()})")
     return template
+
+
+def shipped_template_names() -> str:
+    return ", ".join(sorted(p.stem for p in SHIPPED_TEMPLATES.glob("*.jinja")))
 
 
 def load_tokenizer(cfg: PipelineConfig):
@@ -99,9 +102,8 @@ def load_tokenizer(cfg: PipelineConfig):
     if cfg.data.chat_template:
         tokenizer.chat_template = chat_template_file(cfg.data.chat_template).read_text(encoding="utf-8")
     if not tokenizer.chat_template:
-        names = ", ".join(sorted(p.stem for p in SHIPPED_TEMPLATES.glob("*.jinja")))
         raise DataError(f"{folder}: the tokenizer has no chat template (a base checkpoint); set data.chat_template "
-                        f"to a .jinja file or to a shipped template ({names})")
+                        f"to a .jinja file or to a shipped template ({shipped_template_names()})")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})  # the model's embeddings must grow to match
     return tokenizer
