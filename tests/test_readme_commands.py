@@ -52,7 +52,8 @@ def test_validate_with_format_passes_a_good_file_and_names_the_rows_of_a_bad_one
     good = write_jsonl(tmp_path / "good.jsonl", ROWS[kind])
     passed = qlora_pipeline("validate", "--data", str(good), "--format", fmt, env=env)
     assert passed.returncode == 0, passed.stdout + passed.stderr
-    assert f"data_contracts/{fmt.replace('-', '_')}.json" in passed.stdout or "PASS" in passed.stdout
+    suite = fmt.replace("-", "_")  # the format's own contract, data_contracts/<format>.json
+    assert f"Data contract `{suite}`: PASSED" in passed.stdout, passed.stdout
 
     rows = json.loads(json.dumps(ROWS[kind]))
     if kind == "messages":
@@ -65,7 +66,7 @@ def test_validate_with_format_passes_a_good_file_and_names_the_rows_of_a_bad_one
     failed = qlora_pipeline("validate", "--data", str(bad), "--format", fmt, env=env)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert failed.stderr.startswith("error: data contract failed:") and "Traceback" not in failed.stderr
-    assert "| 5:" in failed.stdout or " 5," in failed.stdout or "line 5" in failed.stdout, failed.stdout
+    assert f"Data contract `{suite}`: FAILED" in failed.stdout and "| 5:" in failed.stdout, failed.stdout
 
 
 def test_validate_data_as_the_quick_start_shows(tmp_path, assets):
