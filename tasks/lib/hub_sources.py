@@ -161,15 +161,56 @@ def with_base_folder(cfg: PipelineConfig, folder: Path) -> PipelineConfig:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"base": str(folder)})})
 
 
-@task(name="fetch-base-model", retries=2, retry_delay_seconds=10)  # a download is worth retrying
-def fetch_base_model_task(cfg: PipelineConfig, source: dict) -> StageResult:
-    """source: preflight's resolved {"id", "revision", "commit"}."""
-    store = ArtifactStore(cfg.artifacts.root)
-    return stage.run_stage(
-        "fetch-base-model",
-        store,
-        code=artifacts.code_hash(sys.modules[__name__]),
-        config={"trust_remote_code": cfg.model.trust_remote_code},
-        inputs={"repo": source["id"], "commit": source["commit"]},  # not the revision: a moved branch re-fetches
-        build=lambda workdir, key: download(cfg, source, workdir),
-    )
+HUB_DATA = re.compile(r"^([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?:(.+)$")
+
+
+SPLITS = ("train_path", "eval_path")
+
+
+def hub_data_spec(path: str | None) -> tuple[str, str, str] | None:
+    """(repo id, revision, file glob) when a data path names a Hub dataset file, else None."""
+    if not path or Path(path).exists():
+        return None
+    match = HUB_DATA.fullmatch(path)
+    return (match.group(1), match.group(2) or "main", match.group(3)) if match else None
+
+
+def resolve_revisions(cfg: PipelineConfig) -> dict[str, dict]:
+    """Preflight: {"train_path" | "eval_path": {"id", "revision", "commit", "file"}} for the Hub data paths."""
+    sources = {}
+    for key in SPLITS:
+        spec = hub_data_spec(getattr(cfg.data, key))
+        if spec is None:
+            continue
+        repo_id, revision, pattern = spec
+        info, _, _, where = read_repo(cfg, f"data.{key}", repo_id, revision, "dataset")
+        matches = sorted(name for name in (s.rfilename for s in info.siblings or []) if fnmatch.fnmatch(name, pattern))
+        if len(matches) != 1:
+            listed = ", ".join(matches[:5]) or "none"
+            raise hub.HubError(f"{where}: {pattern!r} matches {len(matches)} files ({listed}); "
+                               "name exactly one file per split")
+        sources[key] = {"id": repo_id, "revision": revision, "commit": info.sha, "file": matches[0]}
+    return sources
+
+
+def download(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
+    token = download_token(cfg)
+    api = hub.make_api(cfg, token)
+    hub.call(f"download of {source['id']}@{source['commit'][:12]}:{source['file']}", token, api.hf_hub_download,
+             source["id"], source["file"], repo_type="dataset", revision=source["commit"], local_dir=out_dir,
+             token=token)
+    seal_download(out_dir, source, beside=(out_dir / source["file"]).parent)  # where source_of_file looks
+
+
+def with_data_files(cfg: PipelineConfig, files: dict[str, Path]) -> PipelineConfig:
+    """The config the stages after the fetch see: each Hub data path replaced by its downloaded file."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={k: str(v) for k, v in files.items()})})
+
+
+def source_of_file(path: str | None) -> dict | None:
+    """The Hub source of a fetched data file, written beside it (None for a user's own file)."""
+    return source_of(Path(path).parent) if path else None
+
+
+def fetched_file(cfg: PipelineConfig, fetched: StageResult, source: dict) -> Path:
+    return ArtifactStore(cfg.artifacts.root).local_path(fetched.ref) / source["file"]

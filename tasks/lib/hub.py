@@ -361,15 +361,3 @@ def publish_to_hub(cfg: PipelineConfig, bundle: Path, extras: dict[str, Path] | 
     return main
 
 
-def extra_card(cfg: PipelineConfig, name: str, repo_id: str, tag: str, record: dict) -> str:
-    what = {"adapter": "the LoRA adapter (peft) of", "merged": "the merged full-precision model of"}[name]
-    from tasks.base_model import base_model_name
-
-    header = {"base_model": base_model_name(cfg), "library_name": "peft" if name == "adapter" else "transformers",
-              "tags": ["qlora", "qlora-pipeline", name]}
-    import yaml
-
-    return (f"---\n{yaml.safe_dump(header, sort_keys=False).strip()}\n---\n\n# {repo_id}{EXTRA_SUFFIX[name]}\n\n"
-            f"This is {what} the release [{repo_id}@{tag}](../{repo_id}) (release hash "
-            f"`{record['release_hash']}`, data fingerprint `{record['data_fingerprint']}`); the model card, "
-            f"metrics, gates and lineage are there.\n")

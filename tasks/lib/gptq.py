@@ -226,39 +226,6 @@ def fuse_split_projections(model_dir: Path, out_dir: Path) -> list[str]:
     return done
 
 
-@torch.no_grad()
-def rtn_quantize_dequantize(model: nn.Module, bits: int = 4, group_size: int = 64, sym: bool = True) -> nn.Module:
-    """Round-to-nearest group-wise fake quantization, in place, of every nn.Linear in the decoder layers.
-
-    Uses the same quantization grid as GPTQ (per group of ``group_size`` input columns: symmetric uses a zero
-    point fixed at the middle of the unsigned range and scale = 2*max|w| / (2**bits - 1); asymmetric uses the
-    group's min/max), so the only difference from GPTQ is the absence of error-compensating weight updates.
-    lm_head and the embeddings are left in full precision, as GPTQ leaves them.
-    """
-    max_level = 2**bits - 1
-    for module in model.get_decoder().layers.modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        weight = module.weight
-        out_features, in_features = weight.shape
-        if in_features % group_size:
-            raise ValueError(f"in_features={in_features} is not divisible by group_size={group_size}")
-        groups = weight.float().reshape(out_features, in_features // group_size, group_size)
-
-        group_min = groups.amin(dim=-1, keepdim=True).clamp(max=0)
-        group_max = groups.amax(dim=-1, keepdim=True).clamp(min=0)
-        if sym:
-            group_max = torch.maximum(-group_min, group_max)
-            group_min = -group_max
-        scale = (group_max - group_min) / max_level
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # all-zero group: any scale works
-        zero = torch.full_like(scale, (max_level + 1) / 2) if sym else torch.round(-group_min / scale)
-
-        levels = torch.clamp(torch.round(groups / scale) + zero, 0, max_level)
-        weight.copy_(((levels - zero) * scale).reshape(out_features, in_features).to(weight.dtype))
-    return model
-
-
 def load_quantized(out_dir: Path, device: str = "cpu", backend: str | None = None, dtype: torch.dtype | None = None):
     """Load a GPTQ checkpoint written by ``gptq_quantize`` through ``AutoModelForCausalLM.from_pretrained``.
 

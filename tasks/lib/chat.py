@@ -38,63 +38,6 @@ class TemplateError(ValueError):
 # --------------------------------------------------------------------------- rows
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def row_messages(row: dict) -> list[dict]:
-    """The conversation of a normalized row: ``messages`` as given, prompt/completion and alpaca
-    rows as one user turn (instruction, blank line, input) and one assistant turn."""
-    if "messages" in row:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    if "prompt" in row and "completion" in row and "instruction" not in row:
-        return [{"role": "user", "content": str(row["prompt"]).strip()},
-                {"role": "assistant", "content": str(row["completion"]).strip()}]
-    text = row["instruction"].strip()
-    if (row.get("input") or "").strip():
-        text = f"{text}\n\n{row['input'].strip()}"
-    return [{"role": "user", "content": text}, {"role": "assistant", "content": row["output"].strip()}]
-
-
-def _last_assistant(messages: list[dict]) -> int:
-    for index in range(len(messages) - 1, -1, -1):
-        if messages[index]["role"] == "assistant":
-            return index
-    raise TemplateError("conversation has no assistant turn")
-
-
-def prompt_messages(row: dict) -> list[dict]:
-    """Every turn before the final assistant turn (what inference is given)."""
-    messages = row_messages(row)
-    return messages[: _last_assistant(messages)]
-
-
-def reference_answer(row: dict) -> str:
-    messages = row_messages(row)
-    return messages[_last_assistant(messages)]["content"]
-
-
-def chat_messages(row: dict) -> list[dict]:
-    return row_messages(row)
-
-
-def render_prompt(tokenizer, row: dict) -> str:
-    """The prompt text up to where the assistant's (final) answer starts."""
-    return tokenizer.apply_chat_template(prompt_messages(row), tokenize=False, add_generation_prompt=True)
-
-
-def render_chat(tokenizer, row: dict) -> str:
-    """The whole conversation, answers included (training and calibration text)."""
-    return tokenizer.apply_chat_template(row_messages(row), tokenize=False)
-
-
 # --------------------------------------------------------------------------- rendering
 
 
@@ -360,114 +303,64 @@ def tokenize_rows(tokenizer, rows: list[dict], max_len: int, responses_only: boo
 # --------------------------------------------------------------------------- packing
 
 
-@dataclass
-class Pack:
-    """Several examples laid end to end in one row; position ids restart at each example so that
-    attention stays inside each example (transformers builds the block-diagonal mask from them)."""
-
-    input_ids: list[int]
-    labels: list[int]
-    position_ids: list[int]
-
-
-def plan_packs(lengths: np.ndarray, token_budget: int, seed: int) -> list[list[int]]:
-    """Best-fit decreasing: examples (shuffled by seed, then stably sorted longest first) go into
-    the open pack with the least room that still fits them. A sorted list of the distinct free
-    capacities (at most token_budget entries) makes each placement a bisect: O(n log budget).
-    The packs come back shuffled by the same seed."""
-    lengths = np.asarray(lengths)
-    if len(lengths) and int(lengths.max()) > token_budget:
-        raise ValueError(f"an example of {int(lengths.max())} tokens exceeds the pack budget {token_budget}")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(lengths))
-    order = order[np.argsort(-lengths[order], kind="stable")]
-    packs: list[list[int]] = []
-    capacities: list[int] = []  # sorted distinct free capacities of open packs
-    by_capacity: dict[int, list[int]] = {}
-    for index, n in zip(order.tolist(), lengths[order].tolist()):
-        k = bisect_left(capacities, n)
-        if k < len(capacities):
-            free = capacities[k]
-            pack = by_capacity[free].pop()
-            if not by_capacity[free]:
-                del by_capacity[free]
-                capacities.pop(k)
-        else:
-            pack, free = len(packs), token_budget
-            packs.append([])
-        packs[pack].append(index)
-        left = free - n
-        if left > 0:
-            if left not in by_capacity:
-                by_capacity[left] = []
-                insort(capacities, left)
-            by_capacity[left].append(pack)
-    random.Random(seed).shuffle(packs)
-    return packs
-
-
-def packing_efficiency(lengths: np.ndarray, token_budget: int, seed: int) -> dict:
-    packs = plan_packs(lengths, token_budget, seed)
-    real = int(np.sum(lengths))
-    return {"packs": len(packs), "token_budget": token_budget, "real_tokens": real,
-            "efficiency": real / max(1, len(packs) * token_budget)}
-
-
-def _as_set(examples) -> TokenizedSet:
-    return examples if isinstance(examples, TokenizedSet) else TokenizedSet.from_examples(examples)
-
-
-def build_pack(examples: TokenizedSet, members: list[int]) -> Pack:
-    ids, labels, positions = [], [], []
-    for index in members:
-        lo, hi = int(examples.offsets[index]), int(examples.offsets[index + 1])
-        chunk = examples.ids[lo:hi]
-        ids += chunk.tolist()
-        example_labels = np.where(examples.trained[lo:hi], chunk, IGNORE_INDEX)
-        example_labels[:1] = IGNORE_INDEX  # the first token is never predicted from the previous example
-        labels += example_labels.tolist()
-        positions += range(hi - lo)
-    return Pack(ids, labels, positions)
-
-
-def pack_examples(examples, token_budget: int, seed: int) -> list[Pack]:
-    examples = _as_set(examples)
-    return [build_pack(examples, members) for members in plan_packs(examples.lengths, token_budget, seed)]
-
-
-def pack_stream(examples, token_budget: int, seed: int) -> Iterator[Pack]:
-    """Endless packs, epoch after epoch, each epoch packed and shuffled by (seed + epoch):
-    deterministic, so a resumed run can skip ahead to exactly where the interrupted one stopped."""
-    examples = _as_set(examples)
-    if len(examples) == 0:
-        raise ValueError("no training examples to pack")
-    epoch = 0
-    while True:
-        for members in plan_packs(examples.lengths, token_budget, seed + epoch):
-            yield build_pack(examples, members)
-        epoch += 1
-
-
 # --------------------------------------------------------------------------- the validate artifact
 
 
-def load_training_data(dataset_dir: Path, cfg):
-    """(tokenizer, examples, dropped) for train_adapter.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                   "chat_template.json")
 
-    A validate artifact holds the tokenizer it rendered with (chat template, pad token) and the
-    tokenized training examples; a plain folder with train.jsonl (e.g. the embedded data, as the
-    resume test passes) is tokenized here with the base model's tokenizer instead.
-    """
+
+def tokenizer_source(cfg: PipelineConfig) -> Path:
+    return Path(cfg.data.tokenizer or cfg.model.base)
+
+
+def tokenizer_hash(cfg: PipelineConfig) -> dict[str, str]:
+    """Hashes of the tokenizer files and of the chat-template override (not the model weights)."""
+    folder = tokenizer_source(cfg)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: tokenizer folder not found (data.tokenizer / model.base)")
+    files = sorted(p for p in folder.iterdir() if p.name in TOKENIZER_FILES or p.suffix == ".jinja")
+    if not files:
+        raise DataError(f"{folder}: no tokenizer files in the folder")
+    hashes = {"tokenizer": artifacts.sha256_json({p.name: artifacts.sha256_path(p) for p in files})}
+    if cfg.data.chat_template:
+        hashes["chat_template"] = artifacts.sha256_path(chat_template_file(cfg.data.chat_template))
+    return hashes
+
+
+SHIPPED_TEMPLATES = Path(__file__).resolve().parents[1] / "pipeline_config" / "chat_templates"
+
+
+def chat_template_file(setting: str) -> Path:
+    """data.chat_template: a .jinja file, or the name of one shipped in pipeline_config/chat_templates/."""
+    shipped = SHIPPED_TEMPLATES / f"{setting}.jinja"
+    template = shipped if "/" not in setting and shipped.is_file() else Path(setting)
+    if not template.is_file():
+        raise DataError(f"{setting}: chat template not found (data.chat_template: a .jinja file, or one of the "
+                        f"shipped templates: {shipped_template_names()})")
+    return template
+
+
+def shipped_template_names() -> str:
+    return ", ".join(sorted(p.stem for p in SHIPPED_TEMPLATES.glob("*.jinja")))
+
+
+def load_tokenizer(cfg: PipelineConfig):
+    """The tokenizer every stage renders with: data.tokenizer or model.base, the chat-template
+    override applied, and a pad token distinct from eos (added when the vocabulary has none)."""
     from tasks import modeling
 
-    dataset_dir = Path(dataset_dir)
-    tokens = dataset_dir / TOKENS_FILE
-    if tokens.is_file() and (dataset_dir / TOKENIZER_DIR).is_dir():
-        tokenizer = modeling.load_tokenizer(dataset_dir / TOKENIZER_DIR)
-        prep = json.loads((dataset_dir / "fingerprint.json").read_text())
-        return tokenizer, TokenizedSet.load(tokens), int(prep["stats"]["train"].get("dropped_over_length", 0))
-    tokenizer = modeling.load_tokenizer(cfg.model.base)
-    rows = read_jsonl(dataset_dir / "train.jsonl")
-    tokenized = tokenize_conversations(tokenizer, [row_messages(r) for r in rows], cfg.train.loss_on_responses_only)
-    keep = np.flatnonzero(tokenized.lengths <= cfg.data.max_seq_len)
-    return tokenizer, tokenized.select(keep), len(rows) - len(keep)
+    folder = tokenizer_source(cfg)
+    try:
+        tokenizer = modeling.load_tokenizer(folder)
+    except Exception as error:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
+        raise DataError(f"{folder}: cannot load tokenizer ({' '.join(str(error).split())[:200]})") from error
+    if cfg.data.chat_template:
+        tokenizer.chat_template = chat_template_file(cfg.data.chat_template).read_text(encoding="utf-8")
+    if not tokenizer.chat_template:
+        raise DataError(f"{folder}: the tokenizer has no chat template (a base checkpoint); set data.chat_template "
+                        f"to a .jinja file or to a shipped template ({shipped_template_names()})")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})  # the model's embeddings must grow to match
+    return tokenizer

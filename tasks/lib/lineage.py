@@ -1,0 +1,23 @@
+"""TODO"""
+
+from __future__ import annotations
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def data_source_fingerprint(cfg: PipelineConfig) -> str:
+    """sha256 over the content hashes of data.train_path and data.eval_path.
+
+    A path that is not a local file or folder (a dataset id `NAME#SPLIT`) enters by its name only: its
+    content is not observed, so a sensor cannot see it change (pin a revision in the id instead)."""
+    parts = {}
+    for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
+        parts[split] = None if path is None else (sha256_path(Path(path)) if Path(path).exists() else f"id:{path}")
+    return sha256_json(parts)

@@ -1,0 +1,282 @@
+"""TODO"""
+
+from __future__ import annotations
+
+
+ALPACA_COLUMNS = ("instruction", "input", "output")
+
+
+ROLE_ORDER = re.compile(r"^(?:system,)?user,assistant(?:,user,assistant)*$")
+
+
+SAMPLES = contracts.SAMPLE_ROW_LIMIT
+
+
+class DataContractFailed(Exception):
+    """The data broke an error-severity rule; the message is the report naming rules and rows."""
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+@dataclass
+class SplitCheck:
+    """One data file after loading, normalizing, tokenizing and the GX contract."""
+
+    path: str
+    fmt: str
+    report: ValidationReport
+    lines: list[int] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # normalized rows, one per renderable row
+    conversations: list[list[dict]] = field(default_factory=list)
+    tokenized: dataset.TokenizedSet | None = None
+    validation: object = None
+    keys: list[tuple[str, str, str]] = field(default_factory=list)  # see _keys, computed once
+
+
+def check_file(path: str, fmt: str, contract: str | None, tokenizer, renderer, responses_only: bool) -> SplitCheck:
+    frame = contracts.load_rows(Path(path), fmt)
+    if fmt == "auto":
+        fmt = contracts.detect_format(frame, path)
+    frame, conversations = contracts.normalize_rows(frame, fmt)
+    renderable = [i for i, turns in enumerate(conversations)
+                  if turns is not None and ROLE_ORDER.match(",".join(t["role"] for t in turns))]
+    try:
+        tokenized = dataset.tokenize_conversations(
+            tokenizer, [conversations[i] for i in renderable], responses_only, renderer)
+    except dataset.TemplateError as error:
+        raise DataError(f"chat template of {tokenizer.name_or_path}: {error}") from error
+    token_length = np.full(len(frame), np.nan)
+    token_length[renderable] = tokenized.lengths
+    frame["token_length"] = token_length
+    contract_path = Path(contract) if contract else contracts.default_contract(fmt)
+    report = contracts.validate_rows(frame, contract_path)
+    lines = frame[contracts.LINE_COLUMN].tolist()
+    unrenderable = sorted(set(range(len(frame))) - set(renderable))
+    report.add(_rule("rows-renderable", "error", unrenderable, [
+        SampleRow(line=lines[i], value=frame["turn_problems"].iat[i] or frame["roles"].iat[i])
+        for i in unrenderable[:SAMPLES]]))
+    records = frame.to_dict(orient="records")
+    check = SplitCheck(path=str(path), fmt=fmt, report=report, validation=report._validation)
+    check.lines = [lines[i] for i in renderable]
+    check.conversations = [conversations[i] for i in renderable]
+    check.rows = [_normalized_row(records[i], conversations[i], fmt) for i in renderable]
+    check.tokenized = tokenized
+    return check
+
+
+def _normalized_row(record: dict, turns: list[dict], fmt: str) -> dict:
+    if fmt == "alpaca":
+        return {column: str(record.get(column) or "") for column in ALPACA_COLUMNS}
+    # instruction/output: the final prompt and answer, for evaluation reports and exact match.
+    last_user = next(t["content"] for t in reversed(turns) if t["role"] == "user")
+    return {"messages": turns, "instruction": last_user, "output": turns[-1]["content"]}
+
+
+def _rule(name: str, severity: str, failing: list, samples: list[SampleRow], observed=None,
+          kind: str = "pipeline") -> RuleResult:
+    return RuleResult(rule=name, expectation_type=kind, column=None, severity=severity, success=not failing,
+                      unexpected_count=len(failing), observed_value=observed, sample_rows=samples)
+
+
+def _keys(turns: list[dict]) -> tuple[str, str, str]:
+    """(exact key, normalized key, normalized prompt key) of a conversation."""
+    exact = json.dumps(turns, ensure_ascii=False)
+    normalized = [f"{t['role']}:{normalize_text(t['content'])}" for t in turns]
+    return exact, "\x1f".join(normalized), "\x1f".join(normalized[:-1])
+
+
+def deduplicate(check: SplitCheck, max_rate: float) -> tuple[list[int], dict]:
+    """Positions of rows kept (first occurrence wins); exact and normalized duplicates counted apart."""
+    seen_exact, seen_norm, keep, samples = {}, {}, [], []
+    exact_dupes = norm_dupes = 0
+    check.keys = [_keys(turns) for turns in check.conversations]
+    for position, (exact, normalized, _) in enumerate(check.keys):
+        first = seen_exact.get(exact, seen_norm.get(normalized))
+        if first is None:
+            seen_exact[exact] = seen_norm[normalized] = position
+            keep.append(position)
+            continue
+        if exact in seen_exact:
+            exact_dupes += 1
+        else:
+            norm_dupes += 1
+        if len(samples) < SAMPLES:
+            samples.append(SampleRow(line=check.lines[position], value=f"duplicate of line {check.lines[first]}"))
+    removed = exact_dupes + norm_dupes
+    rate = removed / max(1, len(check.conversations))
+    failing = [None] * removed if rate > max_rate else []
+    result = _rule("duplicate-rate", "error", failing, samples,
+                   observed=f"{removed} duplicates ({rate:.1%}; allowed {max_rate:.1%})")
+    result.unexpected_count = removed
+    check.report.add(result)
+    return keep, {"exact_duplicates": exact_dupes, "normalized_duplicates": norm_dupes}
+
+
+def apply_length_policy(check: SplitCheck, keep: list[int], max_len: int, policy: str,
+                        tokens: bool = True) -> tuple[list[int], dict]:
+    lengths = check.tokenized.lengths
+    over = [p for p in keep if lengths[p] > max_len]
+    severity = "error" if policy == "fail" else "warning"
+    check.report.add(_rule(f"length-policy-{policy}", severity, over,
+                           [SampleRow(line=check.lines[p], value=f"{int(lengths[p])} tokens > {max_len}")
+                            for p in over[:SAMPLES]], observed=f"{len(over)} over {max_len} tokens"))
+    stats = {"over_length": len(over), "dropped_over_length": 0, "truncated": 0}
+    if not tokens:
+        return keep, stats  # eval rows: scored whole by the evaluation code; only "fail" acts on them
+    if policy == "drop":
+        kept = [p for p in keep if lengths[p] <= max_len]
+        stats["dropped_over_length"] = len(keep) - len(kept)
+        return kept, stats
+    if policy == "truncate":
+        stats["truncated"] = len(over)
+        # A truncated example whose answer starts beyond the limit has nothing left to learn from.
+        trained = check.tokenized.trained
+        empty = [p for p in over if not trained[check.tokenized.offsets[p]: check.tokenized.offsets[p] + max_len].any()]
+        empty_set = set(empty)
+        kept = [p for p in keep if p not in empty_set]
+        stats["dropped_over_length"] = len(empty)
+        return kept, stats
+    return keep, stats
+
+
+def in_eval_split(prompt_key: str, seed: int, fraction: float) -> bool:
+    digest = hashlib.sha256(f"{seed}\x1f{prompt_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def validate_dataset(cfg: PipelineConfig, out_dir: Path, require_eval: bool = True) -> dict[str, ValidationReport]:
+    """Validate, normalize, split, tokenize; write the artifact files into out_dir.
+
+    Raises DataContractFailed (with the markdown reports) when any error-severity rule fails,
+    or DataError when a file, the tokenizer or its template cannot be used at all.
+    """
+    data = cfg.data
+    tokenizer = load_tokenizer(cfg)
+    renderer = dataset.ChatRenderer(tokenizer)
+    responses_only = cfg.train.loss_on_responses_only
+    train = check_file(data.train_path, data.format, data.contract, tokenizer, renderer, responses_only)
+    checks = {"train": train}
+    if data.eval_path:
+        checks["eval"] = check_file(data.eval_path, data.format, data.contract, tokenizer, renderer, responses_only)
+    stats: dict[str, dict] = {}
+    kept: dict[str, list[int]] = {}
+    for split, check in checks.items():
+        kept[split], stats[split] = deduplicate(check, data.max_duplicate_rate)
+        stats[split]["rows_read"] = check.report.row_count
+        stats[split]["format"] = check.fmt
+
+    train_prompts = {}
+    for position in kept["train"]:
+        train_prompts.setdefault(train.keys[position][2], position)
+    if "eval" in checks:
+        ev = checks["eval"]
+        leaks = [p for p in kept["eval"] if ev.keys[p][2] in train_prompts]
+        ev.report.add(_rule("eval-train-leakage", "error", leaks, [
+            SampleRow(line=ev.lines[p], value=f"same prompt as {data.train_path}:"
+                      f"{train.lines[train_prompts[ev.keys[p][2]]]}") for p in leaks[:SAMPLES]]))
+        eval_source = (ev, kept["eval"])
+    else:
+        # No eval file: hold out prompts by a seeded hash, so equal prompts land on one side.
+        held = [p for p in kept["train"] if in_eval_split(train.keys[p][2], cfg.seed, data.eval_fraction)]
+        held_set = set(held)
+        kept["train"] = [p for p in kept["train"] if p not in held_set]
+        eval_source = (train, held)
+        stats["eval"] = {"rows_read": 0, "format": train.fmt, "split_from_train": len(held),
+                         "eval_fraction": data.eval_fraction, "seed": cfg.seed}
+        if require_eval and not held:
+            train.report.add(_rule("eval-split-not-empty", "error", [None], [],
+                                   observed=f"eval_fraction {data.eval_fraction} of {len(kept['train'])} rows"))
+
+    train_rows = [train.rows[p] for p in kept["train"]]  # validated rows; the length policy acts on the tokens
+    kept["train"], length_stats = apply_length_policy(train, kept["train"], data.max_seq_len, data.length_policy)
+    stats["train"].update(length_stats)
+    eval_check, eval_keep = eval_source
+    if eval_check is not train:
+        eval_keep, length_stats = apply_length_policy(eval_check, eval_keep, data.max_seq_len, data.length_policy,
+                                                      tokens=False)
+        stats["eval"].update(length_stats)
+
+    reports = {split: check.report for split, check in checks.items()}
+    docs = out_dir / "data_docs"
+    docs.mkdir(exist_ok=True)
+    for split, check in checks.items():
+        (out_dir / f"{split}_report.json").write_text(json.dumps(check.report.to_dict(), indent=1))
+        if check.validation is not None:
+            contracts.render_data_docs(check.validation, docs / f"{split}.html")
+    failed = [split for split, report in reports.items() if not report.passed]
+    if failed:
+        (out_dir / "report.md").write_text(render_reports(checks, stats, None))
+        details = "\n".join(f"{checks[s].path}:\n{reports[s].to_markdown()}" for s in failed)
+        raise DataContractFailed(f"data contract failed for {', '.join(failed)} data:\n{details}")
+
+    eval_rows = [eval_check.rows[p] for p in eval_keep]
+    dataset.write_jsonl(out_dir / "train.jsonl", train_rows)
+    dataset.write_jsonl(out_dir / "eval.jsonl", eval_rows)
+    truncate = data.max_seq_len if data.length_policy == "truncate" else None
+    examples = train.tokenized.select(np.asarray(kept["train"], dtype=np.int64), truncate)
+    examples.save(out_dir / dataset.TOKENS_FILE)
+    tokenizer.save_pretrained(out_dir / dataset.TOKENIZER_DIR)
+
+    budget = max(cfg.train.tokens_per_step, data.max_seq_len)
+    lengths = examples.lengths
+    stats["train"].update(examples=len(examples), tokens=int(lengths.sum()), trained_tokens=int(examples.trained.sum()),
+                          token_length={"min": int(lengths.min(initial=0)), "mean": float(lengths.mean()) if len(lengths) else 0.0,
+                                        "p95": float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
+                                        "max": int(lengths.max(initial=0))})
+    stats["eval"]["examples"] = len(eval_rows)
+    packing = dataset.packing_efficiency(lengths, budget, cfg.seed)
+    components = {
+        "rows": artifacts.sha256_json([artifacts.sha256_file(out_dir / "train.jsonl"),
+                                       artifacts.sha256_file(out_dir / "eval.jsonl")]),
+        "tokenizer_files": artifacts.sha256_tree(out_dir / dataset.TOKENIZER_DIR)[0],
+        "chat_template": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
+        "length_policy": {"max_seq_len": data.max_seq_len, "policy": data.length_policy},
+        "responses_only": responses_only,
+    }
+    fingerprint = {"fingerprint": artifacts.sha256_json(components), "components": components,
+                   "stats": stats, "packing": packing, "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token}
+    (out_dir / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
+    (out_dir / "report.md").write_text(render_reports(checks, stats, fingerprint))
+    return reports
+
+
+def render_reports(checks: dict[str, SplitCheck], stats: dict, fingerprint: dict | None) -> str:
+    parts = [f"## {split}: `{check.path}` ({check.fmt})\n\n{check.report.to_markdown()}" for split, check in checks.items()]
+    lines = ["## Preparation", "", "| split | " + " | ".join(
+        ("rows_read", "exact_duplicates", "normalized_duplicates", "over_length", "dropped_over_length",
+         "truncated", "examples")) + " |", "|---" * 8 + "|"]
+    for split, values in stats.items():
+        lines.append(f"| {split} | " + " | ".join(str(values.get(k, "")) for k in (
+            "rows_read", "exact_duplicates", "normalized_duplicates", "over_length", "dropped_over_length",
+            "truncated", "examples")) + " |")
+    if fingerprint:
+        packing = fingerprint["packing"]
+        lines += ["", f"Packing: {packing['packs']} packs of {packing['token_budget']} tokens, efficiency "
+                  f"{packing['efficiency']:.1%} (real tokens / slots).",
+                  f"Data fingerprint: `{fingerprint['fingerprint']}` (rows + tokenizer files + chat template + "
+                  "length policy)."]
+    return "\n".join(parts + lines) + "\n"
+
+
+def load_training_data(dataset_dir: Path, cfg):
+    """(tokenizer, examples, dropped) for train_adapter.
+
+    A validate artifact holds the tokenizer it rendered with (chat template, pad token) and the
+    tokenized training examples; a plain folder with train.jsonl (e.g. the embedded data, as the
+    resume test passes) is tokenized here with the base model's tokenizer instead.
+    """
+    from tasks import modeling
+
+    dataset_dir = Path(dataset_dir)
+    tokens = dataset_dir / TOKENS_FILE
+    if tokens.is_file() and (dataset_dir / TOKENIZER_DIR).is_dir():
+        tokenizer = modeling.load_tokenizer(dataset_dir / TOKENIZER_DIR)
+        prep = json.loads((dataset_dir / "fingerprint.json").read_text())
+        return tokenizer, TokenizedSet.load(tokens), int(prep["stats"]["train"].get("dropped_over_length", 0))
+    tokenizer = modeling.load_tokenizer(cfg.model.base)
+    rows = read_jsonl(dataset_dir / "train.jsonl")
+    tokenized = tokenize_conversations(tokenizer, [row_messages(r) for r in rows], cfg.train.loss_on_responses_only)
+    keep = np.flatnonzero(tokenized.lengths <= cfg.data.max_seq_len)
+    return tokenizer, tokenized.select(keep), len(rows) - len(keep)

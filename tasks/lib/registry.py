@@ -1,0 +1,93 @@
+"""TODO"""
+
+from __future__ import annotations
+
+
+RELEASE_FILE = "release.json"
+
+
+class Release(BaseModel):
+    repo: str
+    version: str
+    path: str
+    release_hash: str
+    created: bool  # False when an identical release was already published
+    seconds: float = 0.0
+    bundle: str | None = None  # URI of the release bundle artifact (for `qlora-pipeline publish --release`)
+    commit: str | None = None  # Hub commit of the release
+    message: str = ""
+
+
+def existing_versions(repo_dir: Path) -> list[Path]:
+    versions = [p for p in repo_dir.glob("v*") if p.is_dir() and p.name[1:].isdigit()]
+    return sorted(versions, key=lambda p: int(p.name[1:]))
+
+
+def find_release(repo_dir: Path, digest: str) -> Path | None:
+    for version_dir in existing_versions(repo_dir):
+        record = json.loads((version_dir / RELEASE_FILE).read_text())
+        if record["release_hash"] == digest:
+            return version_dir
+    return None
+
+
+def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dict | None:
+    """The release currently published at publish.target, the baseline of the regression gate:
+    {"target", "version", "release_hash", "location", "metrics"} (metrics = its recorded metrics.json),
+    or None when nothing is published. `location` is what `fetch_release_model` needs.
+
+    local: the version LATEST names; hf://: the newest release tag (via `tasks.hub`). A release built
+    from the GPTQ artifact `exclude_model` is the very model being gated, so it is passed over for the
+    release before it: a model is not its own regression baseline, and re-running a published
+    configuration decides the gate the same way (all cache hits, no new version)."""
+    if hub.is_hub_target(cfg):
+        return hub.latest_release(cfg, exclude_model)
+    repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
+    latest = repo_dir / "LATEST"
+    if not latest.is_file():
+        return None
+    newest = latest.read_text().strip()
+    candidates = [v for v in reversed(existing_versions(repo_dir)) if int(v.name[1:]) <= int(newest[1:])]
+    for version_dir in candidates:
+        record = json.loads((version_dir / RELEASE_FILE).read_text())
+        if exclude_model is not None and hub.made_from(record) == exclude_model:
+            continue
+        return {"target": "local", "version": f"{cfg.publish.repo}/{version_dir.name}",
+                "release_hash": record["release_hash"], "location": str(version_dir.resolve()),
+                "metrics": json.loads((version_dir / "metrics.json").read_text())}
+    return None
+
+
+def fetch_release_model(cfg: PipelineConfig, release: dict, dest: Path) -> Path:
+    """A local folder with the published GPTQ model of `release` (from `current_release`): the registry
+    version folder itself, or the tagged commit downloaded from the Hub into dest."""
+    if release["target"] == "local":
+        return Path(release["location"])
+    return hub.download_release_model(cfg, release["location"], dest)
+
+
+def publish_local(cfg: PipelineConfig, bundle: Path) -> Release:
+    """Copy a bundle into the local registry as the next version, unless its release hash is there."""
+    logger = hub._logger()
+    repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    digest = json.loads((bundle / RELEASE_FILE).read_text())["release_hash"]
+    if (found := find_release(repo_dir, digest)) is not None:
+        logger.info("publish: identical release already published as %s; nothing to do", found)
+        return Release(repo=cfg.publish.repo, version=found.name, path=str(found), release_hash=digest, created=False,
+                       message=f"identical release already published as {found}")
+    staging = repo_dir / f".staging-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(bundle, staging, ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+        versions = existing_versions(repo_dir)
+        target = repo_dir / f"v{int(versions[-1].name[1:]) + 1 if versions else 1}"
+        os.rename(staging, target)  # atomic; fails if a concurrent publish took the same number
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    latest_tmp = repo_dir / f".LATEST-{uuid.uuid4().hex}"
+    latest_tmp.write_text(target.name + "\n")
+    latest_tmp.replace(repo_dir / "LATEST")
+    logger.info("publish: released %s/%s (%s)", cfg.publish.repo, target.name, digest[:12])
+    return Release(repo=cfg.publish.repo, version=target.name, path=str(target), release_hash=digest, created=True,
+                   message=f"released {cfg.publish.repo}/{target.name}")

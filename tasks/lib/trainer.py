@@ -1,0 +1,404 @@
+"""TODO"""
+
+from __future__ import annotations
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# Training loss on these first packs, before and after training, is the "did it learn" signal:
+# per-step losses on different packs are too noisy to compare over a few dozen steps.
+PROBE_PACKS = 4
+
+
+TENSORBOARD_DIR = "tensorboard"  # event files, inside the adapter artifact
+
+
+def adapter_dtype(cfg: PipelineConfig) -> torch.dtype:
+    return getattr(torch, cfg.lora.dtype)
+
+
+def check_fast_paths(cfg: PipelineConfig, device: str, workers: Workers) -> None:
+    """Options that cannot work here fail before any model is loaded, naming the key."""
+    on_cuda = torch.device(device).type == "cuda"
+    if cfg.train.kernels == "liger" and not on_cuda:
+        raise ConfigError(f"train.kernels: liger runs Triton kernels and needs a CUDA device; this run trains on "
+                          f"{device}. Use train.kernels: none.")
+    if cfg.train.attention == "flex_attention" and not on_cuda:
+        raise ConfigError(f"train.attention: flex_attention has no backward pass on {device}; use sdpa.")
+    if workers.fsdp and not on_cuda:
+        raise ConfigError("train.distributed: fsdp needs CUDA devices (bitsandbytes 4-bit sharding); use ddp.")
+    if workers.fsdp and cfg.train.compile:
+        raise ConfigError("train.compile is not supported with train.distributed: fsdp.")
+
+
+def apply_liger_kernels(model) -> None:
+    """Liger Kernel's RMSNorm, SwiGLU and RoPE on this model instance (the loss is fused separately, in
+    `training_loss`). Its RoPE patch replaces a module-level function of the model family, for every model
+    of that family in this process; it computes the same values."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ConfigError("train.kernels: liger needs the liger-kernel package (pip install liger-kernel; it "
+                          "brings Triton), which the CPU install leaves out.") from None
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def set_attention(model, name: str) -> None:
+    if name == "auto" or model.config._attn_implementation == name:
+        return
+    try:
+        model.set_attn_implementation(name)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"train.attention: {name} is not available here: {exc}") from None
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def build_model(cfg: PipelineConfig, device: str):
+    """The 4-bit base with LoRA adapters on `device`, set up for training as cfg.train says."""
+    from peft import LoraConfig, get_peft_model
+
+    on_cuda = torch.device(device).type == "cuda"
+    dtype = modeling.resolve_dtype(cfg.model.compute_dtype, torch.device(device).type)
+    model = modeling.load_base_4bit(cfg.model.base, dtype, device)
+    model.config.use_cache = False  # no KV cache in training; also lets packed position ids take effect
+    set_attention(model, cfg.train.attention)
+    if cfg.train.kernels == "liger":
+        apply_liger_kernels(model)
+    if cfg.train.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=cfg.train.checkpoint_every_n_layers)
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    wanted = adapter_dtype(cfg)
+    # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); ask for what lora.dtype says.
+    model = get_peft_model(model, lora, autocast_adapter_dtype=wanted == torch.float32)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(wanted)
+    if on_cuda:
+        # fp32 LoRA matmuls as TF32 on the tensor cores; process-wide, so train_adapter restores it after.
+        torch.set_float32_matmul_precision("high")
+    if cfg.train.compile:
+        for layer in decoder_layers(model):
+            layer.compile()
+    return model
+
+
+def build_optimizer(cfg: PipelineConfig, params: list[torch.nn.Parameter]):
+    import bitsandbytes as bnb
+
+    kwargs = {"lr": cfg.train.learning_rate, "weight_decay": cfg.train.weight_decay}
+    if cfg.train.optimizer == "paged_adamw_32bit":
+        return bnb.optim.PagedAdamW32bit(params, **kwargs)
+    if cfg.train.optimizer == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def wrap_fsdp(model):
+    """Shard the model over the processes as the launcher's FSDP config says (deploy/accelerate/
+    fsdp_qlora.yaml), with peft's wrap policy: LoRA layers in units of their own, so every flat parameter
+    is all-trainable or all-frozen (use_orig_params false)."""
+    from accelerate import Accelerator
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    accelerator = Accelerator()
+    accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    return accelerator.prepare_model(model)
+
+
+def unwrap(model):
+    """The peft model inside an FSDP wrapper."""
+    return getattr(model, "module", model)
+
+
+def final_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """(hidden states that predict, their targets, lm_head): the decoder run without the lm_head."""
+    base = unwrap(model).get_base_model()
+    hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                        use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
+    return hidden, batch["labels"][:, 1:].reshape(-1), base.lm_head
+
+
+def chunked_nll(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled tokens, computed chunk by chunk.
+
+    The full fp32 logits (tokens x vocabulary: 2 GiB for 16k tokens and a 32k vocabulary) are
+    never held at once: each chunk's logits are recomputed in the backward pass (checkpointed),
+    so peak memory holds one chunk. Same value and gradients as the model's own loss.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    hidden, targets, lm_head = final_hidden(model, batch)
+
+    def chunk_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(h).float()
+        return torch.nn.functional.cross_entropy(logits, t, ignore_index=dataset.IGNORE_INDEX, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(chunk_nll, hidden[start:end], targets[start:end], use_reentrant=False)
+    return total
+
+
+def fused_linear_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy through Liger's fused linear cross-entropy: lm_head and loss in one Triton
+    kernel, chunked over tokens, no logits kept."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    hidden, targets, lm_head = final_hidden(model, batch)
+    if type(lm_head) is not torch.nn.Linear:
+        raise ConfigError("train.kernels: liger fuses a plain lm_head; lora.target_modules adapts the lm_head")
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=dataset.IGNORE_INDEX, reduction="sum")
+    return loss(lm_head.weight, hidden, targets, lm_head.bias).float()
+
+
+def training_loss(model, batch: dict[str, torch.Tensor], chunk_tokens: int, kernels: str = "none",
+                  num_targets: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy summed over the batch's labelled tokens and divided by num_targets: by
+    default their count (the batch's mean); given the whole step's count, the losses of a step's pieces
+    add up to the step's mean, and so do their gradients."""
+    if num_targets is None:
+        num_targets = int((batch["labels"][:, 1:] != dataset.IGNORE_INDEX).sum())
+    num_targets = max(1, num_targets)
+    if kernels == "liger":
+        return fused_linear_nll(model, batch) / num_targets
+    if chunk_tokens > 0:
+        return chunked_nll(model, batch, chunk_tokens) / num_targets
+    return model(**batch, use_cache=False, num_items_in_batch=num_targets).loss
+
+
+def as_batch(pack: dataset.Pack, device: str) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor([getattr(pack, name)], device=device) for name in ("input_ids", "labels", "position_ids")}
+
+
+@torch.no_grad()
+def probe_loss(model, packs: list[dataset.Pack], device: str) -> float:
+    """Mean loss of `packs` in eval mode, before and after training. Eval mode without grad is the
+    forward that makes bitsandbytes repack 4-bit weights on AVX512-BF16 CPUs: safe only because
+    modeling.load_base_4bit turned that off, and optimizer_step checks it stayed off."""
+    model.eval()
+    losses = [model(**as_batch(pack, device), use_cache=False).loss.item() for pack in packs]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def accumulate_step(model, pack: dataset.Pack, cfg: PipelineConfig, workers: Workers, device: str) -> torch.Tensor:
+    """Forward and backward over this process's micro-batches of one step, gradients adding up in .grad;
+    returns this process's part of the step's loss (the parts sum to the step's mean loss)."""
+    targets = count_targets(pack.labels)
+    pieces = micro_batches(pack, workers, cfg.train.micro_batch_tokens)
+    chunk, kernels, scale, passes = cfg.train.loss_chunk_tokens, cfg.train.kernels, 1.0, len(pieces)
+    if workers.fsdp:
+        # The loss must run through FSDP's root forward (it gathers embeddings and lm_head), so the model's
+        # own loss; FSDP averages gradients over processes where the shares must add up; and every process
+        # runs as many passes, each being collective (a process short of work adds a zero-weight one).
+        chunk, kernels, scale = 0, "none", float(workers.world)
+        passes = max(len(micro_batches(pack, Workers(r, workers.world), cfg.train.micro_batch_tokens))
+                     for r in range(workers.world))
+    total = torch.zeros((), device=device)
+    for index in range(passes):
+        weight = scale if index < len(pieces) else 0.0
+        piece = pieces[index] if index < len(pieces) else split_pack(pack, cfg.train.micro_batch_tokens)[0]
+        loss = training_loss(model, as_batch(piece, device), chunk, kernels, targets)
+        (loss * weight).backward()
+        total += loss.detach() * (weight / scale)
+    return total
+
+
+def finish_gradients(model, params: list[torch.nn.Parameter], workers: Workers) -> float:
+    """Gradients of the whole step on every process, clipped to norm 1; returns the norm before clipping."""
+    if workers.fsdp:
+        return float(model.clip_grad_norm_(1.0))
+    sum_gradients(params, workers)
+    return float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+
+
+class InferenceLayoutError(RuntimeError):
+    """A 4-bit layer about to be trained holds its weight in bitsandbytes' CPU inference layout."""
+
+
+def refuse_inference_layout(model) -> None:
+    """Fail before a training step that would run on weights packed for inference: its matmul has no
+    autograd, so the step would apply wrong gradients without any error (see modeling.keep_4bit_layout)."""
+    packed = modeling.layers_packed_for_inference(model)
+    if packed:
+        raise InferenceLayoutError(
+            f"{len(packed)} 4-bit layer(s), first {packed[0]}, were converted by bitsandbytes to its CPU "
+            "inference layout (an eval-mode forward without grad on an AVX512-BF16 CPU); training through it "
+            "gives wrong LoRA gradients. Load 4-bit models with tasks.modeling.load_base_4bit, which keeps "
+            "the training layout.")
+
+
+def optimizer_step(model, optimizer, scheduler, params: list[torch.nn.Parameter], pack: dataset.Pack,
+                   cfg: PipelineConfig, workers: Workers, device: str, step: int) -> dict:
+    """One optimizer step on one pack (this process's share of it); returns the step's history entry."""
+    refuse_inference_layout(model)
+    start = time.perf_counter()
+    loss = all_reduce_sum(accumulate_step(model, pack, cfg, workers, device), workers).item()
+    grad_norm = finish_gradients(model, params, workers)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = len(pack.input_ids)
+    return {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+
+SCALARS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
+           "grad_norm": "train/grad_norm"}
+
+
+def open_tensorboard(out_dir: Path, history: list[dict]):
+    """A TensorBoard event writer in the adapter's tensorboard/ folder. The steps before a resumed run's
+    checkpoint are written again from its history, so its events cover the whole run; events an
+    interrupted run left in the same folder are dropped (their steps after the checkpoint are redone)."""
+    from tensorboardX import SummaryWriter
+
+    shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
+    writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), flush_secs=30)
+    for entry in history:
+        log_scalars(writer, entry)
+    return writer
+
+
+def log_scalars(writer, entry: dict) -> None:
+    for key, tag in SCALARS.items():
+        if key in entry:
+            writer.add_scalar(tag, entry[key], entry["step"])
+
+
+def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints | Path) -> dict:
+    """Train the LoRA adapter; write it, the tokenizer, train_metrics.json and TensorBoard events into out_dir.
+
+    checkpoints: where resumable state is kept (a local folder, or a `Checkpoints` mirrored to the store).
+    Under a launcher (WORLD_SIZE > 1) every process calls this; rank 0 alone writes files."""
+    if not isinstance(checkpoints, Checkpoints):
+        checkpoints = Checkpoints(checkpoints)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        return run_training(cfg, Path(dataset_dir), Path(out_dir), checkpoints)
+    finally:
+        torch.set_float32_matmul_precision(precision)  # build_model's TF32 is for training, not later stages
+
+
+def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints) -> dict:
+    logger = stage.logger()
+    workers = workers_from_env(cfg)
+    seed_everything(cfg.seed)  # the same on every process: identical LoRA initialisation
+    device = join_workers(workers, modeling.resolve_device(cfg.train.device))
+    check_fast_paths(cfg, device, workers)
+    # The validate artifact's tokenizer (chat template, pad) and tokenized examples; packed below.
+    tokenizer, examples, dropped = dataset.load_training_data(dataset_dir, cfg)
+    budget = max(cfg.train.tokens_per_step, cfg.data.max_seq_len)
+    say = logger.info if workers.main else (lambda *args: None)
+    say("train: %d examples (%d over %d tokens dropped)", len(examples), dropped, cfg.data.max_seq_len)
+
+    model = build_model(cfg, device)
+    state = fetch_checkpoint(checkpoints, workers)
+    if state is not None:
+        restore_adapter(model, state)
+    if workers.fsdp:
+        model = wrap_fsdp(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, trainable)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps)
+    )
+
+    probe = list(itertools.islice(dataset.pack_stream(examples, budget, cfg.seed), PROBE_PACKS))
+    step, history = 0, []
+    if state is not None:
+        step, history, probe_before = restore_training(state, model, optimizer, scheduler, workers)
+        say("train: resumed from checkpoint at step %d of %d (%s)", step, cfg.train.max_steps,
+            checkpoints.remote or checkpoints.local_dir)
+    else:
+        probe_before = probe_loss(model, probe, device)
+    resumed_from = step
+    writer = open_tensorboard(out_dir, history) if workers.main else None
+
+    model.train()
+    report_progress = stage.progress_reporter("train: optimizer steps done") if workers.main else (lambda f: None)
+    start, tokens_seen = time.perf_counter(), 0
+    packs = dataset.pack_stream(examples, budget, cfg.seed)
+    for _ in range(step):  # resume: skip the packs already trained on (packing is deterministic)
+        next(packs)
+    while step < cfg.train.max_steps:
+        step += 1
+        entry = optimizer_step(model, optimizer, scheduler, trainable, next(packs), cfg, workers, device, step)
+        tokens_seen += entry["tokens"]
+        history.append(entry)
+        if writer is not None:
+            log_scalars(writer, entry)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - start
+            eta = (cfg.train.max_steps - step) * elapsed / (step - resumed_from)
+            say("train: step %d/%d loss %.4f %.0f tokens/s grad norm %.3f eta %.0f s",
+                step, cfg.train.max_steps, entry["loss"], tokens_seen / elapsed, entry["grad_norm"], eta)
+            report_progress(step / cfg.train.max_steps)
+            if writer is not None:
+                writer.flush()
+        if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
+            save_checkpoint(checkpoints, model, optimizer, scheduler, step, history, probe_before, workers)
+
+    probe_after = probe_loss(model, probe, device)
+    save_adapter(model, out_dir, workers)
+    if not workers.main:
+        barrier(workers)
+        return {}
+    writer.close()
+    tokenizer.save_pretrained(out_dir)
+    metrics = {
+        "examples": len(examples),
+        "dropped_over_length": dropped,
+        "steps": step,
+        "resumed_from_step": resumed_from,
+        "probe_loss_before": probe_before,
+        "probe_loss_after": probe_after,
+        "history": history,
+        "device": device,
+        "processes": workers.world,
+    }
+    (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    barrier(workers)  # the files are complete before any process exits
+    return metrics
+
+
+def save_adapter(model, out_dir: Path, workers: Workers) -> None:
+    """adapter_model.safetensors + adapter_config.json, written by rank 0 (gathered first under FSDP)."""
+    if workers.fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if workers.main:
+            unwrap(model).save_pretrained(out_dir, state_dict=full)
+    elif workers.main:
+        model.save_pretrained(out_dir)
