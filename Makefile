@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install assets demo test clean
+.PHONY: install assets demo test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,13 @@ demo: assets
 
 test: assets
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything not marked slow (no whole stage or flow on the embedded model): the inner loop.
+test-fast: assets
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf .qlora/artifacts .qlora/registry

@@ -51,7 +51,7 @@ def main() -> None:
 
     start = time.perf_counter()
     from pipeline_config import validate_config
-    from tasks import contracts, dataset, validate
+    from tasks.lib import chat, contracts, datarows, packing, prep
 
     phases: dict[str, float] = defaultdict(float)
 
@@ -66,14 +66,14 @@ def main() -> None:
                 phases[label] += time.perf_counter() - t
         setattr(module, name, wrapper)
 
-    timed(contracts, "load_rows", "load (JSONL -> rows)")
-    timed(contracts, "normalize_rows", "normalize (-> chat turns)")
-    timed(dataset, "tokenize_conversations", "render + tokenize + masks")
+    timed(datarows, "load_rows", "load (JSONL -> rows)")
+    timed(datarows, "normalize_rows", "normalize (-> chat turns)")
+    timed(chat, "tokenize_conversations", "render + tokenize + masks")
     timed(contracts, "validate_rows", "GX contract")
-    timed(validate, "deduplicate", "dedup (exact + normalized)")
-    timed(dataset, "packing_efficiency", "pack (best-fit decreasing)")
+    timed(prep, "deduplicate", "dedup (exact + normalized)")
+    timed(packing, "packing_efficiency", "pack (best-fit decreasing)")
     timed(contracts, "render_data_docs", "GX data docs HTML")
-    timed(dataset, "write_jsonl", "write train/eval JSONL")
+    timed(datarows, "write_jsonl", "write train/eval JSONL")
     imports = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +90,7 @@ def main() -> None:
         out = Path(tmp) / "artifact"
         out.mkdir()
         t = time.perf_counter()
-        validate.validate_dataset(cfg, out)
+        prep.validate_dataset(cfg, out)
         run = time.perf_counter() - t
         prep = json.loads((out / "fingerprint.json").read_text())
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

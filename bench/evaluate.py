@@ -8,7 +8,7 @@ the published release.
 
 The stages before evaluation run as plain functions through the artifact cache, so after `make demo` they are
 cache hits and only the evaluation is timed (and re-run uncached into a temporary folder). "published" scores
-this run's own GPTQ model through the published-release path (evaluate_published: same loader, same metric
+this run's own GPTQ model through the published-release path (score_published: same loader, same metric
 code as for a release fetched from the registry or the Hub), standing in for the release currently published,
 which a first demo run does not have. The download itself is not timed.
 
@@ -37,9 +37,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline_config import load_config
-    from tasks.artifacts import ArtifactStore
-    from tasks.dataset import read_jsonl
-    from tasks.evaluate import evaluate_finetune, evaluate_published, evaluate_quantized
+    from tasks.evaluate import score_finetune, score_quantized
+    from tasks.evaluate_published import score_published
+    from tasks.lib.artifacts import ArtifactStore
+    from tasks.lib.datarows import read_jsonl
     from tasks.merge import merge_task
     from tasks.quantize import quantize_task
     from tasks.train import train_task
@@ -48,10 +49,10 @@ def main() -> None:
     cfg = load_config(args.config, args.set)
     store = ArtifactStore(cfg.artifacts.root)
     start = time.perf_counter()
-    data = validate_task.fn(cfg)
-    adapter = train_task.fn(cfg, data)
-    merged = merge_task.fn(cfg, data, adapter)
-    quantized = quantize_task.fn(cfg, data, merged)
+    data = validate_task.fn(cfg).result()
+    adapter = train_task.fn(cfg, data).result()
+    merged = merge_task.fn(cfg, data, adapter).result()
+    quantized = quantize_task.fn(cfg, data, merged).result()
     prepared_s = time.perf_counter() - start
     cached = all(stage.cache_hit for stage in (data, adapter, merged, quantized))
     paths = {name: store.local_path(stage.ref) for name, stage in
@@ -62,10 +63,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         out = Path(tmp)
         for name, run in (
-            ("evaluate", lambda d: evaluate_finetune(cfg, paths["data"], paths["adapter"], d)),
-            ("evaluate-quantized", lambda d: evaluate_quantized(cfg, paths["data"], paths["merged"], paths["gptq"], d)),
-            ("evaluate-published", lambda d: evaluate_published(
-                cfg, paths["data"], {"version": "this-run", "release_hash": quantized.ref.sha256}, paths["gptq"], d)),
+            ("evaluate", lambda d: score_finetune(cfg, paths["data"], paths["adapter"], d)),
+            ("evaluate-quantized", lambda d: score_quantized(cfg, paths["data"], paths["merged"], paths["gptq"], d)),
+            ("evaluate-published", lambda d: score_published(cfg, paths["data"], {
+                "target": "local", "location": str(paths["gptq"]), "version": "this-run",
+                "release_hash": quantized.ref.sha256}, d)),
         ):
             (out / name).mkdir()
             results = run(out / name)
@@ -73,7 +75,7 @@ def main() -> None:
 
     total = sum(timing.values())
     print(f"\nEvaluation wall time per model ({cfg.model.base}, {rows} held-out rows, "
-          f"eval.batch_size={cfg.eval.batch_size}, device={cfg.train.device}; inputs prepared in {prepared_s:.0f} s, "
+          f"eval.batch_size={cfg.eval.batch_size}, device={cfg.device}; inputs prepared in {prepared_s:.0f} s, "
           f"{'all cache hits' if cached else 'some built now'})\n")
     print(f"| {'model':<10} | {'load + score (s)':>16} |")
     print(f"|{'-' * 12}|{'-' * 18}|")

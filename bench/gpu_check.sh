@@ -83,7 +83,7 @@ for p in "${PARTS[@]}"; do
   case $p in
     pipeline) $PY -m flows.cli prepare-assets > "$OUT/assets.log" 2>&1 || { echo "prepare-assets failed"; tail "$OUT/assets.log"; }
               part pipeline "${LIMITS[0]}" env GPTQMODEL_CPU_WORKERS=2 $PY -m flows.cli run "${PIPELINE_SET[@]}" \
-                --set train.device=$DEVICE --set artifacts.root="$WORK/artifacts" --set publish.registry="$WORK/registry" \
+                --set device=$DEVICE --set artifacts.root="$WORK/artifacts" --set publish.registry="$WORK/registry" \
               && { sed -n '/run summary:/,/^total/p' "$OUT/pipeline.log" | sed 's/^/    /' >> "$SUMMARY"
                    find "$WORK/artifacts/objects" -name metrics.json -newer "$OUT/gpu_check.md" -exec cat {} + \
                      2>/dev/null | head -c 4000 > "$OUT/pipeline_metrics.json"; } ;;

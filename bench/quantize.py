@@ -89,13 +89,13 @@ def write_random_base(args, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks import merge
+    from tasks.lib import nf4_merge
 
     config = base_config(args)
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     dtype = model_dtype(args)
-    specs = [merge.TensorSpec(name, dtype, shape) for name, shape in shapes.items()]
+    specs = [nf4_merge.TensorSpec(name, dtype, shape) for name, shape in shapes.items()]
     generator = torch.Generator(args.device).manual_seed(0)
 
     def tensors(shard):
@@ -106,10 +106,10 @@ def write_random_base(args, out: Path) -> None:
                 yield spec.name, (torch.randn(spec.shape, generator=generator, device=args.device) * 0.02).to(dtype)
 
     out.mkdir(parents=True)
-    shards = merge.shard_plan(specs, merge.SHARD_BYTES)
-    names = merge.shard_names(len(shards))
+    shards = nf4_merge.shard_plan(specs, nf4_merge.SHARD_BYTES)
+    names = nf4_merge.shard_names(len(shards))
     for shard, name in zip(shards, names, strict=True):
-        merge.write_safetensors(out / name, shard, tensors(shard))
+        nf4_merge.write_safetensors(out / name, shard, tensors(shard))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
                  "weight_map": {s.name: name for shard, name in zip(shards, names) for s in shard}}
@@ -155,14 +155,14 @@ def peak_rss_gib() -> float:
 def merge_phase(args, work: Path) -> dict:
     import torch
 
-    from tasks import merge
+    from tasks.lib import nf4_merge
 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dtype = model_dtype(args)
-    report = merge.stream_merge(work / "base", work / "adapter", work / "merged", mode="dequantize", dtype=dtype,
+    report = nf4_merge.stream_merge(work / "base", work / "adapter", work / "merged", mode="dequantize", dtype=dtype,
                                 nf4_dtype=dtype, device=args.device)
-    merge.save_model_files(work / "base", work / "adapter", work / "merged", dtype)
+    nf4_merge.save_model_files(work / "base", work / "adapter", work / "merged", dtype)
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     return {"merge": {"seconds": report["seconds"], "peak_gpu_gib": peak_gpu, "peak_rss_gib": peak_rss_gib()}}
 
@@ -170,7 +170,7 @@ def merge_phase(args, work: Path) -> dict:
 def gptq_phase(args, work: Path) -> dict:
     import torch
 
-    from tasks import gptq
+    from tasks.lib import gptq
 
     generator = torch.Generator().manual_seed(2)
     calibration = torch.randint(3, args.vocab, (args.samples, args.seq_len), generator=generator).tolist()

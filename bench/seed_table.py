@@ -32,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline_config import load_config
-    from tasks.artifacts import ArtifactStore
     from tasks.evaluate import evaluate_task
+    from tasks.lib.artifacts import ArtifactStore
     from tasks.train import train_task
     from tasks.validate import validate_task
 
@@ -42,9 +42,9 @@ def main() -> None:
         cfg = load_config(args.config, [*args.set, f"seed={seed}"])
         store = ArtifactStore(cfg.artifacts.root)
         start = time.perf_counter()
-        data = validate_task.fn(cfg)
-        adapter = train_task.fn(cfg, data)
-        evaluation = evaluate_task.fn(cfg, data, adapter)
+        data = validate_task.fn(cfg).result()
+        adapter = train_task.fn(cfg, data).result()
+        evaluation = evaluate_task.fn(cfg, data, adapter).result()
         seconds = time.perf_counter() - start
         results = json.loads((store.local_path(evaluation.ref) / "metrics.json").read_text())
         trained = json.loads((store.local_path(adapter.ref) / "train_metrics.json").read_text())

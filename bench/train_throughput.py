@@ -109,7 +109,7 @@ def examples(args, shape: str, count: int):
     """Synthetic tokenized examples (the trainer's TokenizedSet): random ids, loss on the last two thirds."""
     import numpy as np
 
-    from tasks.dataset import TokenizedSet
+    from tasks.lib.chat import TokenizedSet
 
     rng = np.random.default_rng(0)
     longest = min(args.small_tokens if shape == "small" else SEED_PAD_TO, args.tokens_per_step)
@@ -129,34 +129,33 @@ def step_tokens(args, shape: str) -> int:
 
 def run_project_row(args, overrides: dict, shape: str, model_dir: Path) -> dict:
     """This project's trainer: the same functions train_adapter calls, on synthetic packs."""
-    import torch
 
     from pipeline_config import validate_config
-    from tasks import dataset, train
+    from tasks.lib import packing, ranks, trainer
 
     raw = {"data": {"train_path": "synthetic", "max_seq_len": SEED_PAD_TO},
            "model": {"base": str(model_dir), "name": "bench"},
            "lora": {"r": 64, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
            "train": {"tokens_per_step": step_tokens(args, shape), "optimizer": "paged_adamw_32bit",
                      "micro_batch_tokens": args.small_tokens if shape == "small" else 0,
-                     "gradient_checkpointing": True, "device": args.device, "warmup_steps": 0},
-           "publish": {"repo": "bench"}}
+                     "gradient_checkpointing": True, "warmup_steps": 0},
+           "device": args.device, "publish": {"repo": "bench"}}
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         raw[section][key] = value
     cfg = validate_config(raw)
-    workers = train.Workers()
-    train.check_fast_paths(cfg, args.device, workers)
-    train.seed_everything(0)
-    model = train.build_model(cfg, args.device)
+    workers = ranks.Ranks()
+    trainer.check_fast_paths(cfg, args.device)
+    ranks.seed_everything(0)
+    model = trainer.build_model(cfg, args.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train.build_optimizer(cfg, trainable)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_cosine(0, 1000))
-    packs = dataset.pack_stream(examples(args, shape, 4000), cfg.train.tokens_per_step, seed=0)
+    optimizer = trainer.build_optimizer(cfg, trainable)
+    scheduler = trainer.get_cosine_with_min_lr_schedule_with_warmup(optimizer, 0, 1000, min_lr_rate=0.1)
+    packs = packing.pack_stream(examples(args, shape, 4000), cfg.train.tokens_per_step, seed=0)
 
     def step() -> int:
-        entry = train.optimizer_step(model, optimizer, scheduler, trainable, next(packs), cfg, workers,
+        entry = trainer.optimizer_step(model, optimizer, scheduler, trainable, next(packs), cfg, workers,
                                      args.device, step=0)
         return entry["tokens"]
 
@@ -172,7 +171,7 @@ def run_seed_row(args, model_dir: Path) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tasks.dataset import IGNORE_INDEX
+    from tasks.lib.chat import IGNORE_INDEX
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)

@@ -13,7 +13,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def cmd_prepare_assets(args: argparse.Namespace) -> int:
-    from pipeline_config.embedded import prepare_assets
+    from tasks.lib.assets import prepare_assets
 
     for name, path in prepare_assets(args.dir).items():
         print(f"{name}: {path}")
@@ -25,7 +25,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     where it is on stderr, never a traceback); 2: usage or config error."""
     cfg = load_config(args.config, args.set)
     try:
-        from tasks.contracts import DataError
+        from tasks.lib.datarows import DataError
         from tasks.validate import validate_for_cli
 
         contract_given = any(item.split("=", 1)[0].strip() == "data.contract" for item in args.set)
@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     """Publish an already built release bundle again (to publish.target), running no stage."""
     cfg = load_config(args.config, args.set)
-    from tasks.hub import HubError, preflight
+    from tasks.lib.hub import HubError, preflight
     from tasks.publish import publish_bundle, ref_from_uri
 
     try:
@@ -83,7 +83,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_review(args: argparse.Namespace) -> int:
     """Resume a run waiting for approval with the reviewer's decision (Prefect's REST resume endpoint)."""
-    from tasks.approval import resume_with_decision
+    from flows.approval import resume_with_decision
 
     approved = args.command == "approve"
     try:
@@ -145,7 +145,7 @@ def quiet_process() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    from tasks.modeling import quiet_transformers
+    from tasks.lib.modeling import quiet_transformers
 
     quiet_transformers()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
 # prefect 3.8 raises these from a private module; TimeoutError is their public base for the wait case
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency

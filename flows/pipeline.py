@@ -1,4 +1,8 @@
-"""The `qlora-pipeline` flow: the DAG and nothing else. Stage logic lives in `tasks/`."""
+"""The `qlora-pipeline` flow: the DAG, and the run summary it ends with. Stage logic lives in `tasks/`.
+
+Stage tasks end in a Prefect state (`Cached` on an artifact-store hit, `Completed` otherwise); `.result()`
+is the StageResult the next stage takes.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +10,23 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
+from flows.approval import await_approval
+from flows.locking import release_lock
 from pipeline_config import load_config
-from tasks.approval import await_approval
-from tasks.artifacts import ArtifactStore
-from tasks.base_model import fetch_base_model_task, with_base_folder
-from tasks.hub_dataset import fetch_dataset_task, fetched_file, with_data_files
-from tasks.evaluate import (
-    evaluate_published_task,
-    evaluate_quantized_task,
-    evaluate_task,
-)
+from tasks.evaluate import evaluate_quantized_task, evaluate_task
+from tasks.evaluate_published import evaluate_published_task
+from tasks.fetch_base_model import fetch_base_model_task
+from tasks.fetch_dataset import fetch_dataset_task, fetched_file
 from tasks.gate import gate_task
-from tasks.locking import release_lock
+from tasks.lib.artifacts import ArtifactStore
+from tasks.lib.hub_sources import with_base_folder, with_data_files
+from tasks.lib.modeling import quiet_transformers
+from tasks.lib.registry import Release
+from tasks.lib.stage import StageResult
 from tasks.merge import merge_task
-from tasks.modeling import quiet_transformers
-from tasks.publish import Release, preflight_task, publish_task
+from tasks.preflight import preflight_task
+from tasks.publish import publish_task
 from tasks.quantize import quantize_task
-from tasks.stage import StageResult
 from tasks.train import train_task
 from tasks.validate import validate_task
 
@@ -45,24 +49,25 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
     quiet_transformers()
     with release_lock(cfg):  # one run at a time per publish target (concurrency.mode: wait | fail)
         checked = preflight_task(cfg)  # base model and publish target can be had (tokens, visibility): no GPU yet
-        fetched = fetch_base_model_task(cfg, checked["base_model"]) if checked["base_model"] else None
+        fetched = fetch_base_model_task(cfg, checked["base_model"]).result() if checked["base_model"] else None
         if fetched:  # model.base named a Hub id: every later stage reads the downloaded folder
             cfg = with_base_folder(cfg, ArtifactStore(cfg.artifacts.root).local_path(fetched.ref))
-        fetched_data = {key: fetch_dataset_task(cfg, key, source) for key, source in checked["datasets"].items()}
+        fetched_data = {key: fetch_dataset_task(cfg, key, source).result() for key, source in checked["datasets"].items()}
         if fetched_data:  # Hub data paths: validate reads the downloaded files
             cfg = with_data_files(cfg, {key: fetched_file(cfg, result, checked["datasets"][key])
                                         for key, result in fetched_data.items()})
 
-        data = validate_task(cfg)
-        adapter = train_task(cfg, data)
-        evaluation = evaluate_task(cfg, data, adapter)
-        finetune_gate = gate_task(cfg, "finetune", evaluation)
-        merged = merge_task(cfg, data, adapter)
-        merge_gate = gate_task(cfg, "merge", merged)  # the merged model is the trained model
-        quantized = quantize_task(cfg, data, merged)
-        quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized)
-        published_evaluation = evaluate_published_task(cfg, data, quantized)  # None when nothing is published
-        quantized_gate = gate_task(cfg, "quantized", quantized_evaluation, published_evaluation)
+        data = validate_task(cfg).result()
+        adapter = train_task(cfg, data).result()
+        evaluation = evaluate_task(cfg, data, adapter).result()
+        finetune_gate = gate_task(cfg, "finetune", evaluation).result()
+        merged = merge_task(cfg, data, adapter).result()
+        merge_gate = gate_task(cfg, "merge", merged).result()  # the merged model is the trained model
+        quantized = quantize_task(cfg, data, merged).result()
+        quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized).result()
+        published = evaluate_published_task(cfg, data, quantized)  # None when nothing is published
+        published_evaluation = published.result() if published else None
+        quantized_gate = gate_task(cfg, "quantized", quantized_evaluation, published_evaluation).result()
         review = await_approval(cfg.approval.timeout_s) if cfg.approval.required else None
         release = publish_task(cfg, {
             "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,

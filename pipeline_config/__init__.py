@@ -32,7 +32,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate_config(raw, source=str(path))
 
 
+# Keys that moved or went away, with what to write instead.
+RETIRED_KEYS = {
+    ("train", "device"): "moved to the top-level `device` key (every stage runs there, not only training)",
+    ("train", "distributed"): "removed: multi-process training is data parallel only (each process holds "
+                              "the whole 4-bit model); delete the key",
+}
+
+
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> PipelineConfig:
+    retired = [f"{section}.{key}: {why}" for (section, key), why in RETIRED_KEYS.items()
+               if isinstance(raw.get(section), dict) and key in raw[section]]
+    if retired:
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(retired))
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:

@@ -1,6 +1,6 @@
 """The pipeline's typed configuration: one pydantic model per section, unknown keys rejected.
 
-Each stage's cache key includes only its own section(s) (see `tasks/artifacts.py`), so
+Each stage's cache key includes only the config its StageSpec declares (see `tasks/lib/stage.py`), so
 changing a gate threshold re-runs the gates and what follows them, not training.
 """
 
@@ -91,14 +91,11 @@ class TrainConfig(Section):
     loss_on_responses_only: bool = True
     checkpoint_every: int = Field(10, gt=0, description="Optimizer steps between resumable checkpoints.")
     log_every: int = Field(5, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     num_processes: int = Field(
         1, gt=0, description=">1: the train stage runs the trainer under `accelerate launch` with this many "
-        "processes (one per GPU; on the CPU, gloo processes), each taking a share of every step.")
-    distributed: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="With num_processes > 1: ddp, every process holds the whole 4-bit model "
-        "(deploy/accelerate/ddp.yaml); fsdp, the model is sharded over the GPUs, for a model that does not fit "
-        "one (deploy/accelerate/fsdp_qlora.yaml; CUDA only).")
+        "processes (one per GPU; on the CPU, gloo processes), each holding the whole 4-bit model and taking a "
+        "share of every step (data parallel, deploy/accelerate/ddp.yaml).")
+
 
 
 class LmEvalConfig(Section):
@@ -219,6 +216,8 @@ class ConcurrencyConfig(Section):
 class PipelineConfig(Section):
     run_name: str = "qlora-run"
     seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where every stage runs: cuda if available (auto), else cpu.")
     data: DataConfig
     model: ModelConfig
     lora: LoraConfig = LoraConfig()

@@ -1,60 +1,61 @@
-"""Stage 3, evaluate: held-out metrics for the base and fine-tuned models, and later for the merged
-and GPTQ models, all through the same metric code (`tasks/metrics.py`)."""
+"""Stages 3 and 5a, evaluate: held-out metrics of the base and fine-tuned models, and later of the merged
+and GPTQ models, all through the same scoring code (`tasks/lib/scoring.py`)."""
 
 from __future__ import annotations
 
-import gc
-import json
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
 from prefect import task
+from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
-from tasks import artifacts, dataset, gptq, metrics, modeling, stage
-from tasks.artifacts import ArtifactStore
-from tasks.stage import StageResult
+from tasks.lib import modeling, scoring
+from tasks.lib.artifacts import ArtifactStore, sha256_path
+from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
+
+EVALUATE = StageSpec("evaluate", __name__, reads=("seed", "device", "model", "eval"))
+EVALUATE_QUANTIZED = StageSpec("evaluate-quantized", __name__, reads=("seed", "device", "model.compute_dtype", "eval"))
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5)
-def evaluate_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult) -> StageResult:
+def score_finetune(cfg: StageConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
+    """The full-precision base model and the trained model (4-bit base + adapter)."""
+    device = modeling.resolve_device(cfg.device)
+    dtype = modeling.resolve_dtype(cfg.model.compute_dtype, device)
+    return scoring.score_models(cfg, data_dir, adapter_dir, {
+        "base": lambda: modeling.load_full(cfg.model.base, dtype, device),
+        "finetuned": lambda: modeling.load_finetuned(cfg.model.base, adapter_dir, dtype, device),
+    }, out_dir, regression_set=True)
+
+
+def score_quantized(cfg: StageConfig, data_dir: Path, merged_dir: Path, gptq_dir: Path, out_dir: Path) -> dict:
+    """The merged model and its GPTQ quantization, on the same held-out rows."""
+    device = modeling.resolve_device(cfg.device)
+    dtype = modeling.resolve_dtype(cfg.model.compute_dtype, device)
+    return scoring.score_models(cfg, data_dir, gptq_dir, {
+        "merged": lambda: modeling.load_full(merged_dir, dtype, device),
+        "gptq": lambda: modeling.load_gptq(gptq_dir, device),
+    }, out_dir)
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NONE)
+def evaluate_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult):
     store = ArtifactStore(cfg.artifacts.root)
-
-    def build(workdir: Path, key: str) -> None:
-        _log(evaluate_finetune(cfg, store.local_path(data.ref), store.local_path(adapter.ref), workdir))
-
-    return stage.run_stage(
-        "evaluate",
-        store,
-        code=artifacts.code_hash(sys.modules[__name__], metrics, dataset, modeling),
-        config={"eval": stage.section(cfg.eval), "model": stage.section(cfg.model), "device": cfg.train.device},
+    return reported(run_stage(
+        EVALUATE, store, cfg,
         inputs={"data": data.ref.sha256, "adapter": adapter.ref.sha256,
-                "base_model": artifacts.sha256_path(Path(cfg.model.base)), **extra_inputs(cfg)},
-        build=build,
-    )
+                "base_model": sha256_path(Path(cfg.model.base)), **scoring.extra_inputs(cfg)},
+        build=lambda view, workdir, key: score_finetune(
+            view, store.local_path(data.ref), store.local_path(adapter.ref), workdir),
+    ))
 
 
-@task(name="evaluate-quantized", retries=1, retry_delay_seconds=5)
-def evaluate_quantized_task(
-    cfg: PipelineConfig, data: StageResult, merged: StageResult, quantized: StageResult
-) -> StageResult:
+@task(name="evaluate-quantized", retries=1, retry_delay_seconds=5, cache_policy=NONE)
+def evaluate_quantized_task(cfg: PipelineConfig, data: StageResult, merged: StageResult, quantized: StageResult):
     store = ArtifactStore(cfg.artifacts.root)
-
-    def build(workdir: Path, key: str) -> None:
-        _log(evaluate_quantized(cfg, store.local_path(data.ref), store.local_path(merged.ref),
-                                store.local_path(quantized.ref), workdir))
-
-    return stage.run_stage(
-        "evaluate-quantized",
-        store,
-        code=artifacts.code_hash(sys.modules[__name__], metrics, dataset, modeling, gptq),
-        config={"eval": stage.section(cfg.eval), "device": cfg.train.device},
+    return reported(run_stage(
+        EVALUATE_QUANTIZED, store, cfg,
         inputs={"data": data.ref.sha256, "merged": merged.ref.sha256, "gptq": quantized.ref.sha256,
-                **extra_inputs(cfg)},
-        build=build,
-    )
-
-
+                **scoring.extra_inputs(cfg)},
+        build=lambda view, workdir, key: score_quantized(
+            view, *(store.local_path(r.ref) for r in (data, merged, quantized)), workdir),
+    ))

@@ -1,36 +1,51 @@
-"""TODO"""
+"""Stage 5b, evaluate-published: the release currently published at the target, re-scored by this run's
+scoring code on this run's held-out rows, so the regression gate compares like with like even when the data
+or the metric code changed since that release was made."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 
-@task(name="evaluate-published", retries=1, retry_delay_seconds=5)
-def evaluate_published_task(cfg: PipelineConfig, data: StageResult, quantized: StageResult) -> StageResult | None:
-    """The release currently published at the target, re-scored for the regression gate; None when the gate
-    is off or nothing (other than this very model) is published."""
-    from tasks import publish  # publish imports the gate module, which this stage feeds
+from prefect import task
+from prefect.cache_policies import NONE
 
+from pipeline_config import PipelineConfig
+from tasks.lib import log, modeling, registry, scoring
+from tasks.lib.artifacts import ArtifactStore, sha256_json
+from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
+
+# publish is read to download the release (its token and endpoint); the release's identity, not how it was
+# reached, is in the key.
+EVALUATE_PUBLISHED = StageSpec(
+    "evaluate-published", __name__, reads=("seed", "device", "eval", "publish"),
+    key_config=lambda cfg: {k: v for k, v in cfg.key_data().items() if k != "publish"})
+
+
+def score_published(cfg: StageConfig, data_dir: Path, release: dict, out_dir: Path) -> dict:
+    device = modeling.resolve_device(cfg.device)
+    with tempfile.TemporaryDirectory(prefix="qlora-published-") as download:
+        model_dir = registry.fetch_release_model(cfg, release, Path(download))
+        return scoring.score_models(cfg, data_dir, model_dir, {
+            "published": lambda: modeling.load_gptq(model_dir, device),
+        }, out_dir, header={"version": release["version"], "release_hash": release["release_hash"]})
+
+
+@task(name="evaluate-published", retries=1, retry_delay_seconds=5, cache_policy=NONE)
+def evaluate_published_task(cfg: PipelineConfig, data: StageResult, quantized: StageResult):
+    """None when the regression gate is off or nothing (other than this very model) is published."""
     if cfg.gates.max_regression is None:
         return None
     # Looked up before the cache: a new publish at the target is a new input. A release built from this
-    # run's own GPTQ artifact is not its baseline (see publish.current_release).
-    release = publish.current_release(cfg, exclude_model=quantized.ref.sha256)
+    # run's own GPTQ artifact is not its baseline (see registry.current_release).
+    release = registry.current_release(cfg, exclude_model=quantized.ref.sha256)
     if release is None:
-        stage.logger().info("evaluate-published: nothing published at the target yet")
+        log.logger().info("evaluate-published: nothing published at the target yet")
         return None
     store = ArtifactStore(cfg.artifacts.root)
-
-    def build(workdir: Path, key: str) -> None:
-        with tempfile.TemporaryDirectory(prefix="qlora-published-") as download:
-            model_dir = publish.fetch_release_model(cfg, release, Path(download))
-            _log(evaluate_published(cfg, store.local_path(data.ref), release, model_dir, workdir))
-
-    return stage.run_stage(
-        "evaluate-published",
-        store,
-        code=artifacts.code_hash(sys.modules[__name__], metrics, dataset, modeling, gptq, publish.current_release,
-                                publish.hub.latest_release),
-        config={"eval": stage.section(cfg.eval), "device": cfg.train.device},
-        inputs={"data": data.ref.sha256, "published": artifacts.sha256_json(
-            {k: release[k] for k in ("target", "version", "release_hash")}), **extra_inputs(cfg)},
-        build=build,
-    )
+    return reported(run_stage(
+        EVALUATE_PUBLISHED, store, cfg,
+        inputs={"data": data.ref.sha256, "published": sha256_json(
+            {k: release[k] for k in ("target", "version", "release_hash")}), **scoring.extra_inputs(cfg)},
+        build=lambda view, workdir, key: score_published(view, store.local_path(data.ref), release, workdir),
+    ))

@@ -1,39 +1,37 @@
-"""Stage 0c, fetch-dataset: `data.train_path` / `data.eval_path` as a Hub dataset, `ORG/NAME[@REVISION]:FILE`.
+"""Stage 0c, fetch-dataset: `data.train_path` / `data.eval_path` named as a Hub dataset file,
+`ORG/NAME[@REVISION]:FILE`, becomes a local file.
 
-FILE names the split's file in the repo (a glob that matches exactly one file, e.g. `data/train-*.jsonl`).
-As for a Hub base model (tasks/base_model.py): preflight resolves the revision to a commit with the publishing
-token, so a wrong token or a missing repo, revision or file fails the run before any stage; this stage
-downloads that one file at that commit into the artifact store, keyed by repo, commit and file, with
-`hub_source.json` (id, revision, commit, file) beside it. The validate stage then reads the local copy: the
-commit is in its input hash (through the fetched artifact) and in the model card's lineage.
+Preflight has resolved the revision to a commit and FILE to exactly one file of the repo
+(tasks/lib/hub_sources.py); this stage downloads that one file at that commit into the artifact store, keyed
+by repo, commit and file. The validate stage then reads the local copy: the commit is in its input hash
+(through the fetched artifact) and in the model card's lineage.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
-import sys
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
-from tasks import artifacts, hub, stage
-from tasks.artifacts import ArtifactStore
-from tasks.base_model import download_token, read_repo, seal_download, source_of
-from tasks.stage import StageResult
+from tasks.lib.artifacts import ArtifactStore
+from tasks.lib.hub_sources import download_data_file
+from tasks.lib.stage import StageResult, StageSpec, reported, run_stage
+
+# publish is read for the download token and endpoint: how the file is reached, not what it is.
+FETCH_DATASET = StageSpec("fetch-dataset", __name__, reads=("publish",), key_config=lambda cfg: {})
 
 
-@task(name="fetch-dataset", task_run_name="fetch-dataset-{key}", retries=2, retry_delay_seconds=10)
-def fetch_dataset_task(cfg: PipelineConfig, key: str, source: dict) -> StageResult:
-    store = ArtifactStore(cfg.artifacts.root)
-    return stage.run_stage(
-        "fetch-dataset",
-        store,
-        code=artifacts.code_hash(sys.modules[__name__]),
-        config={},
+@task(name="fetch-dataset", task_run_name="fetch-dataset-{key}", retries=2, retry_delay_seconds=10,
+      cache_policy=NONE)
+def fetch_dataset_task(cfg: PipelineConfig, key: str, source: dict):
+    return reported(run_stage(
+        FETCH_DATASET, ArtifactStore(cfg.artifacts.root), cfg,
         inputs={"repo": source["id"], "commit": source["commit"], "file": source["file"]},
-        build=lambda workdir, _key: download(cfg, source, workdir),
-    )
+        build=lambda view, workdir, _key: download_data_file(view, source, workdir),
+    ))
 
 
+def fetched_file(cfg: PipelineConfig, fetched: StageResult, source: dict) -> Path:
+    return ArtifactStore(cfg.artifacts.root).local_path(fetched.ref) / source["file"]

@@ -10,34 +10,25 @@ release can always say why it was allowed out.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+from typing import Literal
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel
+from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
 from pipeline_config.schema import GatesConfig
-from tasks import artifacts, stage
-from tasks.artifacts import ArtifactStore
-from tasks.stage import StageResult
+from tasks.lib import log
+from tasks.lib.artifacts import ArtifactStore
+from tasks.lib.decisions import GateDecision, decisions_markdown, number
+from tasks.lib.stage import StageResult, StageSpec, reported, run_stage
+
+GateSet = Literal["finetune", "merge", "quantized"]
 
 
 class GateFailed(Exception):
     """One or more release gates failed; the message names every failing gate."""
-
-
-class GateDecision(BaseModel):
-    gate: str
-    metric: str
-    value: float | None  # None only for a skipped gate
-    comparison: str  # "<=" or ">="
-    threshold: float | None
-    baseline: float | None = None
-    passed: bool  # False blocks the release; a skipped gate blocks nothing
-    skipped: str | None = None  # why the gate did not apply (e.g. "no published release")
-    reference: str | None = None  # where the baseline comes from, when not this run (a published release)
 
 
 def check(gate: str, metric: str, value: float, comparison: str, threshold: float,
@@ -110,27 +101,7 @@ def quantized_gates(gates: GatesConfig, results: dict, published: dict | None = 
     return decisions
 
 
-def number(value: float) -> str:
-    """Four decimals, or four significant digits for the small values (logit differences) that would read 0.0000."""
-    return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.4g}"
-
-
-def decisions_markdown(name: str, decisions: list[GateDecision]) -> str:
-    lines = [f"### Gates: {name}", "", "| gate | metric | value | threshold | baseline | result |",
-             "|---|---|---|---|---|---|"]
-    for d in decisions:
-        baseline = "" if d.baseline is None else number(d.baseline)
-        if d.reference and baseline:
-            baseline += f" ({d.reference})"
-        if d.skipped:
-            lines.append(f"| {d.gate} | {d.metric} | | | | skipped: {d.skipped} |")
-            continue
-        lines.append(f"| {d.gate} | {d.metric} | {number(d.value)} | {d.comparison} {number(d.threshold)} | "
-                     f"{baseline} | {'pass' if d.passed else '**FAIL**'} |")
-    return "\n".join(lines) + "\n"
-
-
-def decide(name: str, gates: GatesConfig, measured_dir: Path, published_dir: Path | None) -> list[GateDecision]:
+def decide(name: GateSet, gates: GatesConfig, measured_dir: Path, published_dir: Path | None) -> list[GateDecision]:
     if name == "merge":
         return merge_gates(gates, json.loads((measured_dir / "fidelity.json").read_text()))
     results = json.loads((measured_dir / "metrics.json").read_text())
@@ -140,7 +111,7 @@ def decide(name: str, gates: GatesConfig, measured_dir: Path, published_dir: Pat
     return quantized_gates(gates, results, published)
 
 
-def apply_gates(name: str, gates: GatesConfig, measured_dir: Path, out_dir: Path,
+def apply_gates(name: GateSet, gates: GatesConfig, measured_dir: Path, out_dir: Path,
                 published_dir: Path | None = None) -> list[GateDecision]:
     """Decide the `name` gate set on what measured_dir holds (metrics.json; fidelity.json for merge);
     published_dir (quantized gates only) holds the evaluate-published stage's metrics.json, when a release
@@ -155,24 +126,22 @@ def apply_gates(name: str, gates: GatesConfig, measured_dir: Path, out_dir: Path
             + (f", baseline {number(d.baseline)} from {d.reference}" if d.reference else "") + ")" for d in failing))
     (out_dir / "gates.json").write_text(json.dumps([d.model_dump() for d in decisions], indent=1))
     skipped = [d for d in decisions if d.skipped]
-    stage.logger().info("gate %s: %d gates passed, %d skipped%s", name, len(decisions) - len(skipped), len(skipped),
+    log.logger().info("gate %s: %d gates passed, %d skipped%s", name, len(decisions) - len(skipped), len(skipped),
                         "".join(f"; {d.gate}: {d.skipped}" for d in skipped))
     return decisions
 
 
-@task(name="gate", task_run_name="gate-{name}", retries=0)  # a failed gate is a decision, not a transient error
-def gate_task(cfg: PipelineConfig, name: str, evaluation: StageResult,
-              published: StageResult | None = None) -> StageResult:
+GATE = StageSpec("gate", __name__, reads=("gates",))
+
+
+@task(name="gate", task_run_name="gate-{name}", retries=0, cache_policy=NONE)  # a failed gate is a decision
+def gate_task(cfg: PipelineConfig, name: GateSet, evaluation: StageResult, published: StageResult | None = None):
     """evaluation: the stage whose measurements the gates read (an evaluate stage, or merge for "merge");
     published: the evaluate-published stage's result (quantized gates; None when nothing is published)."""
     store = ArtifactStore(cfg.artifacts.root)
-    inputs = {"metrics": evaluation.ref.sha256, "published": published.ref.sha256 if published else "none"}
-    return stage.run_stage(
-        f"gate-{name}",
-        store,
-        code=artifacts.code_hash(sys.modules[__name__]),
-        config=stage.section(cfg.gates),
-        inputs=inputs,
-        build=lambda workdir, key: apply_gates(name, cfg.gates, store.local_path(evaluation.ref), workdir,
-                                               store.local_path(published.ref) if published else None),
-    )
+    return reported(run_stage(
+        GATE, store, cfg, name=f"gate-{name}",
+        inputs={"metrics": evaluation.ref.sha256, "published": published.ref.sha256 if published else "none"},
+        build=lambda view, workdir, key: apply_gates(name, view.gates, store.local_path(evaluation.ref), workdir,
+                                                     store.local_path(published.ref) if published else None),
+    ))

@@ -6,7 +6,7 @@ Two modes (`merge.mode`):
   model that passed the gates computes dequant(NF4(W)) + s·BA, not W + s·BA. Every linear weight
   that bitsandbytes quantized in training (all of them but the output embeddings, whether or not
   LoRA targets them) is quantized again here exactly as `load_in_4bit` did (bitsandbytes'
-  `Params4bit` with `modeling.nf4_config`: NF4, blocksize 64, double-quantized absmax, from the
+  `Params4bit` with `tasks/lib/modeling.nf4_config`: NF4, blocksize 64, double-quantized absmax, from the
   dtype training loaded the base in), dequantized, and the adapter's delta added. The merged model
   is the trained model up to float rounding (max |logit diff| ~1e-4 on the embedded default).
 * **original**: the delta is added to the full-precision W. That model differs from the trained
@@ -19,8 +19,6 @@ tensor merged on `device` (the GPU when there is one) and written straight into 
 output shard, whose header is computed up front from the shapes. Peak memory is the largest tensor
 and its working copies (NF4 roundtrip, fp32 sum), never a full copy of the model, in fp32 or
 otherwise. Non-linear tensors (embeddings, norms) are copied as they are, cast to `merge.dtype`.
-`merge_in_memory` (peft's `merge_and_unload` on the whole model) is kept as the reference the
-streamed merge is tested against.
 
 A fidelity check then compares the merged model's logits with the trained model's on a few held-out
 prompts: the NF4 base plus the adapter, on bitsandbytes' kernels on a GPU and, on the CPU, as the exact
@@ -31,67 +29,45 @@ inference kernel (bf16 on AVX512-BF16 CPUs) stands in for the model that was tra
 
 from __future__ import annotations
 
-import gc
 import json
-import math
-import shutil
-import struct
-import sys
-import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from prefect import task
-from safetensors import safe_open
+from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
-from tasks import artifacts, dataset, modeling, stage
-from tasks.artifacts import ArtifactStore
-from tasks.stage import StageResult
+from tasks.lib import datarows, log, modeling
+from tasks.lib.artifacts import ArtifactStore, sha256_path
+from tasks.lib.nf4_merge import FIDELITY_PROMPTS, fidelity_check, save_model_files, stream_merge, training_dtype
+from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
+
+# model.compute_dtype decides the dtype the base was NF4-quantized from in training; device decides where the
+# merge and the fidelity check run (and so their float rounding).
+MERGE = StageSpec("merge", __name__, reads=("device", "merge", "model.base", "model.compute_dtype"))
 
 
-# --------------------------------------------------------------------------- the adapter
-
-
-# --------------------------------------------------------------------------- the base
-
-
-# --------------------------------------------------------------------------- streamed safetensors output
-
-
-# --------------------------------------------------------------------------- the merge
-
-
-# --------------------------------------------------------------------------- fidelity
-
-
-def merge_model(cfg: PipelineConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
-    device = modeling.resolve_device(cfg.train.device)
+def merge_model(cfg: StageConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
+    device = modeling.resolve_device(cfg.device)
     dtype, nf4_dtype = getattr(torch, cfg.merge.dtype), training_dtype(cfg, adapter_dir)
     report = stream_merge(cfg.model.base, adapter_dir, out_dir, mode=cfg.merge.mode, dtype=dtype,
                           nf4_dtype=nf4_dtype, device=device)
     save_model_files(cfg.model.base, adapter_dir, out_dir, dtype)
-    rows = dataset.read_jsonl(data_dir / "eval.jsonl")[:FIDELITY_PROMPTS]
+    rows = datarows.read_jsonl(data_dir / "eval.jsonl")[:FIDELITY_PROMPTS]
     fidelity = {**report, **fidelity_check(cfg, adapter_dir, out_dir, rows, nf4_dtype, device)}
     (out_dir / "fidelity.json").write_text(json.dumps(fidelity, indent=1))
-    stage.logger().info("merge: %s merge streamed in %.1f s, max |logit diff| vs trained model %.4g",
-                        cfg.merge.mode, report["seconds"], fidelity["max_abs_logit_diff"])
+    log.logger().info("merge: %s merge streamed in %.1f s, max |logit diff| vs trained model %.4g",
+                      cfg.merge.mode, report["seconds"], fidelity["max_abs_logit_diff"])
     return fidelity
 
 
-@task(name="merge", retries=1, retry_delay_seconds=5)
-def merge_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult) -> StageResult:
+@task(name="merge", retries=1, retry_delay_seconds=5, cache_policy=NONE)
+def merge_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult):
     store = ArtifactStore(cfg.artifacts.root)
-    return stage.run_stage(
-        "merge",
-        store,
-        code=artifacts.code_hash(sys.modules[__name__], modeling, dataset),
-        # model.compute_dtype decides the dtype the base was NF4-quantized from in training.
-        config={"merge": stage.section(cfg.merge), "compute_dtype": cfg.model.compute_dtype},
+    return reported(run_stage(
+        MERGE, store, cfg,
         inputs={"adapter": adapter.ref.sha256, "data": data.ref.sha256,
-                "base_model": artifacts.sha256_path(Path(cfg.model.base))},
-        build=lambda workdir, key: merge_model(
-            cfg, store.local_path(data.ref), store.local_path(adapter.ref), workdir),
-    )
+                "base_model": sha256_path(Path(cfg.model.base))},
+        build=lambda view, workdir, key: merge_model(
+            view, store.local_path(data.ref), store.local_path(adapter.ref), workdir),
+    ))

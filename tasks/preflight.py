@@ -1,6 +1,17 @@
-"""TODO"""
+"""Stage 0a, preflight: everything that can fail before any GPU time, checked first.
+
+The base model's family is supported (a folder) or its Hub id resolves to a commit with the token; Hub data
+paths resolve to one file each; the publish target can be reached and is private. Nothing is built.
+"""
 
 from __future__ import annotations
+
+from prefect import task
+
+from pipeline_config import PipelineConfig
+from tasks.lib import hub
+from tasks.lib.hub_sources import resolve_revision, resolve_revisions
+from tasks.lib.modeling import check_supported_family
 
 
 @task(name="preflight")

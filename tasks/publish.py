@@ -13,8 +13,8 @@ published to `publish.target`:
   A release is staged in a hidden folder and renamed into place, so a crash never shows a
   partial version; publishing the same release hash again finds that version and creates nothing.
 
-- `hf://ORG/NAME`, a private Hugging Face Hub repo: one commit + a tag `v<N>-<data fingerprint>`
-  (see `tasks/hub.py`).
+- `hf://ORG/NAME`, a private Hugging Face Hub repo: one commit + a tag `v<N>-<data artifact>`
+  (see `tasks/lib/hub.py`).
 
 `qlora-pipeline publish --release <bundle URI>` publishes an existing bundle again, building nothing.
 """
@@ -22,87 +22,94 @@ published to `publish.target`:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
+import tempfile
 import time
-import uuid
 from importlib.metadata import version as package_version
 from pathlib import Path
 
-import yaml
-from huggingface_hub import EvalResult, ModelCardData
 from prefect import runtime, task
-from pydantic import BaseModel
+from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
-from tasks import artifacts, hub
-from tasks.artifacts import ArtifactRef, ArtifactStore
-from tasks.base_model import base_model_name, resolve_revision, source_of
-from tasks.hub_dataset import resolve_revisions, source_of_file
-from tasks.datasource import data_source_fingerprint
-from tasks.gate import GateDecision, decisions_markdown
-from tasks.modeling import check_supported_family
-from tasks.stage import StageResult, run_stage
+from tasks.lib import artifacts, hub
+from tasks.lib.artifacts import ArtifactRef, ArtifactStore, sha256_json
+from tasks.lib.decisions import GateDecision
+from tasks.lib.hub_sources import base_model_name, source_of, source_of_file
+from tasks.lib.lineage import data_source_hash, git_commit
+from tasks.lib.model_card import display_repo, extra_card, lineage_config, model_card
+from tasks.lib.registry import RELEASE_FILE, Release, publish_local
+from tasks.lib.stage import StageConfig, StageResult, StageSpec, run_stage
+
+# The bundle records the config (the model card's lineage) and describes the target (the card differs on the
+# Hub); of publish, only where it goes enters the key, not how (tokens, transfer).
+RELEASE = StageSpec(
+    "release", __name__,
+    reads=("run_name", "seed", "device", "data", "model", "lora", "train", "eval", "gates", "merge", "quantize",
+           "publish"),
+    key_config=lambda cfg: {"repo": display_repo(cfg), "target": cfg.publish.target, "config": lineage_config(cfg)})
 
 
 def release_hash(parts: dict[str, StageResult]) -> str:
     return artifacts.sha256_json({name: result.ref.sha256 for name, result in sorted(parts.items())})
 
 
-def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, StageResult],
-                 review: dict | None = None) -> StageResult:
-    """The release bundle artifact: every file of the release, built once per release hash and card config.
-
-    review: the human approval record (tasks/approval.py) when the run required one."""
+def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageResult], review: dict | None,
+                 workdir: Path) -> None:
     digest = release_hash(parts)
 
     def read(name: str, file: str):
         return json.loads((store.local_path(parts[name].ref) / file).read_text())
 
-    def build(workdir: Path, _key: str) -> None:
-        metrics = {"finetune": read("evaluation", "metrics.json"),
-                   "quantized": read("quantized_evaluation", "metrics.json")}
-        gates = {name: [GateDecision(**d) for d in read(f"gate_{name}", "gates.json")]
-                 for name in ("finetune", "merge", "quantized")}
-        data_files = read("data", artifacts.MANIFEST)["files"]
-        lineage = {
-            "release_hash": digest,
-            "data_fingerprint": parts["data"].ref.sha256,
-            "data_source_fingerprint": data_source_fingerprint(cfg),  # raw train/eval files (flows/sensor.py)
-            "datasets": [[split, path, data_files.get(f"{split}.jsonl", {"sha256": None})]
-                         for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path))],
-            "dataset_sources": {split: source for split, source in
-                                (("train", source_of_file(cfg.data.train_path)),
-                                 ("eval", source_of_file(cfg.data.eval_path))) if source},
-            "flow_run_id": str(runtime.flow_run.id or "local"),
-            "pipeline_version": package_version("qlora-pipeline"),
-            "git_commit": git_commit(),
-            "base_model": {"name": base_model_name(cfg), **(source_of(cfg.model.base) or {"folder": cfg.model.base})},
-            "approval": {
-                "decision": "approved" if all(d.passed for ds in gates.values() for d in ds) else "rejected",
-                "by": review["reviewer"] if review else "qlora-pipeline quality gates (automatic)",
-                "comment": review["comment"] if review else "",
-                "gates": {name: {"artifact": parts[f"gate_{name}"].ref.sha256, "passed": all(d.passed for d in ds)}
-                          for name, ds in gates.items()},
-                "at": review["decided_at"] if review else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
-            "artifacts": {name: result.ref.model_dump() for name, result in parts.items()},
-            "config": lineage_config(cfg),
-        }
-        shutil.copytree(store.local_path(parts["gptq"].ref), workdir, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(artifacts.MANIFEST))
-        shutil.copytree(store.local_path(parts["adapter"].ref), workdir / "adapter",
-                        ignore=shutil.ignore_patterns(artifacts.MANIFEST))
-        (workdir / "metrics.json").write_text(json.dumps(
-            {**metrics, "gates": {k: [d.model_dump() for d in v] for k, v in gates.items()}}, indent=1))
-        (workdir / "README.md").write_text(model_card(cfg, metrics, gates, lineage))
-        (workdir / RELEASE_FILE).write_text(json.dumps(lineage, indent=1))
+    metrics = {"finetune": read("evaluation", "metrics.json"),
+               "quantized": read("quantized_evaluation", "metrics.json")}
+    gates = {name: [GateDecision(**d) for d in read(f"gate_{name}", "gates.json")]
+             for name in ("finetune", "merge", "quantized")}
+    data_files = read("data", artifacts.MANIFEST)["files"]
+    lineage = {
+        "release_hash": digest,
+        "data_artifact": parts["data"].ref.sha256,
+        "data_source_hash": data_source_hash(cfg),  # raw train/eval files (flows/sensor.py)
+        "datasets": [[split, path, data_files.get(f"{split}.jsonl", {"sha256": None})]
+                     for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path))],
+        "dataset_sources": {split: source for split, source in
+                            (("train", source_of_file(cfg.data.train_path)),
+                             ("eval", source_of_file(cfg.data.eval_path))) if source},
+        "flow_run_id": str(runtime.flow_run.id or "local"),
+        "pipeline_version": package_version("qlora-pipeline"),
+        "git_commit": git_commit(),
+        "base_model": {"name": base_model_name(cfg), **(source_of(cfg.model.base) or {"folder": cfg.model.base})},
+        "approval": {
+            "decision": "approved" if all(d.passed for ds in gates.values() for d in ds) else "rejected",
+            "by": review["reviewer"] if review else "qlora-pipeline quality gates (automatic)",
+            "comment": review["comment"] if review else "",
+            "gates": {name: {"artifact": parts[f"gate_{name}"].ref.sha256, "passed": all(d.passed for d in ds)}
+                      for name, ds in gates.items()},
+            "at": review["decided_at"] if review else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "artifacts": {name: result.ref.model_dump() for name, result in parts.items()},
+        "config": lineage_config(cfg),
+    }
+    shutil.copytree(store.local_path(parts["gptq"].ref), workdir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+    shutil.copytree(store.local_path(parts["adapter"].ref), workdir / "adapter",
+                    ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+    (workdir / "metrics.json").write_text(json.dumps(
+        {**metrics, "gates": {k: [d.model_dump() for d in v] for k, v in gates.items()}}, indent=1))
+    (workdir / "README.md").write_text(model_card(cfg, metrics, gates, lineage))
+    (workdir / RELEASE_FILE).write_text(json.dumps(lineage, indent=1))
 
-    return run_stage("release", store, code=artifacts.code_hash(build_bundle, hub.parse_target),
-                     config={"release_hash": digest, "repo": display_repo(cfg), "config": lineage_config(cfg),
-                             "review": review},
-                     inputs={name: result.ref.sha256 for name, result in sorted(parts.items())}, build=build)
+
+
+def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, StageResult],
+                 review: dict | None = None) -> StageResult:
+    """The release bundle artifact: every file of the release, built once per release hash and card config.
+
+    review: the human approval record (flows/approval.py) when the run required one."""
+    return run_stage(RELEASE, store, cfg, inputs={
+        **{name: result.ref.sha256 for name, result in sorted(parts.items())},
+        "review": sha256_json(review)},
+        build=lambda view, workdir, key: write_bundle(view, store, parts, review, workdir))
 
 
 def ref_from_uri(uri: str) -> tuple[ArtifactStore, ArtifactRef]:
@@ -128,7 +135,7 @@ def publish_bundle(cfg: PipelineConfig, store: ArtifactStore, bundle_ref: Artifa
         for name in cfg.publish.hub_extras:
             ref = ArtifactRef(**record["artifacts"][name])
             extras[name] = ref_from_uri(ref.uri)[0].local_path(ref)
-        published = hub.publish_to_hub(cfg, bundle, extras)
+        published = publish_to_hub(cfg, bundle, extras)
         release = Release(repo=published.repo_id, version=published.tag, path=f"hf://{published.repo_id}@{published.tag}",
                           release_hash=record["release_hash"], created=published.created, commit=published.commit,
                           message=published.message)
@@ -142,8 +149,34 @@ def publish_release(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, 
     return publish_bundle(cfg, store, bundle.ref)
 
 
-@task(name="publish", retries=2, retry_delay_seconds=5)
+@task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def publish_task(cfg: PipelineConfig, parts: dict[str, StageResult], review: dict | None = None) -> Release:
     start = time.perf_counter()
     release = publish_release(cfg, ArtifactStore(cfg.artifacts.root), parts, review)
     return release.model_copy(update={"seconds": time.perf_counter() - start})
+
+
+def folder_files(folder: Path, skip: tuple[str, ...] = ("MANIFEST.json",)) -> dict[str, Path]:
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() not in skip}
+
+
+def publish_to_hub(cfg: PipelineConfig, bundle: Path, extras: dict[str, Path] | None = None) -> hub.HubRelease:
+    """Publish a release bundle folder (with release.json) to publish.target, then each extra
+    (name -> folder: adapter, merged) to its own repo `<NAME>-<extra>` with the same tag scheme."""
+    target = hub.parse_target(cfg.publish.target)
+    token = hub.resolve_token(cfg)
+    record = json.loads((bundle / RELEASE_FILE).read_text())
+    with hub.client_settings(cfg):
+        main = hub.publish_files(cfg, target.repo_id, folder_files(bundle), record, token)
+        for name, folder in (extras or {}).items():
+            repo_id = f"{target.repo_id}{hub.EXTRA_SUFFIX[name]}"
+            with tempfile.TemporaryDirectory(prefix="qlora-hub-extra-") as tmp:
+                files = folder_files(folder)
+                (Path(tmp) / RELEASE_FILE).write_text(json.dumps({**record, "variant": name,
+                                                                   "main_release": f"{target.repo_id}@{main.tag}"},
+                                                                  indent=1))
+                (Path(tmp) / "README.md").write_text(extra_card(cfg, name, target.repo_id, main.tag, record))
+                files.update({RELEASE_FILE: Path(tmp) / RELEASE_FILE, "README.md": Path(tmp) / "README.md"})
+                hub.publish_files(cfg, repo_id, files, record, token)
+    return main

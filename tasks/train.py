@@ -1,92 +1,50 @@
-"""Stage 2, train: QLoRA on the validated dataset.
+"""Stage 2, train: QLoRA on the validated dataset (the trainer itself is `tasks/lib/trainer.py`).
 
-NF4 + double-quantized base (bitsandbytes), LoRA adapters (peft), paged AdamW, gradient
-checkpointing, padding-free packed batches with the loss on response tokens only.
+In-process for one process; with `train.num_processes > 1` the stage runs this module under
+`accelerate launch` (deploy/accelerate/ddp.yaml), each process taking a share of every step, and streams
+their output into the stage's log. Checkpoints live in the store's scratch area under the stage's cache
+key, so a retry (or a re-run after a crash, on any worker) resumes from the last one.
 
-Deliberately *not* `prepare_model_for_kbit_training`: its blanket fp32 upcast of norms,
-embeddings and lm_head costs several-fold throughput on a GPU and buys nothing we need.
-
-Checkpoints (adapter, optimizer, scheduler, RNG, step) go to a scratch folder keyed by the
-stage's cache key, so a retry or a re-run after a crash resumes instead of starting over. With a
-remote artifact store (s3://...) each checkpoint is also uploaded to the store's scratch area, so a
-re-run on another worker, with an empty local disk, resumes too.
-
-A step is one packed row of `train.tokens_per_step` real tokens. Its loss is the mean over the
-row's labelled tokens however the row is cut: into micro-batches (`train.micro_batch_tokens`) and
-into per-process shares (`train.num_processes`), always between examples, every piece's summed
-loss divided by the whole step's label count. So neither changes what is trained, only memory and
-speed. Fast paths, all optional and off on the CPU, where the tests run the same code without them:
-chunked cross-entropy (`loss_chunk_tokens`), Liger kernels (`kernels`), torch.compile (`compile`),
-selective checkpointing (`checkpoint_every_n_layers`), varlen attention (`attention`).
-
-With `train.num_processes > 1` the stage runs this module under `accelerate launch` (configs in
-deploy/accelerate/); each process takes a share of every step. ddp: every process holds the whole
-model and the LoRA gradients are all-reduced once per step. fsdp: accelerate shards the model.
-Rank 0 alone writes checkpoints, TensorBoard events and the adapter; all ranks resume from the
-same checkpoint.
+`python -m tasks.train --config C --data-dir D --out-dir O --scratch-dir S` runs the trainer alone, outside
+Prefect: what a launcher starts in every process, and what the resume test kills mid-run.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import math
 import os
-import random
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+import tempfile
 from pathlib import Path
 
 import torch
 from prefect import task
+from prefect.cache_policies import NONE
 
-from pipeline_config import ConfigError, PipelineConfig
-from tasks import artifacts, dataset, modeling, stage
-from tasks.artifacts import ArtifactStore
-from tasks.stage import StageResult
+from pipeline_config import PipelineConfig
+from tasks.lib import log
+from tasks.lib.artifacts import ArtifactStore, sha256_path
+from tasks.lib.checkpoints import Checkpoints
+from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
+from tasks.lib.trainer import train_adapter
 
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "accelerate"
-ACCELERATE_CONFIG = {"ddp": "ddp.yaml", "fsdp": "fsdp_qlora.yaml"}
-RESOLVED_CONFIG = "resolved-config.yaml"  # the config a launched trainer reads, in the scratch folder
+TRAIN = StageSpec("train", __name__, reads=("seed", "device", "model", "lora", "train", "data.max_seq_len"))
+ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "accelerate" / "ddp.yaml"
 STEP_LINE = re.compile(r"train: step (\d+)/(\d+)")
 
 
-# --------------------------------------------------------------------------- processes
-
-
-# --------------------------------------------------------------------------- steps, shares, micro-batches
-
-
-# --------------------------------------------------------------------------- the model
-
-
-# --------------------------------------------------------------------------- the loss
-
-
-# --------------------------------------------------------------------------- TensorBoard
-
-
-# --------------------------------------------------------------------------- training
-
-
-# --------------------------------------------------------------------------- the stage and its launcher
-
-
-def launch_command(cfg: PipelineConfig, config_file: Path, data_dir: Path, out_dir: Path, scratch_dir: Path,
+def launch_command(num_processes: int, config_file: Path, data_dir: Path, out_dir: Path, scratch_dir: Path,
                    scratch_remote: str | None = None, main_process_port: int | None = None) -> list[str]:
-    """`accelerate launch` running this module in cfg.train.num_processes processes, with the accelerate
-    config of cfg.train.distributed from deploy/accelerate/. (`python -m accelerate.commands.launch` is
-    `accelerate launch` without depending on the venv's bin/ being on PATH.)"""
+    """`accelerate launch` running this module in num_processes processes (deploy/accelerate/ddp.yaml).
+    (`python -m accelerate.commands.launch` is `accelerate launch` without depending on the venv's bin/
+    being on PATH.)"""
     return [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ACCELERATE_CONFIGS / ACCELERATE_CONFIG[cfg.train.distributed]),
-        "--num_processes", str(cfg.train.num_processes),
+        "--config_file", str(ACCELERATE_CONFIG),
+        "--num_processes", str(num_processes),
         *(["--main_process_port", str(main_process_port)] if main_process_port else []),
         "-m", "tasks.train",
         "--config", str(config_file),
@@ -112,14 +70,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_trainer(cfg: PipelineConfig, data_dir: Path, out_dir: Path, checkpoints: Checkpoints) -> None:
+def launch_trainer(num_processes: int, config_file: Path, data_dir: Path, out_dir: Path,
+                   checkpoints: Checkpoints) -> None:
     """Run the multi-process trainer to completion, its output streamed into this stage's log and its
     step lines into the progress bar. A non-zero exit fails the stage (the task's retry then resumes)."""
-    logger = stage.logger()
-    report_progress = stage.progress_reporter("train: optimizer steps done")
-    config_file = write_resolved_config(cfg, checkpoints.local_dir / RESOLVED_CONFIG)
-    command = launch_command(cfg, config_file, data_dir, out_dir, checkpoints.local_dir, checkpoints.remote,
-                             main_process_port=free_port())
+    logger = log.logger()
+    report_progress = log.progress_reporter("train: optimizer steps done")
+    command = launch_command(num_processes, config_file, data_dir, out_dir, checkpoints.local_dir,
+                             checkpoints.remote, main_process_port=free_port())
     logger.info("train: %s", shlex.join(command))
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
@@ -131,32 +89,27 @@ def launch_trainer(cfg: PipelineConfig, data_dir: Path, out_dir: Path, checkpoin
         raise RuntimeError(f"train: the launched trainer exited with {process.returncode} (its output is above)")
 
 
-@task(name="train", retries=2, retry_delay_seconds=5)
-def train_task(cfg: PipelineConfig, data: StageResult) -> StageResult:
+def build_adapter(cfg: StageConfig, store: ArtifactStore, data: StageResult, workdir: Path, key: str,
+                  config_file: Path | None) -> None:
+    checkpoints = Checkpoints(store.scratch_dir("train", key), store.remote_scratch("train", key))
+    if cfg.train.num_processes > 1:
+        launch_trainer(cfg.train.num_processes, config_file, store.local_path(data.ref), workdir, checkpoints)
+    else:
+        train_adapter(cfg, store.local_path(data.ref), workdir, checkpoints)
+    checkpoints.clear()
+
+
+@task(name="train", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def train_task(cfg: PipelineConfig, data: StageResult):
     store = ArtifactStore(cfg.artifacts.root)
-
-    def build(workdir: Path, key: str) -> None:
-        checkpoints = Checkpoints(store.scratch_dir("train", key), store.remote_scratch("train", key))
-        if cfg.train.num_processes > 1:
-            launch_trainer(cfg, store.local_path(data.ref), workdir, checkpoints)
-        else:
-            train_adapter(cfg, store.local_path(data.ref), workdir, checkpoints)
-        checkpoints.clear()
-
-    return stage.run_stage(
-        "train",
-        store,
-        code=artifacts.code_hash(sys.modules[__name__], dataset, modeling),
-        config={
-            "seed": cfg.seed,
-            "model": stage.section(cfg.model),
-            "lora": stage.section(cfg.lora),
-            "train": stage.section(cfg.train),
-            "max_seq_len": cfg.data.max_seq_len,
-        },
-        inputs={"data": data.ref.sha256, "base_model": artifacts.sha256_path(Path(cfg.model.base))},
-        build=build,
-    )
+    with tempfile.TemporaryDirectory(prefix="qlora-train-") as tmp:
+        # Launched processes read the resolved config from a file, and see only TRAIN's part of it (main).
+        config_file = write_resolved_config(cfg, Path(tmp) / "config.yaml") if cfg.train.num_processes > 1 else None
+        return reported(run_stage(
+            TRAIN, store, cfg,
+            inputs={"data": data.ref.sha256, "base_model": sha256_path(Path(cfg.model.base))},
+            build=lambda view, workdir, key: build_adapter(view, store, data, workdir, key, config_file),
+        ))
 
 
 def cli_parser():
@@ -188,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        train_adapter(load_config(args.config, args.set), Path(args.data_dir), out,
-                      Checkpoints(Path(args.scratch_dir), args.scratch_remote))
+        cfg = StageConfig(load_config(args.config, args.set), TRAIN.reads, TRAIN.name)
+        train_adapter(cfg, Path(args.data_dir), out, Checkpoints(Path(args.scratch_dir), args.scratch_remote))
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

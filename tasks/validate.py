@@ -20,36 +20,22 @@ policy changes this artifact and re-runs everything after it.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import shutil
 import tempfile
-import unicodedata
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
-from tasks import artifacts, contracts, dataset, stage
-from tasks.artifacts import ArtifactStore
-from tasks.contracts import DataError, RuleResult, SampleRow, ValidationReport
-from tasks.stage import StageResult
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-# --------------------------------------------------------------------------- one file
-
-
-# --------------------------------------------------------------------------- the dataset
-
-
-# --------------------------------------------------------------------------- the task
+from tasks.lib import artifacts, contracts, datarows, log
+from tasks.lib.artifacts import ArtifactStore
+from tasks.lib.chat import tokenizer_hash
+from tasks.lib.datarows import DataError
+from tasks.lib.prep import DataContractFailed, validate_dataset
+from tasks.lib.stage import StageConfig, StageSpec, reported, run_stage
 
 
 def cache_inputs(cfg: PipelineConfig) -> dict[str, str]:
@@ -58,7 +44,7 @@ def cache_inputs(cfg: PipelineConfig) -> dict[str, str]:
         if local.exists():
             return artifacts.sha256_path(local)
         if not local.suffix:  # a dataset id: key on its name and the cached copy's fingerprint
-            frame_hash = _dataset_id_fingerprint(path)
+            frame_hash = _dataset_id_hash(path)
             return artifacts.sha256_json({"dataset": path, "fingerprint": frame_hash})
         raise DataError(f"{path}: file not found")
 
@@ -73,51 +59,53 @@ def cache_inputs(cfg: PipelineConfig) -> dict[str, str]:
     return inputs
 
 
-def _dataset_id_fingerprint(spec: str) -> str:
-    frame = contracts.load_rows(Path(spec), "auto")
+def _dataset_id_hash(spec: str) -> str:
+    frame = datarows.load_rows(Path(spec), "auto")
     return artifacts.sha256_json(frame.astype(str).values.tolist())
 
 
-def cache_config(cfg: PipelineConfig) -> dict:
-    data = stage.section(cfg.data)
-    for key in ("train_path", "eval_path", "contract", "tokenizer", "chat_template"):  # content-hashed in inputs
+def key_config(cfg: StageConfig) -> dict:
+    """The files (data, contract, tokenizer, template) enter the key by content (cache_inputs), so moving one
+    re-runs nothing; train.tokens_per_step only as the pack budget the packing statistics use."""
+    data = cfg.data.model_dump(mode="json")
+    for key in ("train_path", "eval_path", "contract", "tokenizer", "chat_template"):
         data[key] = data[key] is not None
     return {"data": data, "seed": cfg.seed, "responses_only": cfg.train.loss_on_responses_only,
             "pack_budget": max(cfg.train.tokens_per_step, cfg.data.max_seq_len)}
 
 
-@task(name="validate", retries=0)  # bad data does not get better on retry
-def validate_task(cfg: PipelineConfig) -> StageResult:
+VALIDATE = StageSpec("validate", __name__, key_config=key_config, reads=(
+    "seed", "data", "model.base", "train.loss_on_responses_only", "train.tokens_per_step"))
+
+
+def build_validated(cfg: StageConfig, store: ArtifactStore, workdir: Path, key: str) -> None:
+    logger = log.logger()
+    try:
+        reports = validate_dataset(cfg, workdir)
+    except DataContractFailed as failure:
+        kept = store.scratch_dir("validate-failed", key)  # the reports outlive the failed build
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(workdir, kept)
+        create_markdown_artifact(key="data-contract", markdown=str(failure), description="Data contract failed")
+        raise DataContractFailed(f"{failure}\nreports: {kept}") from None
+    markdown = (workdir / "report.md").read_text()
+    create_markdown_artifact(key="data-contract", markdown=markdown, description="Data contract passed")
+    prep = json.loads((workdir / "fingerprint.json").read_text())
+    for split, report in reports.items():
+        warned = [r.rule for r in report.rules if not r.success]
+        logger.info("validate: %s passed (%d rows)%s", split, report.row_count,
+                    f", warnings: {', '.join(warned)}" if warned else "")
+    logger.info("validate: %d training examples, packing efficiency %.1f%%, fingerprint %s",
+                prep["stats"]["train"]["examples"], 100 * prep["packing"]["efficiency"], prep["fingerprint"][:12])
+
+
+@task(name="validate", retries=0, cache_policy=NONE)  # bad data does not get better on retry
+def validate_task(cfg: PipelineConfig):
     store = ArtifactStore(cfg.artifacts.root)
-    logger = stage.logger()
-
-    def build(workdir: Path, key: str) -> None:
-        try:
-            reports = validate_dataset(cfg, workdir)
-        except DataContractFailed as failure:
-            kept = store.scratch_dir("validate-failed", key)  # the reports outlive the failed build
-            shutil.rmtree(kept, ignore_errors=True)
-            shutil.copytree(workdir, kept)
-            create_markdown_artifact(key="data-contract", markdown=str(failure), description="Data contract failed")
-            raise DataContractFailed(f"{failure}\nreports: {kept}") from None
-        markdown = (workdir / "report.md").read_text()
-        create_markdown_artifact(key="data-contract", markdown=markdown, description="Data contract passed")
-        prep = json.loads((workdir / "fingerprint.json").read_text())
-        for split, report in reports.items():
-            warned = [r.rule for r in report.rules if not r.success]
-            logger.info("validate: %s passed (%d rows)%s", split, report.row_count,
-                        f", warnings: {', '.join(warned)}" if warned else "")
-        logger.info("validate: %d training examples, packing efficiency %.1f%%, fingerprint %s",
-                    prep["stats"]["train"]["examples"], 100 * prep["packing"]["efficiency"], prep["fingerprint"][:12])
-
-    return stage.run_stage(
-        "validate",
-        store,
-        code=artifacts.code_hash(validate_dataset, contracts.validate_rows, dataset.tokenize_conversations),
-        config=cache_config(cfg),
-        inputs=cache_inputs(cfg),
-        build=build,
-    )
+    return reported(run_stage(
+        VALIDATE, store, cfg, inputs=cache_inputs(cfg),
+        build=lambda view, workdir, key: build_validated(view, store, workdir, key),
+    ))
 
 
 def validate_for_cli(cfg: PipelineConfig, data: str | None, fmt: str | None,
@@ -137,7 +125,7 @@ def validate_for_cli(cfg: PipelineConfig, data: str | None, fmt: str | None,
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=updates)})
     with tempfile.TemporaryDirectory(prefix="qlora-validate-") as tmp:
         try:
-            validate_dataset(cfg, Path(tmp), require_eval=not data)
+            validate_dataset(StageConfig(cfg, VALIDATE.reads, VALIDATE.name), Path(tmp), require_eval=not data)
         except DataContractFailed as failure:
             return False, (Path(tmp) / "report.md").read_text() if (Path(tmp) / "report.md").exists() else str(failure)
         return True, (Path(tmp) / "report.md").read_text()

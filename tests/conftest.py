@@ -1,9 +1,5 @@
-"""Shared test fixtures: one real Prefect server per test session, the embedded assets, a tiny model.
-
-The Prefect server is started in pytest_configure, before any test module imports prefect, so
-every in-process flow and every subprocess (CLI, worker) talks to the same real server instead
-of each starting an ephemeral one.
-"""
+"""Shared test fixtures: one real Prefect server per test session (when a collected test needs one), the
+embedded assets, a tiny model, validated data."""
 
 from __future__ import annotations
 
@@ -11,9 +7,9 @@ import json
 import os
 import signal
 import socket
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -58,11 +54,23 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _server
     os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                       GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
-    if os.environ.get("PREFECT_API_URL"):
-        return  # a server was given to us
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the one real Prefect server only when a collected test needs it: modules marked
+    `no_prefect` (config, store, stage contract, ...) run without, so `pytest tests/test_config.py` is quick.
+    Started before any test runs, so every in-process flow and every subprocess (CLI, worker) talks to
+    the same server instead of each starting an ephemeral one."""
+    if any(item.get_closest_marker("no_prefect") is None for item in session.items):
+        start_prefect_server()
+
+
+def start_prefect_server() -> None:
+    global _server
+    if os.environ.get("PREFECT_API_URL") or _server is not None:
+        return  # a server was given to us, or runs already
     # A fresh home per session: parallel test sessions in one checkout must not share a database.
     home = Path(tempfile.mkdtemp(prefix="qlora-test-prefect-"))
     port = free_port()
@@ -85,7 +93,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def assets() -> dict[str, Path]:
     """The embedded default's model and data (prepared once; `make test` prepares them first)."""
-    from pipeline_config.embedded import prepare_assets
+    from tasks.lib.assets import prepare_assets
 
     return prepare_assets(ASSETS)
 
@@ -166,15 +174,34 @@ def run_deployment(config: Path, overrides: list[str], watch: bool = True) -> su
 
 
 @pytest.fixture(scope="session")
-def embedded_adapter(assets, tmp_path_factory):
+def validated_data(tmp_path_factory):
+    """make(cfg): the validate stage's artifact for cfg (what the trainer reads: the tokenizer and the
+    tokenized training examples), built once per data, tokenizer and length policy."""
+    made: dict[tuple, Path] = {}
+
+    def make(cfg) -> Path:
+        from tasks.lib.prep import validate_dataset
+
+        key = (cfg.data.model_dump_json(), cfg.model.base, cfg.train.loss_on_responses_only, cfg.seed)
+        if key not in made:
+            out = tmp_path_factory.mktemp("validated")
+            validate_dataset(cfg, out)
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def embedded_adapter(assets, tmp_path_factory, validated_data):
     """A LoRA adapter trained for 3 steps on the embedded default (SmolLM2-135M + chatterbot), shared
     by the merge and quantize tests: (config, adapter folder)."""
     from pipeline_config import load_config
-    from tasks import train
+    from tasks.lib import trainer
 
     cfg = load_config(None, ["train.max_steps=3", "train.tokens_per_step=256", "train.learning_rate=1e-3"])
     work = tmp_path_factory.mktemp("embedded-adapter")
     adapter = work / "adapter"
     adapter.mkdir()
-    train.train_adapter(cfg, assets["data"], adapter, work / "scratch")
+    trainer.train_adapter(cfg, validated_data(cfg), adapter, work / "scratch")
     return cfg, adapter

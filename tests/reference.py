@@ -1,6 +1,17 @@
-"""TODO"""
+"""Reference implementations the tests compare the pipeline with: they are oracles, not production paths
+(peft's whole-model merge, round-to-nearest quantization, plain logit differences, one-row tokenizing)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tasks.lib import modeling
+from tasks.lib.chat import TokenizedExample, tokenize_conversations
+from tasks.lib.datarows import row_messages
+from tasks.lib.nf4_merge import compare_logits, model_logits, prompt_ids
 
 
 @torch.no_grad()
@@ -54,3 +65,9 @@ def rtn_quantize_dequantize(model: nn.Module, bits: int = 4, group_size: int = 6
         levels = torch.clamp(torch.round(groups / scale) + zero, 0, max_level)
         weight.copy_(((levels - zero) * scale).reshape(out_features, in_features).to(weight.dtype))
     return model
+
+
+def tokenize_example(tokenizer, row: dict, responses_only: bool = True) -> TokenizedExample:
+    return tokenize_conversations(tokenizer, [row_messages(row)], responses_only).example(0)
+
+

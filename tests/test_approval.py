@@ -10,7 +10,6 @@ from uuid import UUID
 
 import pytest
 import yaml
-
 from conftest import REPO, VENV_BIN, run_deployment
 
 CLI = str(VENV_BIN / "qlora-pipeline")

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import ArtifactStore, cache_key, sha256_path
+from tasks.lib.artifacts import ArtifactStore, cache_key, sha256_path
+
+pytestmark = pytest.mark.no_prefect  # no flow or task runs: no Prefect server
 
 
 def build(store: ArtifactStore, text: str) -> Path:

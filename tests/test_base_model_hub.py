@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from flows.pipeline import qlora_pipeline
-from tasks import hub
-from tasks.artifacts import ArtifactStore
+from tasks.lib import hub
+from tasks.lib.artifacts import ArtifactStore
 from tests.hub_server import HubServer
 
 TOKEN = "hf_" + secrets.token_hex(16)
@@ -145,7 +145,7 @@ def test_train_and_eval_data_from_a_private_hub_dataset(hub_base, tiny_config, t
 
 def test_custom_code_is_refused_unless_the_config_allows_it(tmp_path, tiny_model):
     from pipeline_config import validate_config
-    from tasks import base_model
+    from tasks.lib import hub_sources
 
     folder = tmp_path / "custom"
     folder.mkdir()
@@ -153,8 +153,8 @@ def test_custom_code_is_refused_unless_the_config_allows_it(tmp_path, tiny_model
         "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}))
     raw = {"data": {"train_path": "t.jsonl"}, "model": {"base": "acme/custom"}, "publish": {"repo": "r"}}
     with pytest.raises(hub.HubError, match=r"asks for custom code .*model.trust_remote_code: true"):
-        base_model.refuse_remote_code(validate_config(raw), folder)
+        hub_sources.refuse_remote_code(validate_config(raw), folder)
     raw["model"]["trust_remote_code"] = True
-    base_model.refuse_remote_code(validate_config(raw), folder)  # allowed: no error
-    assert base_model.hub_model_id("acme/custom@v2") == ("acme/custom", "v2")
-    assert base_model.hub_model_id(str(tiny_model)) is None  # a folder is a folder
+    hub_sources.refuse_remote_code(validate_config(raw), folder)  # allowed: no error
+    assert hub_sources.hub_model_id("acme/custom@v2") == ("acme/custom", "v2")
+    assert hub_sources.hub_model_id(str(tiny_model)) is None  # a folder is a folder

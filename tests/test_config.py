@@ -5,6 +5,8 @@ import pytest
 from flows.cli import main
 from pipeline_config import DEFAULT_CONFIG, ConfigError, load_config
 
+pytestmark = pytest.mark.no_prefect  # no flow or task runs: no Prefect server
+
 
 def test_default_config_loads_and_overrides_apply():
     cfg = load_config(None, ["train.max_steps=7", "gates.max_perplexity=12.5", "merge.mode=original"])

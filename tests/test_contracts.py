@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.contracts import DataError, load_rows, load_suite, validate_rows
+from tasks.lib.contracts import load_suite, validate_rows
+from tasks.lib.datarows import DataError, load_rows
 
 ALPACA_SUITE = Path(__file__).resolve().parents[1] / "data_contracts" / "alpaca.json"
 
@@ -220,7 +221,8 @@ def test_every_format_suite_loads_every_expectation(name):
 
 
 def test_sharegpt_rows_map_to_messages_and_role_order_is_checked(tmp_path):
-    from tasks.contracts import default_contract, detect_format, normalize_rows
+    from tasks.lib.contracts import default_contract
+    from tasks.lib.datarows import detect_format, normalize_rows
 
     rows = [{"conversations": [{"from": "human", "value": f"q{n}"}, {"from": "gpt", "value": f"a{n}"}]}
             for n in range(12)]

@@ -15,7 +15,7 @@ import torch
 from conftest import write_config
 
 from pipeline_config import load_config
-from tasks import dataset, merge, metrics, modeling, train
+from tasks.lib import datarows, metrics, modeling, nf4_merge, packing, prep, ranks, trainer
 
 
 @pytest.fixture
@@ -44,7 +44,8 @@ def tiny_train_config(tmp_path, assets, tiny_model):
         model={"base": str(tiny_model), "name": "tiny-llama"},
         lora={"r": 4, "alpha": 8},
         train={"max_steps": 2, "tokens_per_step": 256, "learning_rate": 1e-3, "warmup_steps": 0,
-               "checkpoint_every": 10, "log_every": 1, "device": "cpu"},
+               "checkpoint_every": 10, "log_every": 1},
+        device="cpu",
         publish={"repo": "unused"},
     ), [])
 
@@ -65,33 +66,33 @@ def test_forced_path_repacks_a_plain_bitsandbytes_model(avx512bf16_cpu, tiny_mod
 
 
 def test_trainer_and_every_scoring_path_leave_the_4bit_layout_alone(avx512bf16_cpu, tiny_train_config, tmp_path,
-                                                                    assets):
+                                                                    validated_data, assets):
     cfg = tiny_train_config
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    result = train.train_adapter(cfg, assets["data"], adapter, tmp_path / "scratch")  # probes before and after
+    result = trainer.train_adapter(cfg, validated_data(cfg), adapter, tmp_path / "scratch")  # probes before and after
     assert result["steps"] == 2
     assert avx512bf16_cpu == []
 
-    rows = dataset.read_jsonl(assets["data"] / "eval.jsonl")[:4]
+    rows = datarows.read_jsonl(assets["data"] / "eval.jsonl")[:4]
     tokenizer = modeling.load_tokenizer(adapter)
     for kernel in ("bnb", "dequantized", "auto"):  # merge's fidelity reference; evaluation's CPU kernel
         model = modeling.load_finetuned(cfg.model.base, adapter, torch.float32, "cpu", kernel=kernel).eval()
         metrics.response_perplexity(model, tokenizer, rows)
-        merge.model_logits(model, merge.prompt_ids(tokenizer, rows))
+        nf4_merge.model_logits(model, nf4_merge.prompt_ids(tokenizer, rows))
         assert modeling.layers_packed_for_inference(model) == []
     assert avx512bf16_cpu == []
 
 
 def test_guard_fails_the_train_stage_on_a_repacked_layer(avx512bf16_cpu, tiny_train_config, tmp_path, assets,
-                                                         monkeypatch):
+                                                         validated_data, monkeypatch):
     """Code that forgets keep_4bit_layout gets its layers repacked by the trainer's probe; the first
     training step then refuses to run, naming a layer."""
     monkeypatch.setattr(modeling, "keep_4bit_layout", lambda model: None)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    with pytest.raises(train.InferenceLayoutError, match=r"4-bit layer\(s\), first .*proj"):
-        train.train_adapter(tiny_train_config, assets["data"], adapter, tmp_path / "scratch")
+    with pytest.raises(trainer.InferenceLayoutError, match=r"4-bit layer\(s\), first .*proj"):
+        trainer.train_adapter(tiny_train_config, validated_data(tiny_train_config), adapter, tmp_path / "scratch")
     assert avx512bf16_cpu  # the probe did repack: the guard, not luck, stopped the step
     assert not (adapter / "adapter_model.safetensors").exists()
 
@@ -99,33 +100,33 @@ def test_guard_fails_the_train_stage_on_a_repacked_layer(avx512bf16_cpu, tiny_tr
 def lora_gradients(model, batch) -> dict[str, torch.Tensor]:
     model.train()
     model.zero_grad(set_to_none=True)
-    train.training_loss(model, batch, chunk_tokens=0).backward()
+    trainer.training_loss(model, batch, chunk_tokens=0).backward()
     return {name.replace(".default", ""): p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def test_lora_gradients_after_the_probe_equal_the_fp32_dequantized_reference(avx512bf16_cpu, tiny_train_config,
-                                                                             assets):
+                                                                             validated_data, assets):
     """The trainer's model, after its eval-mode probe, against the same LoRA weights on plain fp32 layers
     holding dequant(NF4(W)): the gradients the optimizer sees are the true ones."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     cfg = tiny_train_config
-    train.seed_everything(cfg.seed)
-    model = train.build_model(cfg, "cpu")
+    ranks.seed_everything(cfg.seed)
+    model = trainer.build_model(cfg, "cpu")
     with torch.no_grad():  # LoRA B starts at zero, which would leave every A gradient zero: make both count
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    tokenizer, examples, _ = dataset.load_training_data(assets["data"], cfg)
-    packs = list(itertools.islice(dataset.pack_stream(examples, cfg.train.tokens_per_step, cfg.seed), 2))
-    train.probe_loss(model, packs[:1], "cpu")
-    got = lora_gradients(model, train.as_batch(packs[1], "cpu"))
+    tokenizer, examples, _ = prep.load_training_data(validated_data(cfg))
+    packs = list(itertools.islice(packing.pack_stream(examples, cfg.train.tokens_per_step, cfg.seed), 2))
+    trainer.probe_loss(model, packs[:1], "cpu")
+    got = lora_gradients(model, trainer.as_batch(packs[1], "cpu"))
 
     reference = modeling.load_dequantized_base(cfg.model.base, torch.float32, "cpu")
     reference = get_peft_model(reference, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                                                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
     set_peft_model_state_dict(reference, get_peft_model_state_dict(model))
-    expected = lora_gradients(reference, train.as_batch(packs[1], "cpu"))
+    expected = lora_gradients(reference, trainer.as_batch(packs[1], "cpu"))
 
     assert avx512bf16_cpu == []
     assert got.keys() == expected.keys() and len(got) > 0

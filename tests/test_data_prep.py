@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
+import reference
 from conftest import write_config
+
 from flows.cli import main as cli
 from pipeline_config import load_config
-from tasks import dataset, validate
-from tasks.dataset import IGNORE_INDEX
+from tasks import validate
+from tasks.lib import chat, datarows, packing, prep
+from tasks.lib.chat import IGNORE_INDEX
 
 
 def alpaca(count: int = 12, start: int = 0) -> list[dict]:
@@ -158,16 +160,16 @@ def test_unknown_format_and_undetectable_columns(tmp_path, make_config, capsys):
 
 
 def test_formats_normalize_to_the_same_conversation(tmp_path, tiny_model):
-    tokenizer = validate.load_tokenizer(load_config(write_config(
+    tokenizer = chat.load_tokenizer(load_config(write_config(
         tmp_path / "c.yaml", data={"train_path": "x"}, model={"base": str(tiny_model), "name": "t"},
         publish={"repo": "r"})))
-    renderer = dataset.ChatRenderer(tokenizer)
+    renderer = chat.ChatRenderer(tokenizer)
     rows = alpaca(12)
     sources = {
         "alpaca.csv": pd.DataFrame(rows),
-        "pc.parquet": pd.DataFrame([{"prompt": dataset.row_messages(r)[0]["content"], "completion": r["output"]}
+        "pc.parquet": pd.DataFrame([{"prompt": datarows.row_messages(r)[0]["content"], "completion": r["output"]}
                                     for r in rows]),
-        "sharegpt.json": [{"conversations": [{"from": "human", "value": dataset.row_messages(r)[0]["content"]},
+        "sharegpt.json": [{"conversations": [{"from": "human", "value": datarows.row_messages(r)[0]["content"]},
                                              {"from": "gpt", "value": r["output"]}]} for r in rows],
     }
     sources["alpaca.csv"].to_csv(tmp_path / "alpaca.csv", index=False)
@@ -179,7 +181,7 @@ def test_formats_normalize_to_the_same_conversation(tmp_path, tiny_model):
     results = {}
     for name, fmt in (("alpaca.csv", "alpaca"), ("pc.parquet", "prompt-completion"),
                       ("sharegpt.json", "messages"), ("hf_folder", "alpaca")):
-        check = validate.check_file(str(tmp_path / name), "auto", None, tokenizer, renderer, True)
+        check = prep.check_file(str(tmp_path / name), "auto", None, tokenizer, renderer, True)
         assert check.fmt == fmt and check.report.passed, (name, check.report.to_markdown())
         results[name] = check
     reference = results["alpaca.csv"].tokenized
@@ -192,16 +194,16 @@ def test_formats_normalize_to_the_same_conversation(tmp_path, tiny_model):
 def test_masks_cover_every_assistant_turn_and_its_eos(tiny_model):
     tokenizer = dataset_tokenizer(tiny_model)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    example = dataset.tokenize_example(tokenizer, chats(1)[0])
+    example = reference.tokenize_example(tokenizer, chats(1)[0])
     trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == "Hello 0<|im_end|>Goodbye 0<|im_end|>"
     assert trained.count(tokenizer.eos_token_id) == 2
-    everything = dataset.tokenize_example(tokenizer, chats(1)[0], responses_only=False)
+    everything = reference.tokenize_example(tokenizer, chats(1)[0], responses_only=False)
     assert everything.labels == everything.input_ids
     # The fast (skeleton) renderer agrees with the template, row by row.
-    renderer = dataset.ChatRenderer(tokenizer)
+    renderer = chat.ChatRenderer(tokenizer)
     for row in chats(20) + alpaca(20):
-        assert renderer.render(dataset.row_messages(row)) == renderer.render_slow(dataset.row_messages(row))
+        assert renderer.render(datarows.row_messages(row)) == renderer.render_slow(datarows.row_messages(row))
     assert renderer.fast
 
 
@@ -209,12 +211,12 @@ def test_template_without_eos_after_assistant_turns_is_refused(tiny_model):
     tokenizer = dataset_tokenizer(tiny_model)
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
                               "{% if add_generation_prompt %}assistant: {% endif %}"
-    with pytest.raises(dataset.TemplateError, match="does not end assistant turns with the eos token"):
-        dataset.tokenize_example(tokenizer, alpaca(1)[0])
+    with pytest.raises(chat.TemplateError, match="does not end assistant turns with the eos token"):
+        reference.tokenize_example(tokenizer, alpaca(1)[0])
 
 
 def dataset_tokenizer(path: Path):
-    from tasks.modeling import load_tokenizer
+    from tasks.lib.modeling import load_tokenizer
 
     return load_tokenizer(path)
 
@@ -226,30 +228,31 @@ def test_packing_is_near_linear_deterministic_and_isolates_examples(assets, tmp_
     cfg = load_config(make_config(assets["data"] / "train.jsonl", assets["data"] / "eval.jsonl"))
     out = tmp_path / "artifact"
     out.mkdir()
-    validate.validate_dataset(cfg.model_copy(update={"train": cfg.train.model_copy(update={"tokens_per_step": 512})}), out)
-    prep = json.loads((out / "fingerprint.json").read_text())
-    assert prep["packing"]["efficiency"] >= 0.95, prep["packing"]  # the embedded default, 512-token packs
+    prep.validate_dataset(cfg.model_copy(update={"train": cfg.train.model_copy(update={"tokens_per_step": 512})}), out)
+    record = json.loads((out / "fingerprint.json").read_text())
+    assert record["packing"]["efficiency"] >= 0.95, record["packing"]  # the embedded default, 512-token packs
     assert (out / "data_docs" / "train.html").read_text().lstrip().lower().startswith("<!doctype html")
-    examples = dataset.TokenizedSet.load(out / dataset.TOKENS_FILE)
-    assert len(examples) == prep["stats"]["train"]["examples"]
-    assert [r["instruction"] for r in dataset.read_jsonl(out / "eval.jsonl")] == \
-        [r["instruction"] for r in dataset.read_jsonl(assets["data"] / "eval.jsonl")]  # eval rows unchanged
+    examples = chat.TokenizedSet.load(out / chat.TOKENS_FILE)
+    assert len(examples) == record["stats"]["train"]["examples"]
+    # eval rows unchanged, in the canonical form every later stage reads
+    assert datarows.read_jsonl(out / "eval.jsonl") == [
+        {"messages": datarows.row_messages(r)} for r in datarows.read_jsonl(assets["data"] / "eval.jsonl")]
 
-    packs = dataset.pack_examples(examples, 512, seed=3)
-    assert [p.input_ids for p in packs] == [p.input_ids for p in dataset.pack_examples(examples, 512, seed=3)]
+    packs = packing.pack_examples(examples, 512, seed=3)
+    assert [p.input_ids for p in packs] == [p.input_ids for p in packing.pack_examples(examples, 512, seed=3)]
     assert sorted(t for p in packs for t in p.input_ids) == sorted(examples.ids.tolist())
     for pack in packs:
         assert len(pack.input_ids) <= 512
         starts = [i for i, pos in enumerate(pack.position_ids) if pos == 0]
         assert starts[0] == 0 and all(pack.labels[i] == IGNORE_INDEX for i in starts)
-    stream = dataset.pack_stream(examples, 512, seed=3)
+    stream = packing.pack_stream(examples, 512, seed=3)
     assert [next(stream).input_ids for _ in range(len(packs))] == [p.input_ids for p in packs]
     assert next(stream).input_ids != packs[0].input_ids or len(packs) == 1  # epoch 2 is reshuffled
 
     lengths = np.random.default_rng(0).integers(20, 400, 100_000)
     import time
     start = time.perf_counter()
-    assert dataset.packing_efficiency(lengths, 2048, 0)["efficiency"] > 0.97
+    assert packing.packing_efficiency(lengths, 2048, 0)["efficiency"] > 0.97
     assert time.perf_counter() - start < 10
 
 
@@ -259,13 +262,16 @@ def test_seeded_split_without_eval_file_holds_out_whole_prompts(tmp_path, make_c
     cfg = load_config(make_config(train, max_duplicate_rate=0.5))
     out = tmp_path / "a"
     out.mkdir()
-    validate.validate_dataset(cfg, out)
-    train_rows, eval_rows = dataset.read_jsonl(out / "train.jsonl"), dataset.read_jsonl(out / "eval.jsonl")
+    prep.validate_dataset(cfg, out)
+    train_rows, eval_rows = datarows.read_jsonl(out / "train.jsonl"), datarows.read_jsonl(out / "eval.jsonl")
     assert len(train_rows) + len(eval_rows) == 80 and 8 <= len(eval_rows) <= 35
-    assert not {r["instruction"] for r in train_rows} & {r["instruction"] for r in eval_rows}
+    def prompts(rows):
+        return {datarows.prompt_messages(r)[-1]["content"] for r in rows}
+
+    assert not prompts(train_rows) & prompts(eval_rows)
     again = tmp_path / "b"
     again.mkdir()
-    validate.validate_dataset(cfg, again)
+    prep.validate_dataset(cfg, again)
     assert (again / "eval.jsonl").read_text() == (out / "eval.jsonl").read_text()
 
 
@@ -281,8 +287,8 @@ def test_changing_tokenizer_or_template_reruns_validate_and_train(assets, tiny_m
     cfg = load_config(config)
 
     def stages(cfg):
-        data = validate_task(cfg)
-        return data, train_task(cfg, data)
+        data = validate_task(cfg).result()
+        return data, train_task(cfg, data).result()
 
     first = stages(cfg)
     assert not first[0].cache_hit and not first[1].cache_hit
@@ -320,7 +326,7 @@ def test_the_validate_artifact_is_the_same_bytes_in_every_process(tiny_config, t
         out = tmp_path / attempt
         out.mkdir()
         script = ("import sys; from pathlib import Path; from pipeline_config import load_config; "
-                  "from tasks.validate import validate_dataset; from tasks.artifacts import sha256_path; "
+                  "from tasks.lib.prep import validate_dataset; from tasks.lib.artifacts import sha256_path; "
                   "validate_dataset(load_config(sys.argv[1]), Path(sys.argv[2])); print(sha256_path(Path(sys.argv[2])))")
         done = subprocess.run([sys.executable, "-c", script, str(tiny_config), str(out)], cwd=REPO,
                               capture_output=True, text=True, timeout=300)
@@ -352,7 +358,7 @@ def test_a_base_checkpoint_without_a_chat_template_needs_one_and_gets_the_shippe
 
     out = tmp_path / "validated"
     out.mkdir()
-    validate.validate_dataset(load_config(config, ["data.chat_template=chatml"]), out)
+    prep.validate_dataset(load_config(config, ["data.chat_template=chatml"]), out)
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
                                          tokenize=False)

@@ -4,7 +4,6 @@ deploy/prefect.yaml, and `prefect deployment run qlora-pipeline/on-demand --watc
 from pathlib import Path
 
 import pytest
-
 from conftest import run_deployment
 
 

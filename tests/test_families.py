@@ -53,8 +53,8 @@ def build_tiny(family: str, tokenizer_dir: Path, out: Path) -> Path:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_whole_pipeline_runs_on_each_family(family, assets, tmp_path):
     from flows.pipeline import qlora_pipeline
-    from tasks import dataset, metrics, modeling
-    from tasks.artifacts import ArtifactStore
+    from tasks.lib import datarows, metrics, modeling
+    from tasks.lib.artifacts import ArtifactStore
 
     base = build_tiny(family, assets["model"], tmp_path / family)
     config = write_config(
@@ -83,7 +83,7 @@ def test_the_whole_pipeline_runs_on_each_family(family, assets, tmp_path):
 
     release = Path(result.release.path)
     tokenizer = modeling.load_tokenizer(release)
-    rows = dataset.read_jsonl(assets["data"] / "eval.jsonl")[:8]
+    rows = datarows.read_jsonl(assets["data"] / "eval.jsonl")[:8]
     with metrics.deterministic(0):
         packed = metrics.response_perplexity(modeling.load_gptq(release, "cpu", kernel="packed").eval(), tokenizer, rows)
         dequantized = metrics.response_perplexity(modeling.load_gptq(release, "cpu").eval(), tokenizer, rows)

@@ -13,18 +13,13 @@ import pytest
 
 from pipeline_config import load_config
 from pipeline_config.schema import GatesConfig
-from tasks import metrics
-from tasks.artifacts import ArtifactStore
-from tasks.gate import (
-    GateDecision,
-    GateFailed,
-    decisions_markdown,
-    finetune_gates,
-    gate_task,
-    quantized_gates,
-)
-from tasks.publish import current_release, fetch_release_model
-from tasks.stage import StageResult
+from tasks import publish
+from tasks.gate import GateFailed, finetune_gates, gate_task, quantized_gates
+from tasks.lib import metrics
+from tasks.lib.artifacts import ArtifactStore
+from tasks.lib.decisions import GateDecision, decisions_markdown
+from tasks.lib.registry import current_release, fetch_release_model
+from tasks.lib.stage import StageResult
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
           "required": ["answer"]}
@@ -126,7 +121,7 @@ def eval_inputs(tmp_path, assets, tiny_model):
 
 
 def test_evaluation_is_deterministic_and_timed(tiny_config, eval_inputs, tmp_path):
-    from tasks.evaluate import evaluate_finetune
+    from tasks.evaluate import score_finetune
 
     data_dir, adapter_dir = eval_inputs
     cfg = load_config(tiny_config, [f"eval.regression_path={tmp_path / 'regression.txt'}",
@@ -135,7 +130,7 @@ def test_evaluation_is_deterministic_and_timed(tiny_config, eval_inputs, tmp_pat
     for i in range(2):
         out = tmp_path / f"out{i}"
         out.mkdir()
-        runs.append(evaluate_finetune(cfg, data_dir, adapter_dir, out))
+        runs.append(score_finetune(cfg, data_dir, adapter_dir, out))
         assert json.loads((out / "metrics.json").read_text()) == runs[-1]
     first, second = runs
     for run in runs:
@@ -169,16 +164,16 @@ def test_merge_gate_fails_when_the_merged_model_is_not_the_trained_model(tiny_co
         (workdir / "fidelity.json").write_text(json.dumps({"max_abs_logit_diff": diff, "mode": "dequantize"}))
         return StageResult(stage="merge", ref=store.put(workdir, kind="merge"), cache_hit=False, seconds=0.0)
 
-    good = gate_task.fn(cfg, "merge", merged_with(2.5e-5))
+    good = gate_task.fn(cfg, "merge", merged_with(2.5e-5)).result()
     decisions = json.loads((store.local_path(good.ref) / "gates.json").read_text())
     assert [(d["gate"], d["metric"], d["passed"], d["threshold"]) for d in decisions] == [
         ("merge-fidelity", "merged.max_abs_logit_diff", True, cfg.gates.max_merge_logit_diff)]
     assert "| 2.5e-05 | <= 0.0100 |" in decisions_markdown("merge", [GateDecision(**decisions[0])])
     with pytest.raises(GateFailed, match=r"merge-fidelity \(merged.max_abs_logit_diff = 1.0900, required <= 0.0100\)"):
-        gate_task.fn(cfg, "merge", merged_with(1.09))
+        gate_task.fn(cfg, "merge", merged_with(1.09)).result()
     strict = load_config(tiny_config, ["gates.max_merge_logit_diff=1e-6"])
     with pytest.raises(GateFailed, match="2.5e-05, required <= 1e-06"):
-        gate_task.fn(strict, "merge", merged_with(2.5e-5))
+        gate_task.fn(strict, "merge", merged_with(2.5e-5)).result()
 
 
 def fake_publish(cfg, version: str, gptq_sha: str = "0" * 64) -> Path:
@@ -204,7 +199,7 @@ def test_regression_gate_against_the_rescored_published_release(tiny_config):
                                      "timing": {"merged": 1.0, "gptq": 1.0}}, "evaluate-quantized")
 
     # Nothing published: the regression gate is recorded as skipped, the others decide.
-    first = gate_task.fn(cfg, "quantized", evaluation, None)
+    first = gate_task.fn(cfg, "quantized", evaluation, None).result()
     gates = json.loads((ArtifactStore(cfg.artifacts.root).local_path(first.ref) / "gates.json").read_text())
     assert [(g["gate"], g["passed"], g["skipped"]) for g in gates] == [
         ("gptq-perplexity-increase", True, None), ("no-regression-vs-published", True, "no published release")]
@@ -214,16 +209,16 @@ def test_regression_gate_against_the_rescored_published_release(tiny_config):
                                  "published": {"perplexity": 50.0}}, "evaluate-published")
     with pytest.raises(GateFailed, match=r"no-regression-vs-published \(gptq.perplexity = 104.0000, required <= "
                                          r"52.5000, baseline 50.0000 from published tiny-release/v1\)"):
-        gate_task.fn(cfg, "quantized", evaluation, better)
+        gate_task.fn(cfg, "quantized", evaluation, better).result()
 
     # Within the margin: passes, with the published model's score as the recorded baseline.
     close = store_metrics(cfg, {"version": "tiny-release/v2", "release_hash": "b" * 64,
                                 "published": {"perplexity": 100.0}}, "evaluate-published")
-    passed = gate_task.fn(cfg, "quantized", evaluation, close)
+    passed = gate_task.fn(cfg, "quantized", evaluation, close).result()
     assert not passed.cache_hit and passed.ref != first.ref
     decision = json.loads((ArtifactStore(cfg.artifacts.root).local_path(passed.ref) / "gates.json").read_text())[1]
     assert decision["passed"] and decision["baseline"] == 100.0 and decision["reference"] == "published tiny-release/v2"
-    assert gate_task.fn(cfg, "quantized", evaluation, close).cache_hit
+    assert gate_task.fn(cfg, "quantized", evaluation, close).result().cache_hit
 
     # gates.max_regression: null turns the gate off.
     off = load_config(tiny_config, ["gates.max_regression=null"])
@@ -246,7 +241,6 @@ def test_current_release_skips_the_release_made_from_the_model_being_gated(tiny_
 # -- the Hub side of the publisher's interface ------------------------------------------------------
 def test_latest_release_and_its_model_from_the_hub(tmp_path, monkeypatch):
     from pipeline_config import validate_config
-    from tasks import hub
     from tests.hub_server import HubServer
 
     token = "hf_" + secrets.token_hex(16)
@@ -265,12 +259,12 @@ def test_latest_release_and_its_model_from_the_hub(tmp_path, monkeypatch):
             (path / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(100))
             (path / "metrics.json").write_text(json.dumps({"quantized": {"gptq": {"perplexity": ppl}}}))
             (path / "release.json").write_text(json.dumps({
-                "release_hash": secrets.token_hex(32), "data_fingerprint": "ab" * 32,
+                "release_hash": secrets.token_hex(32), "data_artifact": "ab" * 32,
                 "artifacts": {"gptq": {"sha256": gptq_sha}}}))
             return path
 
-        hub.publish_to_hub(cfg, bundle("one", 12.5, "1" * 64))
-        hub.publish_to_hub(cfg, bundle("two", 11.0, "2" * 64))
+        publish.publish_to_hub(cfg, bundle("one", 12.5, "1" * 64))
+        publish.publish_to_hub(cfg, bundle("two", 11.0, "2" * 64))
         latest = current_release(cfg)
         assert latest["version"] == "acme/tiny@v2-abababab" and latest["metrics"]["quantized"]["gptq"]["perplexity"] == 11
         assert current_release(cfg, exclude_model="2" * 64)["version"] == "acme/tiny@v1-abababab"

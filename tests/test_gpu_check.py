@@ -14,7 +14,7 @@ from pipeline_config import load_config
 
 def test_the_gpu_preset_is_a_valid_config():
     cfg = load_config(REPO / "pipeline_config" / "presets" / "llama3-8b-qlora-gpu.yaml")
-    assert cfg.train.device == "cuda" and cfg.train.loss_chunk_tokens > 0 and cfg.lora.dropout == 0.0
+    assert cfg.device == "cuda" and cfg.train.loss_chunk_tokens > 0 and cfg.lora.dropout == 0.0
 
 
 @pytest.mark.slow

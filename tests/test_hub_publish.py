@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from pipeline_config import load_config, validate_config
-from tasks import hub
-from tasks.hub import HubError
+from tasks import publish
+from tasks.lib import hub
+from tasks.lib.hub import HubError
 from tests.hub_server import HubServer
 
 TOKEN = "hf_" + secrets.token_hex(16)  # the only write token the server knows
@@ -54,7 +55,7 @@ def make_bundle(path: Path, release_hash: str, fingerprint: str = "ab" * 32, siz
     (path / "adapter").mkdir()
     (path / "adapter" / "adapter_config.json").write_text("{}")
     (path / "README.md").write_text("---\nbase_model: tiny\n---\n# card\n")
-    (path / "release.json").write_text(json.dumps({"release_hash": release_hash, "data_fingerprint": fingerprint}))
+    (path / "release.json").write_text(json.dumps({"release_hash": release_hash, "data_artifact": fingerprint}))
     return path
 
 
@@ -76,7 +77,7 @@ def test_first_publish_then_identical_republish_makes_nothing(server, tmp_path):
     bundle = make_bundle(tmp_path / "b1", "1" * 64)
     before = len(server.state.requests)
 
-    first = hub.publish_to_hub(cfg, bundle)
+    first = publish.publish_to_hub(cfg, bundle)
     assert first.created and first.tag == "v1-abababab"
     r = repo(server, "acme/first")
     assert r.private  # created private
@@ -98,7 +99,7 @@ def test_first_publish_then_identical_republish_makes_nothing(server, tmp_path):
     assert Path(got).read_bytes() == (bundle / "model.safetensors").read_bytes()
 
     commits, mark = len(r.commits), len(server.state.requests)
-    again = hub.publish_to_hub(cfg, bundle)
+    again = publish.publish_to_hub(cfg, bundle)
     assert not again.created and again.tag == first.tag and "no new commit" in again.message
     assert len(r.commits) == commits and list(r.tags) == ["v1-abababab"]
     assert not any(m == "POST" and ("/commit/" in p or "/tag/" in p or "lfs" in p)
@@ -107,7 +108,7 @@ def test_first_publish_then_identical_republish_makes_nothing(server, tmp_path):
     # A different release becomes v2: one commit, the files of the old one that it lacks removed.
     bundle2 = make_bundle(tmp_path / "b2", "2" * 64)
     (bundle2 / "adapter" / "adapter_config.json").unlink()
-    second = hub.publish_to_hub(cfg, bundle2)
+    second = publish.publish_to_hub(cfg, bundle2)
     assert second.created and second.tag == "v2-abababab" and len(main_history(server, "acme/first")) == 3
     assert "adapter/adapter_config.json" not in r.commits[second.commit].files
 
@@ -125,18 +126,18 @@ def test_failure_mid_upload_then_retry_gives_exactly_one_release(server, tmp_pat
     server.inject(op, mode, times=times)
 
     with pytest.raises(HubError) as failure:
-        hub.publish_to_hub(cfg, bundle)
+        publish.publish_to_hub(cfg, bundle)
     assert TOKEN not in str(failure.value) and failure.value.__context__ is None
     r = repo(server, repo_id)
     assert r.tags == {}  # no tag, so no visible release
     landed = op in ("tag",) or mode == "drop_after_apply"
     assert len(main_history(server, repo_id)) == (2 if landed else 1)
 
-    retry = hub.publish_to_hub(cfg, bundle)  # what the task's retry does
+    retry = publish.publish_to_hub(cfg, bundle)  # what the task's retry does
     assert retry.created and list(r.tags) == ["v1-abababab"]
     assert len(main_history(server, repo_id)) == 2  # exactly one release commit on top of the initial one
     assert r.tags["v1-abababab"] == r.branches["main"] == retry.commit
-    assert hub.publish_to_hub(cfg, bundle).created is False
+    assert publish.publish_to_hub(cfg, bundle).created is False
 
 
 def test_refuses_public_repo_unless_allowed(server, tmp_path):
@@ -145,11 +146,11 @@ def test_refuses_public_repo_unless_allowed(server, tmp_path):
     with pytest.raises(HubError, match="PUBLIC repo; refusing"):
         hub.preflight(cfg)
     with pytest.raises(HubError, match="PUBLIC repo; refusing"):
-        hub.publish_to_hub(cfg, make_bundle(tmp_path / "b", "4" * 64))
+        publish.publish_to_hub(cfg, make_bundle(tmp_path / "b", "4" * 64))
     assert len(main_history(server, "acme/public-model")) == 1 and repo(server, "acme/public-model").tags == {}
 
     allowed = make_cfg(server, "acme/public-model", allow_public=True)
-    assert hub.publish_to_hub(allowed, tmp_path / "b").created
+    assert publish.publish_to_hub(allowed, tmp_path / "b").created
 
 
 def test_preflight_finds_token_problems_with_clear_errors(server, monkeypatch):
@@ -185,7 +186,7 @@ def test_token_from_a_prefect_secret_block(server, monkeypatch):
 
 
 def test_private_repo_is_401_without_a_valid_token(server, tmp_path):
-    hub.publish_to_hub(make_cfg(server, "acme/private"), make_bundle(tmp_path / "b", "5" * 64))
+    publish.publish_to_hub(make_cfg(server, "acme/private"), make_bundle(tmp_path / "b", "5" * 64))
     for headers in ({}, {"authorization": "Bearer hf_wrong"}):
         for path in ("/api/models/acme/private", "/acme/private/resolve/main/release.json",
                      "/api/models/acme/private/refs", "/api/models/acme/private/tree/main"):
@@ -258,7 +259,7 @@ def test_flow_publishes_to_private_hub_with_retry_and_never_shows_the_token(serv
                    f'repo, revision = "acme/tiny", "v<N>-{data_fp[:8]}"', "lora:", "train.jsonl"):
         assert needle in card, needle
     record = json.loads(files["release.json"].content)
-    assert record["release_hash"] == release.release_hash and record["data_fingerprint"] == data_fp
+    assert record["release_hash"] == release.release_hash and record["data_artifact"] == data_fp
 
     # `qlora-pipeline publish --release` re-publishes the bundle: nothing new on the same repo ...
     config_path = tmp_path / "hub.yaml"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline_config import load_config
-from tasks import dataset, metrics, modeling
+from tasks.lib import datarows, metrics, modeling
 
 TASK_YAML = """\
 task: chatterbot_mc
@@ -34,7 +34,7 @@ metadata:
 @pytest.fixture
 def task_dir(tmp_path, assets) -> Path:
     """A two-choice task from held-out chatterbot pairs: the answer, or the same words in reverse order."""
-    rows = [row for row in dataset.read_jsonl(assets["data"] / "eval.jsonl") if len(row["output"].split()) >= 6][:8]
+    rows = [row for row in datarows.read_jsonl(assets["data"] / "eval.jsonl") if len(row["output"].split()) >= 6][:8]
     folder = tmp_path / "lm_eval_tasks"
     folder.mkdir()
     docs = [{"question": row["instruction"], "choices": [row["output"], " ".join(reversed(row["output"].split()))],
@@ -57,17 +57,19 @@ def test_lm_eval_task_from_local_files_scores_the_real_model(task_dir, assets):
         metrics.lm_eval_scores(model, tokenizer, ["hellaswag"], task_dir)
 
 
-def test_evaluate_stage_records_lm_eval_for_each_model(tiny_config, task_dir, tmp_path, assets):
-    from tasks import train
-    from tasks.evaluate import evaluate_finetune, extra_inputs
+def test_evaluate_stage_records_lm_eval_for_each_model(tiny_config, task_dir, tmp_path, assets, validated_data):
+    from tasks.evaluate import score_finetune
+    from tasks.lib import trainer
+    from tasks.lib.scoring import extra_inputs
 
     cfg = load_config(tiny_config, [f"eval.lm_eval={{tasks: [chatterbot_mc], include_path: {task_dir}, limit: 8}}"])
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    train.train_adapter(load_config(tiny_config, ["train.max_steps=1"]), assets["data"], adapter, tmp_path / "scratch")
+    train_cfg = load_config(tiny_config, ["train.max_steps=1"])
+    trainer.train_adapter(train_cfg, validated_data(train_cfg), adapter, tmp_path / "scratch")
     out = tmp_path / "out"
     out.mkdir()
-    results = evaluate_finetune(cfg, assets["data"], adapter, out)
+    results = score_finetune(cfg, assets["data"], adapter, out)
     for name in ("base", "finetuned"):
         assert set(results[name]["lm_eval"]) == {"chatterbot_mc"}
         assert 0.0 <= results[name]["lm_eval"]["chatterbot_mc"]["acc"] <= 1.0

@@ -6,12 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks import dataset, merge, modeling
+from tasks.lib import datarows, modeling, nf4_merge
+from tests import reference
 
 
 def streamed(cfg, adapter, out, mode: str):
-    merge.stream_merge(cfg.model.base, adapter, out, mode=mode)
-    merge.save_model_files(cfg.model.base, adapter, out, torch.float32)
+    nf4_merge.stream_merge(cfg.model.base, adapter, out, mode=mode)
+    nf4_merge.save_model_files(cfg.model.base, adapter, out, torch.float32)
     return out
 
 
@@ -27,21 +28,21 @@ def test_dequantize_merge_reproduces_the_trained_model_far_closer_than_naive_mer
                                                                                     tmp_path):
     cfg, adapter = embedded_adapter
     tokenizer = modeling.load_tokenizer(adapter)
-    rows = dataset.read_jsonl(assets["data"] / "eval.jsonl")[:4]
+    rows = datarows.read_jsonl(assets["data"] / "eval.jsonl")[:4]
     trained = modeling.load_finetuned(cfg.model.base, adapter, torch.float32, "cpu", kernel="bnb").eval()
     faithful_dir = streamed(cfg, adapter, tmp_path / "dequantize", "dequantize")
     naive_dir = streamed(cfg, adapter, tmp_path / "original", "original")
 
     # The streamed merge is peft's merge, tensor for tensor (the same float operations, in the same order).
     for mode, out in (("dequantize", faithful_dir), ("original", naive_dir)):
-        difference = max_weight_difference(out, merge.merge_in_memory(cfg.model.base, adapter, mode))
+        difference = max_weight_difference(out, reference.merge_in_memory(cfg.model.base, adapter, mode))
         print(f"{mode}: max |streamed - in-memory peft merge| = {difference:.2e}")
         assert difference <= 1e-6
 
     faithful = modeling.load_full(faithful_dir, torch.float32, "cpu").eval()
     naive = modeling.load_full(naive_dir, torch.float32, "cpu").eval()
-    faithful_diff = merge.logit_difference(trained, faithful, tokenizer, rows)["max_abs_logit_diff"]
-    naive_diff = merge.logit_difference(trained, naive, tokenizer, rows)["max_abs_logit_diff"]
+    faithful_diff = reference.logit_difference(trained, faithful, tokenizer, rows)["max_abs_logit_diff"]
+    naive_diff = reference.logit_difference(trained, naive, tokenizer, rows)["max_abs_logit_diff"]
     print(f"max |logit diff| vs trained model: dequantize-merge {faithful_diff:.2e}, naive merge {naive_diff:.2e}")
     assert faithful_diff < 1e-2
     assert naive_diff > 50 * faithful_diff
@@ -68,9 +69,9 @@ def test_streamed_merge_writes_shards_that_transformers_loads(tiny_model, tmp_pa
     modeling.load_tokenizer(tiny_model).save_pretrained(adapter)
 
     one, many = tmp_path / "one", tmp_path / "many"
-    merge.stream_merge(tiny_model, adapter, one)
-    report = merge.stream_merge(tiny_model, adapter, many, shard_bytes=200_000)
-    merge.save_model_files(tiny_model, adapter, many, torch.float32)
+    nf4_merge.stream_merge(tiny_model, adapter, one)
+    report = nf4_merge.stream_merge(tiny_model, adapter, many, shard_bytes=200_000)
+    nf4_merge.save_model_files(tiny_model, adapter, many, torch.float32)
     assert report["shards"] > 1 and (many / "model.safetensors.index.json").is_file()
     whole = load_file(one / "model.safetensors")
     loaded = modeling.load_full(many, torch.float32, "cpu").state_dict()
@@ -79,5 +80,5 @@ def test_streamed_merge_writes_shards_that_transformers_loads(tiny_model, tmp_pa
     module = "model.layers.0.self_attn.q_proj"
     base = load_file(tiny_model / "model.safetensors")[f"{module}.weight"]
     delta = tensors[f"base_model.model.{module}.lora_B.weight"] @ tensors[f"base_model.model.{module}.lora_A.weight"]
-    expected = merge.nf4_roundtrip(base, torch.float32, "cpu") + delta * (8 / 4**0.5)
+    expected = nf4_merge.nf4_roundtrip(base, torch.float32, "cpu") + delta * (8 / 4**0.5)
     assert torch.allclose(whole[f"{module}.weight"], expected, atol=1e-6)

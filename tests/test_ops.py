@@ -120,11 +120,13 @@ def pipeline_runs() -> list:
                                      deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["on-demand"])))
 
 
-def fake_release(cfg, version: str, fingerprint: str) -> None:
-    """What publish_local leaves in the registry, reduced to what the sensor reads."""
+def fake_release(cfg, version: str, source_hash: str) -> None:
+    """What publish_local leaves in the registry, reduced to what the release lookup reads."""
     repo = Path(cfg.publish.registry) / cfg.publish.repo
     (repo / version).mkdir(parents=True)
-    (repo / version / "release.json").write_text(json.dumps({"data_source_fingerprint": fingerprint}))
+    (repo / version / "release.json").write_text(json.dumps({"data_source_hash": source_hash,
+                                                             "release_hash": version * 16}))
+    (repo / version / "metrics.json").write_text("{}")
     (repo / "LATEST").write_text(version + "\n")
 
 
@@ -132,9 +134,9 @@ def fake_release(cfg, version: str, fingerprint: str) -> None:
 def test_sensor_starts_the_pipeline_once_for_changed_data_and_never_for_unchanged(deployed, ops_config):
     from prefect.client.orchestration import get_client
 
-    from flows.sensor import fingerprint_tag, qlora_data_sensor
+    from flows.sensor import qlora_data_sensor, source_tag
     from pipeline_config import load_config
-    from tasks.datasource import data_source_fingerprint
+    from tasks.lib.lineage import data_source_hash
 
     cfg = load_config(ops_config)
     before = {r.id for r in pipeline_runs()}
@@ -142,9 +144,9 @@ def test_sensor_starts_the_pipeline_once_for_changed_data_and_never_for_unchange
     try:
         assert qlora_data_sensor(config=str(ops_config)).action == "no-release"  # never bootstraps a registry
 
-        fake_release(cfg, "v1", data_source_fingerprint(cfg))
+        fake_release(cfg, "v1", data_source_hash(cfg))
         unchanged = qlora_data_sensor(config=str(ops_config))
-        assert unchanged.action == "unchanged" and unchanged.fingerprint == unchanged.released_fingerprint
+        assert unchanged.action == "unchanged" and unchanged.source_hash == unchanged.released_source_hash
         assert {r.id for r in pipeline_runs()} == before
 
         train = Path(cfg.data.train_path)
@@ -157,7 +159,7 @@ def test_sensor_starts_the_pipeline_once_for_changed_data_and_never_for_unchange
         run = new[0]
         assert run.state_type.value == "SCHEDULED"  # no worker here: it waits in the qlora-cpu pool
         assert run.parameters == {"config": str(ops_config), "overrides": []}
-        assert fingerprint_tag(changed.fingerprint) in run.tags
+        assert source_tag(changed.source_hash) in run.tags
 
         # The next tick, while that run has not finished, starts nothing.
         again = qlora_data_sensor(config=str(ops_config))
@@ -165,7 +167,7 @@ def test_sensor_starts_the_pipeline_once_for_changed_data_and_never_for_unchange
         assert len([r for r in pipeline_runs() if r.id not in before]) == 1
 
         # Once a release from the new data is published, the sensor is quiet again.
-        fake_release(cfg, "v2", changed.fingerprint)
+        fake_release(cfg, "v2", changed.source_hash)
         assert qlora_data_sensor(config=str(ops_config)).action == "unchanged"
     finally:  # leave no Scheduled pipeline run for a worker in a later test to pick up
         with get_client(sync_client=True) as client:
@@ -177,9 +179,9 @@ def test_sensor_starts_the_pipeline_once_for_changed_data_and_never_for_unchange
 def test_a_second_run_on_a_held_target_fails_before_any_stage(ops_config, tmp_path):
     from prefect.concurrency.sync import concurrency
 
+    from flows.locking import ReleaseLocked, ensure_limit, limit_name, release_lock
     from flows.pipeline import qlora_pipeline
     from pipeline_config import load_config
-    from tasks.locking import ReleaseLocked, ensure_limit, limit_name, release_lock
 
     cfg = load_config(ops_config)
     name = limit_name(cfg)
@@ -329,20 +331,20 @@ def s3_endpoint(tmp_path, monkeypatch):
 
 def test_artifact_store_on_s3_seals_objects_and_serves_cache_hits(s3_endpoint, ops_config, tmp_path):
     from pipeline_config import load_config
-    from tasks.artifacts import MANIFEST, ArtifactStore
+    from tasks.lib.artifacts import MANIFEST, ArtifactStore
     from tasks.validate import validate_task
 
     root = "s3://qlora-artifacts/team/artifacts"
     cfg = load_config(ops_config, [f"artifacts.root={root}", "data.max_seq_len=128"])
 
-    first = validate_task(cfg)
+    first = validate_task(cfg).result()
     assert not first.cache_hit and first.ref.uri == f"{root}/objects/{first.ref.sha256}"
     keys = {o["Key"] for o in s3_endpoint.list_objects_v2(Bucket="qlora-artifacts", Prefix="team/")["Contents"]}
     prefix = f"team/artifacts/objects/{first.ref.sha256}/"
     assert {prefix + MANIFEST, prefix + "train.jsonl", prefix + "train_tokens.npz"} <= keys
     assert any(k.startswith("team/artifacts/index/validate/") for k in keys)
 
-    again = validate_task(cfg)  # a second run finds the index entry and the sealed object in the bucket
+    again = validate_task(cfg).result()  # a second run finds the index entry and the sealed object in the bucket
     assert again.cache_hit and again.ref == first.ref
 
     fresh = ArtifactStore(root, local_cache=tmp_path / "other-cache")  # another machine: downloads it once
@@ -391,7 +393,7 @@ def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoi
     from conftest import run_deployment
 
     from pipeline_config import load_config
-    from tasks.artifacts import ArtifactStore
+    from tasks.lib.artifacts import ArtifactStore
 
     bucket, prefix = "qlora-artifacts", "e2e/artifacts"
     overrides = [f"artifacts.root=s3://{bucket}/{prefix}", "train.max_steps=60", "train.checkpoint_every=5",
@@ -434,7 +436,7 @@ def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoi
     finally:
         stop(second_worker)
 
-    from tasks.artifacts import ArtifactRef
+    from tasks.lib.artifacts import ArtifactRef
 
     store = ArtifactStore(cfg.artifacts.root, local_cache=tmp_path / "reader")
     train_entries = s3_endpoint.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/index/train/")["Contents"]

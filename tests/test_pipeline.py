@@ -33,8 +33,8 @@ def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
     assert card.startswith("---\n") and "base_model: tiny-llama" in card and "gptq-perplexity-increase" in card
 
     # The published GPTQ model loads through transformers and generates.
-    from tasks.gptq import load_quantized
-    from tasks.modeling import load_tokenizer
+    from tasks.lib.gptq import load_quantized
+    from tasks.lib.modeling import load_tokenizer
 
     model, tokenizer = load_quantized(version_dir), load_tokenizer(version_dir)
     prompt = tokenizer("Hello", return_tensors="pt")

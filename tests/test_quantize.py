@@ -7,7 +7,9 @@ scored by the metric code the gates use, on the rows the evaluate stage scores."
 import pytest
 import torch
 
-from tasks import dataset, gptq, merge, metrics, modeling, quantize
+from tasks import quantize
+from tasks.lib import datarows, metrics, modeling, nf4_merge
+from tests import reference
 
 
 def held_out_perplexity(cfg, model, tokenizer, rows) -> float:
@@ -20,16 +22,16 @@ def test_gptq_stays_within_ten_percent_of_the_merged_model_and_beats_round_to_ne
         assets, embedded_adapter, tmp_path):
     cfg, adapter = embedded_adapter
     merged_dir, gptq_dir = tmp_path / "merged", tmp_path / "gptq"
-    merge.stream_merge(cfg.model.base, adapter, merged_dir, mode="dequantize")
-    merge.save_model_files(cfg.model.base, adapter, merged_dir, torch.float32)
+    nf4_merge.stream_merge(cfg.model.base, adapter, merged_dir, mode="dequantize")
+    nf4_merge.save_model_files(cfg.model.base, adapter, merged_dir, torch.float32)
     report = quantize.quantize_model(cfg, assets["data"], merged_dir, gptq_dir)
 
     q = cfg.quantize
     tokenizer = modeling.load_tokenizer(merged_dir)
-    rows = dataset.read_jsonl(assets["data"] / "eval.jsonl")[: cfg.eval.max_examples]
+    rows = datarows.read_jsonl(assets["data"] / "eval.jsonl")[: cfg.eval.max_examples]
     merged_ppl = held_out_perplexity(cfg, modeling.load_full(merged_dir, torch.float32, "cpu"), tokenizer, rows)
     gptq_ppl = held_out_perplexity(cfg, modeling.load_gptq(gptq_dir, "cpu"), tokenizer, rows)
-    rtn = gptq.rtn_quantize_dequantize(modeling.load_full(merged_dir, torch.float32, "cpu"), q.bits, q.group_size,
+    rtn = reference.rtn_quantize_dequantize(modeling.load_full(merged_dir, torch.float32, "cpu"), q.bits, q.group_size,
                                        q.sym)
     rtn_ppl = held_out_perplexity(cfg, rtn, tokenizer, rows)
 

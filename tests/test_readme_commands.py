@@ -148,7 +148,7 @@ def test_readme_hub_run_and_republish_as_written(tiny_config, tmp_path):
 def test_importing_the_pipeline_changes_no_environment_variable():
     """Import every module a run uses in a fresh interpreter: the process environment is the same after."""
     probe = ("import os, json; before = dict(os.environ); "
-             "import flows.pipeline, flows.cli, flows.sensor, tasks.contracts, tasks.gptq, tasks.modeling, tasks.hub; "
+             "import flows.pipeline, flows.cli, flows.sensor, tasks.lib.contracts, tasks.lib.gptq, tasks.lib.modeling, tasks.lib.hub; "
              "changed = {k: os.environ.get(k) for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}; "
              "print(json.dumps(changed))")
     out = subprocess.run([str(VENV_BIN / "python"), "-c", probe], cwd=REPO, capture_output=True, text=True,

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 from conftest import REPO
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from pipeline_config.schema import PipelineConfig
+
+pytestmark = pytest.mark.no_prefect  # no flow or task runs: no Prefect server
 
 README = REPO / "README.md"
 EMBEDDED = yaml.safe_load((REPO / "pipeline_config" / "default.yaml").read_text())

@@ -4,22 +4,22 @@ Liger's fused linear cross-entropy (wiring checked with a stand-in; Liger itself
 import torch
 
 from pipeline_config import load_config
-from tasks import dataset, modeling, train
+from tasks.lib import chat, datarows, modeling, packing, trainer
 
 
 def test_chunked_loss_matches_model_loss_and_gradients(tiny_config, assets):
     cfg = load_config(tiny_config)
-    model = train.build_model(cfg, "cpu")
+    model = trainer.build_model(cfg, "cpu")
     tokenizer = modeling.load_tokenizer(cfg.model.base)
-    rows = dataset.read_jsonl(assets["data"] / "train.jsonl")[:12]
-    examples, _ = dataset.tokenize_rows(tokenizer, rows, 128)
-    pack = dataset.pack_examples(examples, 256, seed=0)[0]
-    batch = train.as_batch(pack, "cpu")
+    rows = datarows.read_jsonl(assets["data"] / "train.jsonl")[:12]
+    examples, _ = chat.tokenize_rows(tokenizer, rows, 128)
+    pack = packing.pack_examples(examples, 256, seed=0)[0]
+    batch = trainer.as_batch(pack, "cpu")
     lora = [p for p in model.parameters() if p.requires_grad]
 
     def loss_and_grads(chunk_tokens: int):
         model.zero_grad()
-        loss = train.training_loss(model, batch, chunk_tokens)
+        loss = trainer.training_loss(model, batch, chunk_tokens)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in lora]
 
@@ -56,12 +56,12 @@ def test_liger_kernels_are_wired_to_the_same_loss(tiny_config, assets, monkeypat
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", stub)
 
     cfg = load_config(tiny_config, ["train.kernels=liger"])
-    model = train.build_model(cfg, "cpu")
+    model = trainer.build_model(cfg, "cpu")
     assert len(applied) == 1 and applied[0][0] is model.get_base_model()
     assert applied[0][1] == {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                              "fused_linear_cross_entropy": False}
     tokenizer = modeling.load_tokenizer(cfg.model.base)
-    examples, _ = dataset.tokenize_rows(tokenizer, dataset.read_jsonl(assets["data"] / "train.jsonl")[:12], 128)
-    batch = train.as_batch(dataset.pack_examples(examples, 256, seed=0)[0], "cpu")
-    torch.testing.assert_close(train.training_loss(model, batch, 0, kernels="liger"),
-                               train.training_loss(model, batch, 0), rtol=1e-5, atol=1e-6)
+    examples, _ = chat.tokenize_rows(tokenizer, datarows.read_jsonl(assets["data"] / "train.jsonl")[:12], 128)
+    batch = trainer.as_batch(packing.pack_examples(examples, 256, seed=0)[0], "cpu")
+    torch.testing.assert_close(trainer.training_loss(model, batch, 0, kernels="liger"),
+                               trainer.training_loss(model, batch, 0), rtol=1e-5, atol=1e-6)

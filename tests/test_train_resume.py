@@ -25,8 +25,10 @@ def trainer(config: Path, data_dir: Path, out: Path, scratch: Path) -> subproces
     )
 
 
-def test_killed_training_resumes_and_matches_uninterrupted_run(tiny_config, assets, tmp_path):
-    data_dir = assets["data"]
+def test_killed_training_resumes_and_matches_uninterrupted_run(tiny_config, validated_data, tmp_path):
+    from pipeline_config import load_config
+
+    data_dir = validated_data(load_config(tiny_config))
     reference = trainer(tiny_config, data_dir, tmp_path / "ref", tmp_path / "ref-scratch")
     assert reference.wait(timeout=600) == 0, reference.stdout.read()
 

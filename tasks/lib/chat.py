@@ -15,14 +15,16 @@ whole text, so no BPE merge across a prompt/response boundary can shift the mask
 
 from __future__ import annotations
 
-import json
-import random
-from bisect import bisect_left, insort
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from pipeline_config import PipelineConfig
+from tasks.lib import artifacts
+from tasks.lib.datarows import DataError, row_messages
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 TOKENS_FILE = "train_tokens.npz"
@@ -255,14 +257,14 @@ def tokenize_conversations(
         ids = np.fromiter((t for row in ids_list for t in row), dtype=np.int32, count=sum(chunk_lengths))
         mask = np.zeros(len(ids), dtype=bool)
         start = 0
-        for row, ((text, spans), n) in enumerate(zip(rendered, chunk_lengths)):
+        for row, ((_, spans), n) in enumerate(zip(rendered, chunk_lengths)):
             if not responses_only:
                 mask[start: start + n] = True
             else:
                 if backend is not None:
                     char_to_token = encodings[row].char_to_token
                 else:
-                    char_to_token = (lambda pos, _row=row: encodings.char_to_token(_row, pos))
+                    char_to_token = partial(encodings.char_to_token, row)
                 for span_start, span_end in spans:
                     first = _token_at(char_to_token, span_start, span_end)
                     last = _token_at(char_to_token, span_end - 1, span_start - 1, step=-1)
@@ -287,17 +289,6 @@ def _token_at(char_to_token, pos: int, stop: int, step: int = 1):
             return token
         pos += step
     return None
-
-
-def tokenize_example(tokenizer, row: dict, responses_only: bool = True) -> TokenizedExample:
-    return tokenize_conversations(tokenizer, [row_messages(row)], responses_only).example(0)
-
-
-def tokenize_rows(tokenizer, rows: list[dict], max_len: int, responses_only: bool = True):
-    """Tokenize rows, dropping those longer than max_len; returns (examples, dropped count)."""
-    tokenized = tokenize_conversations(tokenizer, [row_messages(row) for row in rows], responses_only)
-    keep = np.flatnonzero(tokenized.lengths <= max_len)
-    return [tokenized.example(int(i)) for i in keep], len(rows) - len(keep)
 
 
 # --------------------------------------------------------------------------- packing
@@ -329,7 +320,7 @@ def tokenizer_hash(cfg: PipelineConfig) -> dict[str, str]:
     return hashes
 
 
-SHIPPED_TEMPLATES = Path(__file__).resolve().parents[1] / "pipeline_config" / "chat_templates"
+SHIPPED_TEMPLATES = Path(__file__).resolve().parents[2] / "pipeline_config" / "chat_templates"
 
 
 def chat_template_file(setting: str) -> Path:
@@ -348,8 +339,8 @@ def shipped_template_names() -> str:
 
 def load_tokenizer(cfg: PipelineConfig):
     """The tokenizer every stage renders with: data.tokenizer or model.base, the chat-template
-    override applied, and a pad token distinct from eos (added when the vocabulary has none)."""
-    from tasks import modeling
+    override applied, and a pad token distinct from eos (modeling.load_tokenizer's policy)."""
+    from tasks.lib import modeling
 
     folder = tokenizer_source(cfg)
     try:
@@ -362,5 +353,15 @@ def load_tokenizer(cfg: PipelineConfig):
         raise DataError(f"{folder}: the tokenizer has no chat template (a base checkpoint); set data.chat_template "
                         f"to a .jinja file or to a shipped template ({shipped_template_names()})")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})  # the model's embeddings must grow to match
+        raise DataError(f"{folder}: the tokenizer's vocabulary has no token distinct from eos "
+                        f"({tokenizer.eos_token!r}) to pad with (modeling.load_tokenizer looks for <|endoftext|>, "
+                        "<pad>, <|pad|>, <unk> and Llama 3's reserved tokens); use a tokenizer (data.tokenizer) "
+                        "that has one")
     return tokenizer
+
+
+def tokenize_rows(tokenizer, rows: list[dict], max_len: int, responses_only: bool = True):
+    """Tokenize rows, dropping those longer than max_len; returns (examples, dropped count)."""
+    tokenized = tokenize_conversations(tokenizer, [row_messages(row) for row in rows], responses_only)
+    keep = np.flatnonzero(tokenized.lengths <= max_len)
+    return [tokenized.example(int(i)) for i in keep], len(rows) - len(keep)

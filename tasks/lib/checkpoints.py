@@ -1,6 +1,22 @@
-"""TODO"""
+"""Training's resumable state: what a checkpoint holds, where it is kept, and how a run resumes from it.
+
+Checkpoints (adapter, optimizer, scheduler, RNG, step, history) go to a scratch folder keyed by the
+train stage's cache key, so a retry or a re-run after a crash resumes instead of starting over. With a
+remote artifact store (s3://...) each checkpoint is also uploaded to the store's scratch area, so a
+re-run on another worker, with an empty local disk, resumes too.
+"""
 
 from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from tasks.lib.ranks import Ranks, barrier
+
+CHECKPOINT = "checkpoint.pt"
 
 
 class Checkpoints:
@@ -51,78 +67,51 @@ class Checkpoints:
 
 
 def checkpoint_state(model, optimizer, scheduler, step: int, history: list[dict], probe_before: float,
-                     workers: Workers) -> dict | None:
-    """Everything a resumed run needs, on rank 0 (None elsewhere). Under FSDP gathering it is collective:
-    every process calls this."""
+                     ranks: Ranks) -> dict | None:
+    """Everything a resumed run needs, on rank 0 (None elsewhere)."""
     from peft import get_peft_model_state_dict
 
-    if workers.fsdp:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_state_dict,
-        )
-
-        full, optim = get_state_dict(model, optimizer, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-        adapter = get_peft_model_state_dict(unwrap(model), state_dict=full) if workers.main else None
-    else:
-        adapter, optim = get_peft_model_state_dict(model), optimizer.state_dict()
-    if not workers.main:
+    if not ranks.main:
         return None
     return {
         "step": step,
         "probe_loss_before": probe_before,
-        "adapter": adapter,
-        "optimizer": optim,
+        "adapter": get_peft_model_state_dict(model),
+        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
         "history": history,
-        "world": workers.world,
+        "world": ranks.world,
     }
 
 
 def save_checkpoint(checkpoints: Checkpoints, model, optimizer, scheduler, step: int, history: list[dict],
-                    probe_before: float, workers: Workers = Workers()) -> None:
-    state = checkpoint_state(model, optimizer, scheduler, step, history, probe_before, workers)
+                    probe_before: float, ranks: Ranks = Ranks()) -> None:
+    state = checkpoint_state(model, optimizer, scheduler, step, history, probe_before, ranks)
     if state is not None:
         checkpoints.save(state)
-    barrier(workers)  # no process runs ahead of a checkpoint it might have to resume from
+    barrier(ranks)  # no process runs ahead of a checkpoint it might have to resume from
 
 
-def fetch_checkpoint(checkpoints: Checkpoints, workers: Workers) -> dict | None:
+def fetch_checkpoint(checkpoints: Checkpoints, ranks: Ranks) -> dict | None:
     """The latest checkpoint's state, read by every process (rank 0 fetches it from the remote copy)."""
-    latest = checkpoints.fetch() if workers.main else None
-    barrier(workers)
+    latest = checkpoints.fetch() if ranks.main else None
+    barrier(ranks)
     latest = latest or (checkpoints.path if checkpoints.path.exists() else None)
     return torch.load(latest, map_location="cpu", weights_only=False) if latest else None
 
 
 def restore_adapter(model, state: dict) -> None:
-    """Before FSDP wraps the model and before the optimizer sees its parameters."""
+    """Before the optimizer sees the model's parameters."""
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(model, state["adapter"])
 
 
-def restore_training(state: dict, model, optimizer, scheduler, workers: Workers) -> tuple[int, list[dict], float]:
-    if workers.fsdp:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+def restore_training(state: dict, optimizer, scheduler) -> tuple[int, list[dict], float]:
+    """Optimizer, scheduler and RNG as they were at the checkpoint; returns (step, history, probe loss before)."""
+    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
     return state["step"], state["history"], state["probe_loss_before"]
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[dict], float]:
-    """A single process's resume from a checkpoint file."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    restore_adapter(model, state)
-    return restore_training(state, model, optimizer, scheduler, Workers())

@@ -10,7 +10,6 @@ import json
 import logging
 import re
 from collections import Counter
-from io import StringIO
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,9 +22,12 @@ from great_expectations.expectations.expectation_configuration import (
 )
 from pydantic import BaseModel
 
+from tasks.lib import log
+from tasks.lib.datarows import DERIVED_COLUMNS, LINE_COLUMN, DataError, _decode_utf8
+
 Severity = Literal["error", "warning"]
 
-CONTRACTS_DIR = Path(__file__).resolve().parents[1] / "data_contracts"
+CONTRACTS_DIR = Path(__file__).resolve().parents[2] / "data_contracts"
 DEFAULT_SEVERITY: Severity = "error"
 SAMPLE_ROW_LIMIT = 5
 SAMPLE_VALUE_MAX_CHARS = 120
@@ -320,7 +322,7 @@ def render_data_docs(validation, path: Path) -> bool:
 
         html = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(validation))
     except Exception:  # noqa: BLE001 - a rendering bug must not fail a passing dataset
-        logging.getLogger("qlora_pipeline").warning("GX data docs rendering failed", exc_info=True)
+        log.logger().warning("GX data docs rendering failed", exc_info=True)
         return False
     path.write_text(stable_html(html), encoding="utf-8")
     return True

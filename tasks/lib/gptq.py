@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 # Kernel used when loading on CUDA. The automatic choice on Hopper is Machete, which downloads CUTLASS at run
 # time and therefore fails offline; the Triton GPTQ kernel needs nothing beyond the installed triton package.

@@ -23,7 +23,6 @@ request headers, no exception chain).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import tempfile
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline_config import PipelineConfig
+from tasks.lib import log
 
 RELEASE_FILE = "release.json"
 TAG_RE = re.compile(r"^v(\d+)-([0-9a-f]{8})$")
@@ -72,15 +72,6 @@ def parse_target(target: str) -> HubTarget:
 
 def is_hub_target(cfg: PipelineConfig) -> bool:
     return cfg.publish.target.startswith("hf://")
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # outside a flow or task run (the `publish` CLI)
-        return logging.getLogger("qlora_pipeline.hub")
 
 
 # -- token and client ------------------------------------------------------------------------------
@@ -199,7 +190,7 @@ def preflight(cfg: PipelineConfig) -> dict | None:
             raise HubError(f"{target.repo_id} is a PUBLIC repo; refusing to publish into it "
                            f"(set publish.allow_public: true to allow)")
     result = {"user": who.get("name"), "repo": target.repo_id, "repo_exists": exists}
-    _logger().info("preflight: Hub token of %s accepted at %s; target %s (%s)", result["user"], api.endpoint,
+    log.logger().info("preflight: Hub token of %s accepted at %s; target %s (%s)", result["user"], api.endpoint,
                    target.repo_id, "exists" if exists else "will be created private")
     return result
 
@@ -213,7 +204,7 @@ def ensure_private_repo(api, repo_id: str, cfg: PipelineConfig, token: str) -> N
     if info is None:
         call(f"create repo {repo_id}", token, api.create_repo, repo_id, private=True, exist_ok=True, token=token)
         info = call(f"repo info {repo_id}", token, api.repo_info, repo_id, token=token)
-        _logger().info("publish: created private Hub repo %s", repo_id)
+        log.logger().info("publish: created private Hub repo %s", repo_id)
     if not info.private and not cfg.publish.allow_public:
         raise HubError(f"{repo_id} is a PUBLIC repo; refusing to publish into it "
                        f"(set publish.allow_public: true to allow)")
@@ -238,8 +229,8 @@ def publish_files(cfg: PipelineConfig, repo_id: str, files: dict[str, Path], rec
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.hf_api import RepoFile
 
-    logger = _logger()
-    digest, fingerprint = record["release_hash"], record["data_fingerprint"]
+    logger = log.logger()
+    digest, fingerprint = record["release_hash"], record["data_artifact"]
     api = make_api(cfg, token)
     ensure_private_repo(api, repo_id, cfg, token)
 
@@ -295,7 +286,7 @@ def latest_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dic
     """The newest release tag of publish.target, for the regression gate: {"target", "version" (the tag),
     "location" (its commit), "release_hash", "metrics"}; None when the repo or any release tag is missing.
     Tags whose release was built from the GPTQ artifact `exclude_model` are passed over (see
-    `tasks.publish.current_release`). Errors are HubErrors, token-scrubbed."""
+    `tasks.lib.registry.current_release`). Errors are HubErrors, token-scrubbed."""
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
     target = parse_target(cfg.publish.target)
@@ -320,7 +311,7 @@ def latest_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dic
                             on={EntryNotFoundError: None})
                 metrics = json.loads(Path(path).read_text()) if path else {}
             return {"target": cfg.publish.target, "version": f"{target.repo_id}@{tag}", "location": commit,
-                    "release_hash": record.get("release_hash"), "metrics": metrics}
+                    "release_hash": record.get("release_hash"), "record": record, "metrics": metrics}
     return None
 
 
@@ -333,31 +324,5 @@ def download_release_model(cfg: PipelineConfig, commit: str, dest: Path) -> Path
         call(f"download {target.repo_id}@{commit[:12]}", token, api.snapshot_download, target.repo_id,
              revision=commit, local_dir=str(dest), token=token, ignore_patterns=["adapter/*", "*.md"])
     return Path(dest)
-
-
-def folder_files(folder: Path, skip: tuple[str, ...] = ("MANIFEST.json",)) -> dict[str, Path]:
-    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).as_posix() not in skip}
-
-
-def publish_to_hub(cfg: PipelineConfig, bundle: Path, extras: dict[str, Path] | None = None) -> HubRelease:
-    """Publish a release bundle folder (with release.json) to publish.target, then each extra
-    (name -> folder: adapter, merged) to its own repo `<NAME>-<extra>` with the same tag scheme."""
-    target = parse_target(cfg.publish.target)
-    token = resolve_token(cfg)
-    record = json.loads((bundle / RELEASE_FILE).read_text())
-    with client_settings(cfg):
-        main = publish_files(cfg, target.repo_id, folder_files(bundle), record, token)
-        for name, folder in (extras or {}).items():
-            repo_id = f"{target.repo_id}{EXTRA_SUFFIX[name]}"
-            with tempfile.TemporaryDirectory(prefix="qlora-hub-extra-") as tmp:
-                files = folder_files(folder)
-                (Path(tmp) / RELEASE_FILE).write_text(json.dumps({**record, "variant": name,
-                                                                   "main_release": f"{target.repo_id}@{main.tag}"},
-                                                                  indent=1))
-                (Path(tmp) / "README.md").write_text(extra_card(cfg, name, target.repo_id, main.tag, record))
-                files.update({RELEASE_FILE: Path(tmp) / RELEASE_FILE, "README.md": Path(tmp) / "README.md"})
-                publish_files(cfg, repo_id, files, record, token)
-    return main
 
 

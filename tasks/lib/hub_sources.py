@@ -1,33 +1,28 @@
-"""Stage 0b, fetch-base-model: `model.base` as a Hub id, `ORG/NAME` or `ORG/NAME@REVISION`, becomes a folder.
+"""Base models and datasets named by Hub id: resolving a revision to a commit (preflight) and downloading it.
 
-The way Axolotl (`base_model:`) and LLaMA-Factory (`model_name_or_path:`) name a base model. Preflight
-resolves the revision (branch, tag or commit; default `main`) to a commit sha with the token the publish step
-uses (`publish.token_secret`, else `HF_TOKEN`, else anonymous), so a wrong token or a missing repo fails the
-run before any stage. This stage then downloads that commit's safetensors weights, config and tokenizer
-files into the artifact store; its cache key is the repo id and the commit, so an unchanged revision is a
-cache hit (no download) and a moved branch is a new commit: the base model, and every stage after it, is
-new. The folder holds `hub_source.json` (id, revision, commit), which the model card's lineage reads.
+`model.base` as `ORG/NAME[@REVISION]` (the way Axolotl's `base_model:` and LLaMA-Factory's `model_name_or_path:`
+name one) and `data.train_path` / `data.eval_path` as `ORG/NAME[@REVISION]:FILE` (FILE: one file of the dataset
+repo, a glob matching exactly one). Preflight resolves each revision (branch, tag or commit; default `main`) to a
+commit sha with the token the publish step uses (`publish.token_secret`, else `HF_TOKEN`, else anonymous), so a
+wrong token or a missing repo, revision or file fails the run before any stage. The fetch stages download that
+commit into the artifact store with `hub_source.json` (id, revision, commit[, file]) beside the files, which the
+model card's lineage reads.
 
-`HF_HUB_OFFLINE=1`, when the user sets it, is honoured: the revision is resolved from, and the files come
-from, huggingface_hub's local cache only. A folder given as `model.base` is used as it is; this stage does
-not run for it.
+`HF_HUB_OFFLINE=1`, when the user sets it, is honoured for base models: the revision is resolved from, and the
+files come from, huggingface_hub's local cache only. A local folder or file is used as it is.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from prefect import task
-
 from pipeline_config import PipelineConfig
-from tasks import artifacts, hub, modeling, stage
-from tasks.artifacts import ArtifactStore
-from tasks.stage import StageResult
+from tasks.lib import hub, modeling
 
 SOURCE_FILE = "hub_source.json"
 HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?$")
@@ -102,7 +97,6 @@ def resolve_revision(cfg: PipelineConfig) -> dict | None:
     repo_id, revision = named
     from huggingface_hub import constants, snapshot_download
 
-    from huggingface_hub import constants, snapshot_download
 
     shown_as = f"{repo_id}@{revision}"
     if constants.HF_HUB_OFFLINE:  # the user asked for no network: the local cache must hold the revision
@@ -129,7 +123,7 @@ def check_config(cfg: PipelineConfig, folder: Path, shown_as: str) -> None:
     modeling.check_supported_family(folder, shown_as=shown_as, desc_act=cfg.quantize.desc_act)
 
 
-def download(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
+def download_model(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
     """The resolved commit's files (preflight has checked its config.json) into out_dir, with SOURCE_FILE."""
     from huggingface_hub import constants
 
@@ -193,7 +187,8 @@ def resolve_revisions(cfg: PipelineConfig) -> dict[str, dict]:
     return sources
 
 
-def download(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
+def download_data_file(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
+    """The resolved commit's one data file into out_dir, with SOURCE_FILE beside it."""
     token = download_token(cfg)
     api = hub.make_api(cfg, token)
     hub.call(f"download of {source['id']}@{source['commit'][:12]}:{source['file']}", token, api.hf_hub_download,
@@ -210,7 +205,3 @@ def with_data_files(cfg: PipelineConfig, files: dict[str, Path]) -> PipelineConf
 def source_of_file(path: str | None) -> dict | None:
     """The Hub source of a fetched data file, written beside it (None for a user's own file)."""
     return source_of(Path(path).parent) if path else None
-
-
-def fetched_file(cfg: PipelineConfig, fetched: StageResult, source: dict) -> Path:
-    return ArtifactStore(cfg.artifacts.root).local_path(fetched.ref) / source["file"]

@@ -1,6 +1,12 @@
-"""TODO"""
+"""What a release records about where it came from, beyond its artifacts: the code's git commit and the
+raw data source's hash (which the data sensor, flows/sensor.py, compares with the published release's)."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tasks.lib.artifacts import sha256_json, sha256_path
 
 
 def git_commit() -> str | None:
@@ -12,7 +18,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def data_source_fingerprint(cfg: PipelineConfig) -> str:
+def data_source_hash(cfg) -> str:
     """sha256 over the content hashes of data.train_path and data.eval_path.
 
     A path that is not a local file or folder (a dataset id `NAME#SPLIT`) enters by its name only: its

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from tasks import dataset
-from tasks.dataset import IGNORE_INDEX
+from tasks.lib import chat, datarows, packing
+from tasks.lib.chat import IGNORE_INDEX
 
 
 @contextmanager
@@ -43,7 +43,7 @@ PACK_TOKENS = 256
 
 
 @torch.no_grad()
-def packed_perplexity(model, examples: list[dataset.TokenizedExample], pack_tokens: int = PACK_TOKENS) -> float:
+def packed_perplexity(model, examples: list[chat.TokenizedExample], pack_tokens: int = PACK_TOKENS) -> float:
     """exp(mean NLL) over the labelled tokens of `examples`, scored in padding-free packs.
 
     Logits are computed only where a token is scored (`logits_to_keep` with the positions), which
@@ -53,7 +53,7 @@ def packed_perplexity(model, examples: list[dataset.TokenizedExample], pack_toke
     device = next(model.parameters()).device
     budget = max(pack_tokens, max(len(e.input_ids) for e in examples))
     total_nll, total_tokens = 0.0, 0
-    for pack in dataset.pack_examples(examples, budget, seed=0):
+    for pack in packing.pack_examples(examples, budget, seed=0):
         labels = torch.tensor(pack.labels, device=device)
         scored = torch.nonzero(labels[1:] != IGNORE_INDEX).flatten()  # position t predicts token t + 1
         if len(scored) == 0:
@@ -68,7 +68,7 @@ def packed_perplexity(model, examples: list[dataset.TokenizedExample], pack_toke
 
 def response_perplexity(model, tokenizer, rows: list[dict], *, max_len: int = 512) -> float:
     """exp(mean NLL) over the response tokens of held-out examples (prompt tokens are not scored)."""
-    examples, _ = dataset.tokenize_rows(tokenizer, rows, max_len, responses_only=True)
+    examples, _ = chat.tokenize_rows(tokenizer, rows, max_len, responses_only=True)
     return packed_perplexity(model, examples)
 
 
@@ -85,7 +85,7 @@ def greedy_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batc
     device = next(model.parameters()).device
     answers = []
     for start in range(0, len(rows), batch_size):
-        prompts = [dataset.render_prompt(tokenizer, row) for row in rows[start : start + batch_size]]
+        prompts = [datarows.render_prompt(tokenizer, row) for row in rows[start : start + batch_size]]
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False,
@@ -99,7 +99,7 @@ def greedy_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batc
 def exact_match(answers: list[str], rows: list[dict]) -> float:
     if not rows:
         return 0.0
-    hits = sum(normalize_answer(a) == normalize_answer(r["output"]) for a, r in zip(answers, rows))
+    hits = sum(normalize_answer(a) == normalize_answer(datarows.reference_answer(r)) for a, r in zip(answers, rows))
     return hits / len(rows)
 
 
@@ -121,7 +121,7 @@ def text_perplexity(model, tokenizer, texts: list[str], *, max_len: int = 512) -
     """exp(mean NLL) over every token of plain texts (no chat template), for general-text regression."""
     encoded = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]
                for t in texts]
-    return packed_perplexity(model, [dataset.TokenizedExample(ids, ids) for ids in encoded if len(ids) > 1])
+    return packed_perplexity(model, [chat.TokenizedExample(ids, ids) for ids in encoded if len(ids) > 1])
 
 
 def load_json_schema(path: str | Path) -> dict:

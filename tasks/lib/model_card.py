@@ -1,21 +1,34 @@
-"""TODO"""
+"""The release's model card: metadata built by huggingface_hub (ModelCardData, EvalResult), the body here."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
-def display_repo(cfg: PipelineConfig) -> str:
+import yaml
+from huggingface_hub import EvalResult, ModelCardData
+
+from tasks.lib import hub
+from tasks.lib.decisions import GateDecision, decisions_markdown
+from tasks.lib.hub import EXTRA_SUFFIX
+from tasks.lib.hub_sources import base_model_name, source_of_file
+from tasks.lib.stage import StageConfig
+
+
+def display_repo(cfg: StageConfig) -> str:
     """The repo name users see: ORG/NAME on the Hub, the registry repo otherwise."""
     return hub.parse_target(cfg.publish.target).repo_id if hub.is_hub_target(cfg) else cfg.publish.repo
 
 
-def lineage_config(cfg: PipelineConfig) -> dict:
-    """The config recorded in the release: everything but how/where it is published (no secrets in it)."""
-    data = cfg.model_dump(mode="json")
+def lineage_config(cfg: StageConfig) -> dict:
+    """The config recorded in the release: what the release stage reads, but not how or where it is
+    published (no secrets in it)."""
+    data = cfg.key_data()
     data["publish"] = {"repo": cfg.publish.repo}
     return data
 
 
-def dataset_id(cfg: PipelineConfig) -> str:
+def dataset_id(cfg: StageConfig) -> str:
     """What the card's `datasets` names: data.name, else the Hub/datasets id of train_path (NAME#SPLIT -> NAME),
     else the name of the folder the training file is in (a file name says nothing about the data)."""
     if cfg.data.name:
@@ -26,10 +39,10 @@ def dataset_id(cfg: PipelineConfig) -> str:
     return str(path) if not path.exists() else (path.name if path.is_dir() else path.resolve().parent.name)
 
 
-def model_card(cfg: PipelineConfig, metrics: dict, gates: dict[str, list[GateDecision]], lineage: dict) -> str:
+def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecision]], lineage: dict) -> str:
     repo = display_repo(cfg)
     on_hub = hub.is_hub_target(cfg)
-    fingerprint = lineage["data_fingerprint"]
+    data_artifact = lineage["data_artifact"]
     dataset_name = dataset_id(cfg)
     card_data = ModelCardData(
         base_model=base_model_name(cfg), library_name="transformers", pipeline_tag="text-generation",
@@ -58,7 +71,7 @@ def model_card(cfg: PipelineConfig, metrics: dict, gates: dict[str, list[GateDec
                           for split, path, info in lineage["datasets"])
     training = yaml.safe_dump({k: lineage["config"][k] for k in ("lora", "train", "merge", "quantize")},
                               sort_keys=False).strip()
-    load_from = (f'repo, revision = "{repo}", "v<N>-{fingerprint[:8]}"  # pin the release tag\n'
+    load_from = (f'repo, revision = "{repo}", "v<N>-{data_artifact[:8]}"  # pin the release tag\n'
                  f"tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)\n"
                  f"model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, "
                  f'quantization_config=GPTQConfig(bits={cfg.quantize.bits}, backend="gptq_torch"))')
@@ -78,7 +91,7 @@ by qlora-pipeline {lineage['pipeline_version']}, flow run `{lineage['flow_run_id
 
 ## Data
 
-Data fingerprint (validated dataset artifact): `{fingerprint}`
+Data artifact (the validated dataset, sha256): `{data_artifact}`
 
 | split | source | sha256 (as trained/evaluated) |
 |---|---|---|
@@ -125,9 +138,9 @@ by {lineage['approval']['by']}{': ' + lineage['approval']['comment'] if lineage[
 """
 
 
-def extra_card(cfg: PipelineConfig, name: str, repo_id: str, tag: str, record: dict) -> str:
+def extra_card(cfg: StageConfig, name: str, repo_id: str, tag: str, record: dict) -> str:
     what = {"adapter": "the LoRA adapter (peft) of", "merged": "the merged full-precision model of"}[name]
-    from tasks.base_model import base_model_name
+    from tasks.lib.hub_sources import base_model_name
 
     header = {"base_model": base_model_name(cfg), "library_name": "peft" if name == "adapter" else "transformers",
               "tags": ["qlora", "qlora-pipeline", name]}
@@ -135,5 +148,5 @@ def extra_card(cfg: PipelineConfig, name: str, repo_id: str, tag: str, record: d
 
     return (f"---\n{yaml.safe_dump(header, sort_keys=False).strip()}\n---\n\n# {repo_id}{EXTRA_SUFFIX[name]}\n\n"
             f"This is {what} the release [{repo_id}@{tag}](../{repo_id}) (release hash "
-            f"`{record['release_hash']}`, data fingerprint `{record['data_fingerprint']}`); the model card, "
+            f"`{record['release_hash']}`, data artifact `{record['data_artifact']}`); the model card, "
             f"metrics, gates and lineage are there.\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def load_tokenizer(path: str | Path):
+    """The one pad-token policy: a pad token distinct from eos, chosen from the vocabulary (never a new token,
+    which would need the embeddings resized); left padding for batched generation."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -75,7 +78,8 @@ def load_tokenizer(path: str | Path):
         # With pad == eos, code that strips or masks pads also drops the end-of-turn token and the
         # model never learns to stop; use a distinct token the vocabulary already has.
         vocab = tokenizer.get_vocab()
-        for candidate in ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>"):
+        for candidate in ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>", "<|finetune_right_pad_id|>",
+                          "<|reserved_special_token_0|>"):
             if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
                 tokenizer.pad_token = candidate
                 break
@@ -191,7 +195,7 @@ def load_gptq(path: str | Path, device: str, kernel: str = "auto"):
     held-out perplexity (9.055 packed vs 9.063 dequantized on the embedded default). "auto" picks
     packed on a GPU and dequantized on the CPU.
     """
-    from tasks import gptq
+    from tasks.lib import gptq
 
     if kernel == "auto":
         kernel = "packed" if device == "cuda" else "dequantized"
@@ -222,3 +226,10 @@ def _dequantize_gptq_layers(model):
     model.is_quantized = False
     model.config.quantization_config = None
     return model.eval()
+
+
+def free_memory() -> None:
+    """Return a model's memory after the caller dropped its last reference (`del model`)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from pipeline_config import PipelineConfig
+from tasks.lib import datarows, modeling
 
 FIDELITY_PROMPTS = 8
 
@@ -118,7 +132,7 @@ def training_dtype(cfg: PipelineConfig, adapter_dir: Path) -> torch.dtype:
     adapter was trained on, which train_metrics.json records."""
     metrics_file = Path(adapter_dir) / "train_metrics.json"
     trained_on = json.loads(metrics_file.read_text()).get("device") if metrics_file.is_file() else None
-    device = trained_on or modeling.resolve_device(cfg.train.device)
+    device = trained_on or modeling.resolve_device(cfg.device)
     return modeling.resolve_dtype(cfg.model.compute_dtype, torch.device(device).type)
 
 
@@ -254,7 +268,7 @@ def save_model_files(base_path: str | Path, adapter_dir: Path, out_dir: Path, dt
 
 
 def prompt_ids(tokenizer, rows: list[dict]) -> list[dict]:
-    return [tokenizer(dataset.render_chat(tokenizer, row), return_tensors="pt", add_special_tokens=False)
+    return [tokenizer(datarows.render_chat(tokenizer, row), return_tensors="pt", add_special_tokens=False)
             for row in rows]
 
 
@@ -274,13 +288,6 @@ def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor])
     return {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_rel, "prompts": len(reference)}
 
 
-def release(model) -> None:
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def fidelity_check(cfg: PipelineConfig, adapter_dir: Path, merged_dir: Path, rows: list[dict], nf4_dtype: torch.dtype,
                    device: str) -> dict:
     """Logits of the trained model (NF4 base + adapter; see the module docstring for the kernel) vs the
@@ -288,10 +295,12 @@ def fidelity_check(cfg: PipelineConfig, adapter_dir: Path, merged_dir: Path, row
     prompts = prompt_ids(modeling.load_tokenizer(adapter_dir), rows)
     trained = modeling.load_finetuned(cfg.model.base, adapter_dir, nf4_dtype, device, kernel="auto").eval()
     reference = model_logits(trained, prompts)
-    release(trained)
+    del trained
+    modeling.free_memory()
     # On the CPU in fp32 (bf16 matmuls are slow there; the models that merge on a CPU are small).
     dtype = torch.float32 if device == "cpu" else getattr(torch, cfg.merge.dtype)
     merged = modeling.load_full(merged_dir, dtype, device).eval()
     candidate = model_logits(merged, prompts)
-    release(merged)
+    del merged
+    modeling.free_memory()
     return compare_logits(reference, candidate)

@@ -1,6 +1,21 @@
-"""TODO"""
+"""Packing tokenized examples into rows of a token budget, and cutting a step's row into per-process
+shares and micro-batches (always between examples, never inside one).
+
+Best-fit decreasing (about 80 lines of numpy and bisect): deterministic for a seed, re-packed each epoch, so
+a resumed run can skip ahead to exactly where the interrupted one stopped.
+"""
 
 from __future__ import annotations
+
+import random
+from bisect import bisect_left, insort
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.lib.chat import IGNORE_INDEX, TokenizedSet
+from tasks.lib.ranks import Ranks
 
 
 @dataclass
@@ -93,19 +108,19 @@ def pack_stream(examples, token_budget: int, seed: int) -> Iterator[Pack]:
 
 def count_targets(labels) -> int:
     """Tokens the loss is taken on: labelled positions after the first (each predicts from the one before)."""
-    return sum(1 for label in list(labels)[1:] if label != dataset.IGNORE_INDEX)
+    return sum(1 for label in list(labels)[1:] if label != IGNORE_INDEX)
 
 
-def cut(pack: dataset.Pack, lo: int, hi: int) -> dataset.Pack:
-    return dataset.Pack(pack.input_ids[lo:hi], pack.labels[lo:hi], pack.position_ids[lo:hi])
+def cut(pack: Pack, lo: int, hi: int) -> Pack:
+    return Pack(pack.input_ids[lo:hi], pack.labels[lo:hi], pack.position_ids[lo:hi])
 
 
-def example_starts(pack: dataset.Pack) -> list[int]:
+def example_starts(pack: Pack) -> list[int]:
     """Where each example of the pack begins (its position ids restart at 0)."""
     return [i for i, position in enumerate(pack.position_ids) if position == 0]
 
 
-def rank_share(pack: dataset.Pack, rank: int, world: int) -> dataset.Pack:
+def rank_share(pack: Pack, rank: int, world: int) -> Pack:
     """This process's contiguous share of a step's pack: the examples cut into `world` runs of about equal
     token counts. Every process computes the same cuts (packing is deterministic), so shares are disjoint
     and cover the pack; with fewer examples than processes some shares are empty."""
@@ -120,7 +135,7 @@ def rank_share(pack: dataset.Pack, rank: int, world: int) -> dataset.Pack:
     return cut(pack, boundary(rank), boundary(rank + 1))
 
 
-def split_pack(pack: dataset.Pack, max_tokens: int) -> list[dataset.Pack]:
+def split_pack(pack: Pack, max_tokens: int) -> list[Pack]:
     """The pack cut between examples into consecutive micro-batches of at most max_tokens tokens (an
     example longer than that is a micro-batch of its own). The loss is unchanged: the first token of an
     example is never a target, so no target loses the token it is predicted from. 0: no cut."""
@@ -140,6 +155,6 @@ def split_pack(pack: dataset.Pack, max_tokens: int) -> list[dataset.Pack]:
     return pieces
 
 
-def micro_batches(pack: dataset.Pack, workers: Workers, max_tokens: int) -> list[dataset.Pack]:
+def micro_batches(pack: Pack, ranks: Ranks, max_tokens: int) -> list[Pack]:
     """This process's micro-batches of one step."""
-    return split_pack(rank_share(pack, workers.rank, workers.world), max_tokens)
+    return split_pack(rank_share(pack, ranks.rank, ranks.world), max_tokens)

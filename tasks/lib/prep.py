@@ -1,10 +1,26 @@
-"""TODO"""
+"""Preparing a dataset: per-file checks, duplicates, train/eval leakage, the length policy, the seeded
+eval split, and the validate artifact's files and reports (the validate stage's work, tasks/validate.py).
+
+Order matters and is spelled out in `validate_dataset`: duplicates are removed before the leakage check and
+the eval split (both compare prompt keys of the kept rows), and the length policy acts last, on the tokens.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
 
-ALPACA_COLUMNS = ("instruction", "input", "output")
+import numpy as np
 
+from pipeline_config import PipelineConfig
+from tasks.lib import artifacts, chat, contracts, datarows, packing
+from tasks.lib.chat import TOKENIZER_DIR, TOKENS_FILE, TokenizedSet, load_tokenizer
+from tasks.lib.contracts import RuleResult, SampleRow, ValidationReport
+from tasks.lib.datarows import DataError
 
 ROLE_ORDER = re.compile(r"^(?:system,)?user,assistant(?:,user,assistant)*$")
 
@@ -30,48 +46,41 @@ class SplitCheck:
     lines: list[int] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)  # normalized rows, one per renderable row
     conversations: list[list[dict]] = field(default_factory=list)
-    tokenized: dataset.TokenizedSet | None = None
+    tokenized: chat.TokenizedSet | None = None
     validation: object = None
     keys: list[tuple[str, str, str]] = field(default_factory=list)  # see _keys, computed once
 
 
 def check_file(path: str, fmt: str, contract: str | None, tokenizer, renderer, responses_only: bool) -> SplitCheck:
-    frame = contracts.load_rows(Path(path), fmt)
+    frame = datarows.load_rows(Path(path), fmt)
     if fmt == "auto":
-        fmt = contracts.detect_format(frame, path)
-    frame, conversations = contracts.normalize_rows(frame, fmt)
+        fmt = datarows.detect_format(frame, path)
+    frame, conversations = datarows.normalize_rows(frame, fmt)
     renderable = [i for i, turns in enumerate(conversations)
                   if turns is not None and ROLE_ORDER.match(",".join(t["role"] for t in turns))]
     try:
-        tokenized = dataset.tokenize_conversations(
+        tokenized = chat.tokenize_conversations(
             tokenizer, [conversations[i] for i in renderable], responses_only, renderer)
-    except dataset.TemplateError as error:
+    except chat.TemplateError as error:
         raise DataError(f"chat template of {tokenizer.name_or_path}: {error}") from error
     token_length = np.full(len(frame), np.nan)
     token_length[renderable] = tokenized.lengths
     frame["token_length"] = token_length
     contract_path = Path(contract) if contract else contracts.default_contract(fmt)
     report = contracts.validate_rows(frame, contract_path)
-    lines = frame[contracts.LINE_COLUMN].tolist()
+    lines = frame[datarows.LINE_COLUMN].tolist()
     unrenderable = sorted(set(range(len(frame))) - set(renderable))
     report.add(_rule("rows-renderable", "error", unrenderable, [
         SampleRow(line=lines[i], value=frame["turn_problems"].iat[i] or frame["roles"].iat[i])
         for i in unrenderable[:SAMPLES]]))
-    records = frame.to_dict(orient="records")
     check = SplitCheck(path=str(path), fmt=fmt, report=report, validation=report._validation)
     check.lines = [lines[i] for i in renderable]
     check.conversations = [conversations[i] for i in renderable]
-    check.rows = [_normalized_row(records[i], conversations[i], fmt) for i in renderable]
+    check.rows = [{"messages": conversations[i]} for i in renderable]  # the canonical row
     check.tokenized = tokenized
     return check
 
 
-def _normalized_row(record: dict, turns: list[dict], fmt: str) -> dict:
-    if fmt == "alpaca":
-        return {column: str(record.get(column) or "") for column in ALPACA_COLUMNS}
-    # instruction/output: the final prompt and answer, for evaluation reports and exact match.
-    last_user = next(t["content"] for t in reversed(turns) if t["role"] == "user")
-    return {"messages": turns, "instruction": last_user, "output": turns[-1]["content"]}
 
 
 def _rule(name: str, severity: str, failing: list, samples: list[SampleRow], observed=None,
@@ -154,7 +163,7 @@ def validate_dataset(cfg: PipelineConfig, out_dir: Path, require_eval: bool = Tr
     """
     data = cfg.data
     tokenizer = load_tokenizer(cfg)
-    renderer = dataset.ChatRenderer(tokenizer)
+    renderer = chat.ChatRenderer(tokenizer)
     responses_only = cfg.train.loss_on_responses_only
     train = check_file(data.train_path, data.format, data.contract, tokenizer, renderer, responses_only)
     checks = {"train": train}
@@ -212,12 +221,12 @@ def validate_dataset(cfg: PipelineConfig, out_dir: Path, require_eval: bool = Tr
         raise DataContractFailed(f"data contract failed for {', '.join(failed)} data:\n{details}")
 
     eval_rows = [eval_check.rows[p] for p in eval_keep]
-    dataset.write_jsonl(out_dir / "train.jsonl", train_rows)
-    dataset.write_jsonl(out_dir / "eval.jsonl", eval_rows)
+    datarows.write_jsonl(out_dir / "train.jsonl", train_rows)
+    datarows.write_jsonl(out_dir / "eval.jsonl", eval_rows)
     truncate = data.max_seq_len if data.length_policy == "truncate" else None
     examples = train.tokenized.select(np.asarray(kept["train"], dtype=np.int64), truncate)
-    examples.save(out_dir / dataset.TOKENS_FILE)
-    tokenizer.save_pretrained(out_dir / dataset.TOKENIZER_DIR)
+    examples.save(out_dir / chat.TOKENS_FILE)
+    tokenizer.save_pretrained(out_dir / chat.TOKENIZER_DIR)
 
     budget = max(cfg.train.tokens_per_step, data.max_seq_len)
     lengths = examples.lengths
@@ -226,17 +235,17 @@ def validate_dataset(cfg: PipelineConfig, out_dir: Path, require_eval: bool = Tr
                                         "p95": float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
                                         "max": int(lengths.max(initial=0))})
     stats["eval"]["examples"] = len(eval_rows)
-    packing = dataset.packing_efficiency(lengths, budget, cfg.seed)
+    packed = packing.packing_efficiency(lengths, budget, cfg.seed)
     components = {
         "rows": artifacts.sha256_json([artifacts.sha256_file(out_dir / "train.jsonl"),
                                        artifacts.sha256_file(out_dir / "eval.jsonl")]),
-        "tokenizer_files": artifacts.sha256_tree(out_dir / dataset.TOKENIZER_DIR)[0],
+        "tokenizer_files": artifacts.sha256_tree(out_dir / chat.TOKENIZER_DIR)[0],
         "chat_template": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
         "length_policy": {"max_seq_len": data.max_seq_len, "policy": data.length_policy},
         "responses_only": responses_only,
     }
     fingerprint = {"fingerprint": artifacts.sha256_json(components), "components": components,
-                   "stats": stats, "packing": packing, "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token}
+                   "stats": stats, "packing": packed, "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token}
     (out_dir / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
     (out_dir / "report.md").write_text(render_reports(checks, stats, fingerprint))
     return reports
@@ -260,23 +269,13 @@ def render_reports(checks: dict[str, SplitCheck], stats: dict, fingerprint: dict
     return "\n".join(parts + lines) + "\n"
 
 
-def load_training_data(dataset_dir: Path, cfg):
-    """(tokenizer, examples, dropped) for train_adapter.
-
-    A validate artifact holds the tokenizer it rendered with (chat template, pad token) and the
-    tokenized training examples; a plain folder with train.jsonl (e.g. the embedded data, as the
-    resume test passes) is tokenized here with the base model's tokenizer instead.
-    """
-    from tasks import modeling
+def load_training_data(dataset_dir: Path):
+    """(tokenizer, tokenized training examples, how many the length policy dropped) of a validate artifact:
+    the tokenizer it rendered with (chat template, pad token) and the examples the trainer packs."""
+    from tasks.lib import modeling
 
     dataset_dir = Path(dataset_dir)
-    tokens = dataset_dir / TOKENS_FILE
-    if tokens.is_file() and (dataset_dir / TOKENIZER_DIR).is_dir():
-        tokenizer = modeling.load_tokenizer(dataset_dir / TOKENIZER_DIR)
-        prep = json.loads((dataset_dir / "fingerprint.json").read_text())
-        return tokenizer, TokenizedSet.load(tokens), int(prep["stats"]["train"].get("dropped_over_length", 0))
-    tokenizer = modeling.load_tokenizer(cfg.model.base)
-    rows = read_jsonl(dataset_dir / "train.jsonl")
-    tokenized = tokenize_conversations(tokenizer, [row_messages(r) for r in rows], cfg.train.loss_on_responses_only)
-    keep = np.flatnonzero(tokenized.lengths <= cfg.data.max_seq_len)
-    return tokenizer, tokenized.select(keep), len(rows) - len(keep)
+    tokenizer = modeling.load_tokenizer(dataset_dir / TOKENIZER_DIR)
+    record = json.loads((dataset_dir / "fingerprint.json").read_text())
+    return (tokenizer, TokenizedSet.load(dataset_dir / TOKENS_FILE),
+            int(record["stats"]["train"].get("dropped_over_length", 0)))

@@ -1,9 +1,23 @@
-"""TODO"""
+"""Releases: the one lookup of the release currently published at the target (local registry or Hub), used
+by the regression gate, the data sensor and publish; and the local registry itself.
+
+    <registry>/<repo>/v<N>/   one immutable release (a bundle's files)
+    <registry>/<repo>/LATEST  the newest version's name
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
 
-RELEASE_FILE = "release.json"
+from pydantic import BaseModel
+
+from pipeline_config import PipelineConfig
+from tasks.lib import artifacts, hub, log
+from tasks.lib.hub import RELEASE_FILE  # noqa: F401 - also the registry's record file
 
 
 class Release(BaseModel):
@@ -33,7 +47,8 @@ def find_release(repo_dir: Path, digest: str) -> Path | None:
 
 def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dict | None:
     """The release currently published at publish.target, the baseline of the regression gate:
-    {"target", "version", "release_hash", "location", "metrics"} (metrics = its recorded metrics.json),
+    {"target", "version", "release_hash", "location", "record", "metrics"} (record = its release.json,
+    metrics = its recorded metrics.json),
     or None when nothing is published. `location` is what `fetch_release_model` needs.
 
     local: the version LATEST names; hf://: the newest release tag (via `tasks.hub`). A release built
@@ -53,7 +68,7 @@ def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> di
         if exclude_model is not None and hub.made_from(record) == exclude_model:
             continue
         return {"target": "local", "version": f"{cfg.publish.repo}/{version_dir.name}",
-                "release_hash": record["release_hash"], "location": str(version_dir.resolve()),
+                "release_hash": record["release_hash"], "location": str(version_dir.resolve()), "record": record,
                 "metrics": json.loads((version_dir / "metrics.json").read_text())}
     return None
 
@@ -68,7 +83,7 @@ def fetch_release_model(cfg: PipelineConfig, release: dict, dest: Path) -> Path:
 
 def publish_local(cfg: PipelineConfig, bundle: Path) -> Release:
     """Copy a bundle into the local registry as the next version, unless its release hash is there."""
-    logger = hub._logger()
+    logger = log.logger()
     repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
     repo_dir.mkdir(parents=True, exist_ok=True)
     digest = json.loads((bundle / RELEASE_FILE).read_text())["release_hash"]

@@ -1,15 +1,23 @@
-"""TODO"""
+"""Scoring models on the held-out rows: one function for every evaluate stage, so the base, fine-tuned,
+merged, GPTQ and published models are all measured by the same code under the same deterministic setting."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tasks.lib import artifacts, datarows, log, metrics, modeling
+from tasks.lib.stage import StageConfig
 
 SAMPLE_COUNT = 4  # generations kept for the report and model card
 
 
-def score_model(cfg: PipelineConfig, model, tokenizer, rows: list[dict], with_answers: bool,
+def score_model(cfg: StageConfig, model, tokenizer, rows: list[dict],
                 regression_texts: list[str] | None = None, schema: dict | None = None) -> dict:
     """Every metric of one model, under one deterministic setting: held-out response perplexity,
-    then (with_answers) exact match and, with eval.json_schema, the JSON-valid rate of the greedy
+    then exact match and, with eval.json_schema, the JSON-valid rate of the greedy
     answers; with a regression set, its plain-text perplexity."""
     model.eval()
     scored = rows[: cfg.eval.max_examples]
@@ -17,14 +25,15 @@ def score_model(cfg: PipelineConfig, model, tokenizer, rows: list[dict], with_an
         result = {"perplexity": metrics.response_perplexity(model, tokenizer, scored)}
         if regression_texts:
             result["regression_perplexity"] = metrics.text_perplexity(model, tokenizer, regression_texts)
-        if with_answers and cfg.eval.exact_match_examples:
+        if cfg.eval.exact_match_examples:
             asked = rows[: cfg.eval.exact_match_examples]
             answers = metrics.greedy_answers(model, tokenizer, asked, cfg.eval.max_new_tokens, cfg.eval.batch_size)
             result["exact_match"] = metrics.exact_match(answers, asked)
             if schema is not None:
                 result["json_valid_rate"] = metrics.json_valid_rate(answers, schema)
             result["samples"] = [
-                {"prompt": row["instruction"], "expected": row["output"], "answer": answer}
+                {"prompt": datarows.prompt_messages(row)[-1]["content"], "expected": datarows.reference_answer(row),
+                 "answer": answer}
                 for row, answer in list(zip(asked, answers))[:SAMPLE_COUNT]
             ]
         if cfg.eval.lm_eval is not None:
@@ -35,30 +44,28 @@ def score_model(cfg: PipelineConfig, model, tokenizer, rows: list[dict], with_an
     return result
 
 
-def load_and_score(timing: dict, name: str, load, cfg: PipelineConfig, tokenizer, rows: list[dict],
+def load_and_score(timing: dict, name: str, load, cfg: StageConfig, tokenizer, rows: list[dict],
                    texts: list[str] | None = None, schema: dict | None = None) -> dict:
     """Load one model, score it, free it; timing[name] = wall seconds of all three."""
     start = time.perf_counter()
     model = load()
-    result = score_model(cfg, model, tokenizer, rows, True, texts, schema)
+    result = score_model(cfg, model, tokenizer, rows, texts, schema)
     del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    modeling.free_memory()
     timing[name] = round(time.perf_counter() - start, 3)
-    stage.logger().info("evaluate: %s loaded and scored in %.1f s", name, timing[name])
+    log.logger().info("evaluate: %s loaded and scored in %.1f s", name, timing[name])
     return result
 
 
-def regression_texts(cfg: PipelineConfig) -> list[str] | None:
+def regression_texts(cfg: StageConfig) -> list[str] | None:
     return metrics.read_texts(cfg.eval.regression_path) if cfg.eval.regression_path else None
 
 
-def json_schema(cfg: PipelineConfig) -> dict | None:
+def json_schema(cfg: StageConfig) -> dict | None:
     return metrics.load_json_schema(cfg.eval.json_schema) if cfg.eval.json_schema else None
 
 
-def extra_inputs(cfg: PipelineConfig) -> dict[str, str]:
+def extra_inputs(cfg: StageConfig) -> dict[str, str]:
     """Cache-key inputs for the optional eval files: their content, not just their path."""
     files = {"regression_path": cfg.eval.regression_path, "json_schema": cfg.eval.json_schema}
     for key, path in files.items():
@@ -73,67 +80,28 @@ def extra_inputs(cfg: PipelineConfig) -> dict[str, str]:
     return inputs
 
 
-def evaluate_finetune(cfg: PipelineConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
-    """Score the full-precision base model and the trained model (4-bit base + adapter)."""
-    device = modeling.resolve_device(cfg.train.device)
-    dtype = modeling.resolve_dtype(cfg.model.compute_dtype, device)
-    tokenizer = modeling.load_tokenizer(adapter_dir)
-    rows = dataset.read_jsonl(data_dir / "eval.jsonl")
-
-    texts, schema = regression_texts(cfg), json_schema(cfg)
-    timing: dict[str, float] = {}
-    results = {
-        "base": load_and_score(timing, "base", lambda: modeling.load_full(cfg.model.base, dtype, device),
-                               cfg, tokenizer, rows, texts, schema),
-        "finetuned": load_and_score(timing, "finetuned",
-                                    lambda: modeling.load_finetuned(cfg.model.base, adapter_dir, dtype, device),
-                                    cfg, tokenizer, rows, texts, schema),
-    }
-    results["timing"] = timing  # wall seconds per model (load + scoring); the only non-deterministic field
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
-    return results
-
-
-def evaluate_quantized(cfg: PipelineConfig, data_dir: Path, merged_dir: Path, gptq_dir: Path, out_dir: Path) -> dict:
-    """Score the merged model and its GPTQ quantization on the same held-out rows."""
-    device = modeling.resolve_device(cfg.train.device)
-    tokenizer = modeling.load_tokenizer(gptq_dir)
-    rows = dataset.read_jsonl(data_dir / "eval.jsonl")
-
+def score_models(cfg: StageConfig, data_dir: Path, tokenizer_dir: Path, models: dict[str, Callable],
+                 out_dir: Path, *, regression_set: bool = False, header: dict | None = None) -> dict:
+    """Load, score and free each model of `models` (name -> loader) in turn, on the validate artifact's
+    held-out rows, rendered with the tokenizer in tokenizer_dir; metrics.json in out_dir holds
+    {**header, name: scores..., "timing": wall seconds per model (the only non-deterministic field)}.
+    regression_set: also score eval.regression_path (base and fine-tuned only)."""
+    tokenizer = modeling.load_tokenizer(tokenizer_dir)
+    rows = datarows.read_jsonl(data_dir / "eval.jsonl")
+    texts = regression_texts(cfg) if regression_set else None
     schema = json_schema(cfg)
-    dtype = modeling.resolve_dtype(cfg.model.compute_dtype, device)
     timing: dict[str, float] = {}
-    results = {
-        "merged": load_and_score(timing, "merged", lambda: modeling.load_full(merged_dir, dtype, device),
-                                 cfg, tokenizer, rows, schema=schema),
-        "gptq": load_and_score(timing, "gptq", lambda: modeling.load_gptq(gptq_dir, device),
-                               cfg, tokenizer, rows, schema=schema),
-    }
+    results = dict(header or {})
+    for name, load in models.items():
+        results[name] = load_and_score(timing, name, load, cfg, tokenizer, rows, texts, schema)
     results["timing"] = timing
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
-    return results
-
-
-def evaluate_published(cfg: PipelineConfig, data_dir: Path, release: dict, model_dir: Path, out_dir: Path) -> dict:
-    """Score the GPTQ model of the release published at the target, by this run's metric code on this
-    run's held-out rows: the regression gate compares like with like even when the data or the metric
-    code changed since that release was made."""
-    device = modeling.resolve_device(cfg.train.device)
-    tokenizer = modeling.load_tokenizer(model_dir)
-    rows = dataset.read_jsonl(data_dir / "eval.jsonl")
-    timing: dict[str, float] = {}
-    results = {
-        "version": release["version"], "release_hash": release["release_hash"],
-        "published": load_and_score(timing, "published", lambda: modeling.load_gptq(model_dir, device),
-                                    cfg, tokenizer, rows, schema=json_schema(cfg)),
-        "timing": timing,
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
+    _log(results)
     return results
 
 
 def _log(results: dict) -> None:
-    logger = stage.logger()
+    logger = log.logger()
     for name, scores in results.items():
         if not isinstance(scores, dict):
             continue

@@ -1,10 +1,39 @@
-"""TODO"""
+"""The QLoRA trainer: the model, the loss, one optimizer step, and the loop with checkpoints and TensorBoard.
+
+NF4 + double-quantized base (bitsandbytes), LoRA adapters (peft), paged AdamW, gradient
+checkpointing, padding-free packed batches with the loss on response tokens only.
+
+Deliberately *not* `prepare_model_for_kbit_training`: its blanket fp32 upcast of norms,
+embeddings and lm_head costs several-fold throughput on a GPU and buys nothing we need.
+Deliberately not HF Trainer either: a step is one packed row of `train.tokens_per_step` real tokens and its
+loss is the mean over the row's labelled tokens however the row is cut, into micro-batches
+(`train.micro_batch_tokens`) and into per-process shares (`train.num_processes`), always between examples,
+every piece's summed loss divided by the whole step's label count. So neither changes what is trained, only
+memory and speed, and a resumed run equals an uninterrupted one bit for bit. Fast paths, all optional and
+off on the CPU, where the tests run the same code without them: chunked cross-entropy (`loss_chunk_tokens`),
+Liger kernels (`kernels`), torch.compile (`compile`), selective checkpointing (`checkpoint_every_n_layers`),
+varlen attention (`attention`).
+
+Rank 0 alone writes checkpoints, TensorBoard events and the adapter; all ranks resume from the same checkpoint.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
 
-CHECKPOINT = "checkpoint.pt"
+import torch
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
+from pipeline_config import ConfigError
+from tasks.lib import chat, log, modeling, packing, prep
+from tasks.lib.checkpoints import Checkpoints, fetch_checkpoint, restore_adapter, restore_training, save_checkpoint
+from tasks.lib.packing import Pack, count_targets, micro_batches
+from tasks.lib.ranks import Ranks, all_reduce_sum, barrier, join_ranks, ranks_from_env, seed_everything, sum_gradients
+from tasks.lib.stage import StageConfig
 
 # Training loss on these first packs, before and after training, is the "did it learn" signal:
 # per-step losses on different packs are too noisy to compare over a few dozen steps.
@@ -14,11 +43,11 @@ PROBE_PACKS = 4
 TENSORBOARD_DIR = "tensorboard"  # event files, inside the adapter artifact
 
 
-def adapter_dtype(cfg: PipelineConfig) -> torch.dtype:
+def adapter_dtype(cfg: StageConfig) -> torch.dtype:
     return getattr(torch, cfg.lora.dtype)
 
 
-def check_fast_paths(cfg: PipelineConfig, device: str, workers: Workers) -> None:
+def check_fast_paths(cfg: StageConfig, device: str) -> None:
     """Options that cannot work here fail before any model is loaded, naming the key."""
     on_cuda = torch.device(device).type == "cuda"
     if cfg.train.kernels == "liger" and not on_cuda:
@@ -26,10 +55,6 @@ def check_fast_paths(cfg: PipelineConfig, device: str, workers: Workers) -> None
                           f"{device}. Use train.kernels: none.")
     if cfg.train.attention == "flex_attention" and not on_cuda:
         raise ConfigError(f"train.attention: flex_attention has no backward pass on {device}; use sdpa.")
-    if workers.fsdp and not on_cuda:
-        raise ConfigError("train.distributed: fsdp needs CUDA devices (bitsandbytes 4-bit sharding); use ddp.")
-    if workers.fsdp and cfg.train.compile:
-        raise ConfigError("train.compile is not supported with train.distributed: fsdp.")
 
 
 def apply_liger_kernels(model) -> None:
@@ -59,7 +84,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return base.model.layers
 
 
-def build_model(cfg: PipelineConfig, device: str):
+def build_model(cfg: StageConfig, device: str):
     """The 4-bit base with LoRA adapters on `device`, set up for training as cfg.train says."""
     from peft import LoraConfig, get_peft_model
 
@@ -96,7 +121,7 @@ def build_model(cfg: PipelineConfig, device: str):
     return model
 
 
-def build_optimizer(cfg: PipelineConfig, params: list[torch.nn.Parameter]):
+def build_optimizer(cfg: StageConfig, params: list[torch.nn.Parameter]):
     import bitsandbytes as bnb
 
     kwargs = {"lr": cfg.train.learning_rate, "weight_decay": cfg.train.weight_decay}
@@ -107,36 +132,9 @@ def build_optimizer(cfg: PipelineConfig, params: list[torch.nn.Parameter]):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def wrap_fsdp(model):
-    """Shard the model over the processes as the launcher's FSDP config says (deploy/accelerate/
-    fsdp_qlora.yaml), with peft's wrap policy: LoRA layers in units of their own, so every flat parameter
-    is all-trainable or all-frozen (use_orig_params false)."""
-    from accelerate import Accelerator
-    from peft.utils.other import fsdp_auto_wrap_policy
-
-    accelerator = Accelerator()
-    accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-    return accelerator.prepare_model(model)
-
-
-def unwrap(model):
-    """The peft model inside an FSDP wrapper."""
-    return getattr(model, "module", model)
-
-
 def final_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
     """(hidden states that predict, their targets, lm_head): the decoder run without the lm_head."""
-    base = unwrap(model).get_base_model()
+    base = model.get_base_model()
     hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                         use_cache=False).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
@@ -156,7 +154,7 @@ def chunked_nll(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> tor
 
     def chunk_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = lm_head(h).float()
-        return torch.nn.functional.cross_entropy(logits, t, ignore_index=dataset.IGNORE_INDEX, reduction="sum")
+        return torch.nn.functional.cross_entropy(logits, t, ignore_index=chat.IGNORE_INDEX, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.size(0), chunk_tokens):
@@ -173,7 +171,7 @@ def fused_linear_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden, targets, lm_head = final_hidden(model, batch)
     if type(lm_head) is not torch.nn.Linear:
         raise ConfigError("train.kernels: liger fuses a plain lm_head; lora.target_modules adapts the lm_head")
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=dataset.IGNORE_INDEX, reduction="sum")
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=chat.IGNORE_INDEX, reduction="sum")
     return loss(lm_head.weight, hidden, targets, lm_head.bias).float()
 
 
@@ -183,7 +181,7 @@ def training_loss(model, batch: dict[str, torch.Tensor], chunk_tokens: int, kern
     default their count (the batch's mean); given the whole step's count, the losses of a step's pieces
     add up to the step's mean, and so do their gradients."""
     if num_targets is None:
-        num_targets = int((batch["labels"][:, 1:] != dataset.IGNORE_INDEX).sum())
+        num_targets = int((batch["labels"][:, 1:] != chat.IGNORE_INDEX).sum())
     num_targets = max(1, num_targets)
     if kernels == "liger":
         return fused_linear_nll(model, batch) / num_targets
@@ -192,12 +190,12 @@ def training_loss(model, batch: dict[str, torch.Tensor], chunk_tokens: int, kern
     return model(**batch, use_cache=False, num_items_in_batch=num_targets).loss
 
 
-def as_batch(pack: dataset.Pack, device: str) -> dict[str, torch.Tensor]:
+def as_batch(pack: Pack, device: str) -> dict[str, torch.Tensor]:
     return {name: torch.tensor([getattr(pack, name)], device=device) for name in ("input_ids", "labels", "position_ids")}
 
 
 @torch.no_grad()
-def probe_loss(model, packs: list[dataset.Pack], device: str) -> float:
+def probe_loss(model, packs: list[Pack], device: str) -> float:
     """Mean loss of `packs` in eval mode, before and after training. Eval mode without grad is the
     forward that makes bitsandbytes repack 4-bit weights on AVX512-BF16 CPUs: safe only because
     modeling.load_base_4bit turned that off, and optimizer_step checks it stayed off."""
@@ -207,34 +205,21 @@ def probe_loss(model, packs: list[dataset.Pack], device: str) -> float:
     return sum(losses) / len(losses)
 
 
-def accumulate_step(model, pack: dataset.Pack, cfg: PipelineConfig, workers: Workers, device: str) -> torch.Tensor:
+def accumulate_step(model, pack: Pack, cfg: StageConfig, ranks: Ranks, device: str) -> torch.Tensor:
     """Forward and backward over this process's micro-batches of one step, gradients adding up in .grad;
     returns this process's part of the step's loss (the parts sum to the step's mean loss)."""
     targets = count_targets(pack.labels)
-    pieces = micro_batches(pack, workers, cfg.train.micro_batch_tokens)
-    chunk, kernels, scale, passes = cfg.train.loss_chunk_tokens, cfg.train.kernels, 1.0, len(pieces)
-    if workers.fsdp:
-        # The loss must run through FSDP's root forward (it gathers embeddings and lm_head), so the model's
-        # own loss; FSDP averages gradients over processes where the shares must add up; and every process
-        # runs as many passes, each being collective (a process short of work adds a zero-weight one).
-        chunk, kernels, scale = 0, "none", float(workers.world)
-        passes = max(len(micro_batches(pack, Workers(r, workers.world), cfg.train.micro_batch_tokens))
-                     for r in range(workers.world))
     total = torch.zeros((), device=device)
-    for index in range(passes):
-        weight = scale if index < len(pieces) else 0.0
-        piece = pieces[index] if index < len(pieces) else split_pack(pack, cfg.train.micro_batch_tokens)[0]
-        loss = training_loss(model, as_batch(piece, device), chunk, kernels, targets)
-        (loss * weight).backward()
-        total += loss.detach() * (weight / scale)
+    for piece in micro_batches(pack, ranks, cfg.train.micro_batch_tokens):
+        loss = training_loss(model, as_batch(piece, device), cfg.train.loss_chunk_tokens, cfg.train.kernels, targets)
+        loss.backward()
+        total += loss.detach()
     return total
 
 
-def finish_gradients(model, params: list[torch.nn.Parameter], workers: Workers) -> float:
+def finish_gradients(params: list[torch.nn.Parameter], ranks: Ranks) -> float:
     """Gradients of the whole step on every process, clipped to norm 1; returns the norm before clipping."""
-    if workers.fsdp:
-        return float(model.clip_grad_norm_(1.0))
-    sum_gradients(params, workers)
+    sum_gradients(params, ranks)
     return float(torch.nn.utils.clip_grad_norm_(params, 1.0))
 
 
@@ -254,13 +239,13 @@ def refuse_inference_layout(model) -> None:
             "the training layout.")
 
 
-def optimizer_step(model, optimizer, scheduler, params: list[torch.nn.Parameter], pack: dataset.Pack,
-                   cfg: PipelineConfig, workers: Workers, device: str, step: int) -> dict:
+def optimizer_step(model, optimizer, scheduler, params: list[torch.nn.Parameter], pack: Pack,
+                   cfg: StageConfig, ranks: Ranks, device: str, step: int) -> dict:
     """One optimizer step on one pack (this process's share of it); returns the step's history entry."""
     refuse_inference_layout(model)
     start = time.perf_counter()
-    loss = all_reduce_sum(accumulate_step(model, pack, cfg, workers, device), workers).item()
-    grad_norm = finish_gradients(model, params, workers)
+    loss = all_reduce_sum(accumulate_step(model, pack, cfg, ranks, device), ranks).item()
+    grad_norm = finish_gradients(params, ranks)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -292,7 +277,7 @@ def log_scalars(writer, entry: dict) -> None:
             writer.add_scalar(tag, entry[key], entry["step"])
 
 
-def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints | Path) -> dict:
+def train_adapter(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints | Path) -> dict:
     """Train the LoRA adapter; write it, the tokenizer, train_metrics.json and TensorBoard events into out_dir.
 
     checkpoints: where resumable state is kept (a local folder, or a `Checkpoints` mirrored to the store).
@@ -306,50 +291,48 @@ def train_adapter(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, checkpo
         torch.set_float32_matmul_precision(precision)  # build_model's TF32 is for training, not later stages
 
 
-def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints) -> dict:
-    logger = stage.logger()
-    workers = workers_from_env(cfg)
+def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints) -> dict:
+    logger = log.logger()
+    ranks = ranks_from_env()
     seed_everything(cfg.seed)  # the same on every process: identical LoRA initialisation
-    device = join_workers(workers, modeling.resolve_device(cfg.train.device))
-    check_fast_paths(cfg, device, workers)
+    device = join_ranks(ranks, modeling.resolve_device(cfg.device))
+    check_fast_paths(cfg, device)
     # The validate artifact's tokenizer (chat template, pad) and tokenized examples; packed below.
-    tokenizer, examples, dropped = dataset.load_training_data(dataset_dir, cfg)
+    tokenizer, examples, dropped = prep.load_training_data(dataset_dir)
     budget = max(cfg.train.tokens_per_step, cfg.data.max_seq_len)
-    say = logger.info if workers.main else (lambda *args: None)
+    say = logger.info if ranks.main else (lambda *args: None)
     say("train: %d examples (%d over %d tokens dropped)", len(examples), dropped, cfg.data.max_seq_len)
 
     model = build_model(cfg, device)
-    state = fetch_checkpoint(checkpoints, workers)
+    state = fetch_checkpoint(checkpoints, ranks)
     if state is not None:
         restore_adapter(model, state)
-    if workers.fsdp:
-        model = wrap_fsdp(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, trainable)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps)
-    )
+    # Linear warmup, then cosine decay to a tenth of the peak.
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, cfg.train.warmup_steps, cfg.train.max_steps, min_lr_rate=0.1)
 
-    probe = list(itertools.islice(dataset.pack_stream(examples, budget, cfg.seed), PROBE_PACKS))
+    probe = list(itertools.islice(packing.pack_stream(examples, budget, cfg.seed), PROBE_PACKS))
     step, history = 0, []
     if state is not None:
-        step, history, probe_before = restore_training(state, model, optimizer, scheduler, workers)
+        step, history, probe_before = restore_training(state, optimizer, scheduler)
         say("train: resumed from checkpoint at step %d of %d (%s)", step, cfg.train.max_steps,
             checkpoints.remote or checkpoints.local_dir)
     else:
         probe_before = probe_loss(model, probe, device)
     resumed_from = step
-    writer = open_tensorboard(out_dir, history) if workers.main else None
+    writer = open_tensorboard(out_dir, history) if ranks.main else None
 
     model.train()
-    report_progress = stage.progress_reporter("train: optimizer steps done") if workers.main else (lambda f: None)
+    report_progress = log.progress_reporter("train: optimizer steps done") if ranks.main else (lambda f: None)
     start, tokens_seen = time.perf_counter(), 0
-    packs = dataset.pack_stream(examples, budget, cfg.seed)
+    packs = packing.pack_stream(examples, budget, cfg.seed)
     for _ in range(step):  # resume: skip the packs already trained on (packing is deterministic)
         next(packs)
     while step < cfg.train.max_steps:
         step += 1
-        entry = optimizer_step(model, optimizer, scheduler, trainable, next(packs), cfg, workers, device, step)
+        entry = optimizer_step(model, optimizer, scheduler, trainable, next(packs), cfg, ranks, device, step)
         tokens_seen += entry["tokens"]
         history.append(entry)
         if writer is not None:
@@ -363,12 +346,12 @@ def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, checkpoi
             if writer is not None:
                 writer.flush()
         if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
-            save_checkpoint(checkpoints, model, optimizer, scheduler, step, history, probe_before, workers)
+            save_checkpoint(checkpoints, model, optimizer, scheduler, step, history, probe_before, ranks)
 
     probe_after = probe_loss(model, probe, device)
-    save_adapter(model, out_dir, workers)
-    if not workers.main:
-        barrier(workers)
+    save_adapter(model, out_dir, ranks)
+    if not ranks.main:
+        barrier(ranks)
         return {}
     writer.close()
     tokenizer.save_pretrained(out_dir)
@@ -381,24 +364,14 @@ def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, checkpoi
         "probe_loss_after": probe_after,
         "history": history,
         "device": device,
-        "processes": workers.world,
+        "processes": ranks.world,
     }
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
-    barrier(workers)  # the files are complete before any process exits
+    barrier(ranks)  # the files are complete before any process exits
     return metrics
 
 
-def save_adapter(model, out_dir: Path, workers: Workers) -> None:
-    """adapter_model.safetensors + adapter_config.json, written by rank 0 (gathered first under FSDP)."""
-    if workers.fsdp:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        full = get_model_state_dict(model, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-        if workers.main:
-            unwrap(model).save_pretrained(out_dir, state_dict=full)
-    elif workers.main:
+def save_adapter(model, out_dir: Path, ranks: Ranks) -> None:
+    """adapter_model.safetensors + adapter_config.json, written by rank 0."""
+    if ranks.main:
         model.save_pretrained(out_dir)

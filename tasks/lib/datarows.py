@@ -1,7 +1,16 @@
-"""TODO"""
+"""Rows in, conversations out: reading data files with their line numbers, detecting the row format, and
+normalizing every format (alpaca, prompt/completion, chat messages, ShareGPT) to one conversation of
+``{role, content}`` turns. The validate artifact stores rows in that canonical form, ``{"messages": [...]}``,
+which every later stage reads."""
 
 from __future__ import annotations
 
+import json
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 LINE_COLUMN = "line"
 
@@ -299,24 +308,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def row_messages(row: dict) -> list[dict]:
-    """The conversation of a normalized row: ``messages`` as given, prompt/completion and alpaca
-    rows as one user turn (instruction, blank line, input) and one assistant turn."""
+    """The conversation of a row. Validated rows (the validate artifact's train/eval.jsonl) are canonical,
+    ``{"messages": [{role, content}, ...]}``; a raw alpaca or prompt/completion row (a test's or a bench's) is
+    converted by the same code validate uses, so there is one conversion."""
     if "messages" in row:
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    if "prompt" in row and "completion" in row and "instruction" not in row:
-        return [{"role": "user", "content": str(row["prompt"]).strip()},
-                {"role": "assistant", "content": str(row["completion"]).strip()}]
-    text = row["instruction"].strip()
-    if (row.get("input") or "").strip():
-        text = f"{text}\n\n{row['input'].strip()}"
-    return [{"role": "user", "content": text}, {"role": "assistant", "content": row["output"].strip()}]
+    convert = _pair_turns if "prompt" in row and "instruction" not in row else _alpaca_turns
+    turns, issues = convert(row)
+    if issues:
+        raise DataError("; ".join(issues))
+    return turns
 
 
 def _last_assistant(messages: list[dict]) -> int:
     for index in range(len(messages) - 1, -1, -1):
         if messages[index]["role"] == "assistant":
             return index
-    raise TemplateError("conversation has no assistant turn")
+    raise DataError("conversation has no assistant turn")
 
 
 def prompt_messages(row: dict) -> list[dict]:
@@ -326,12 +334,9 @@ def prompt_messages(row: dict) -> list[dict]:
 
 
 def reference_answer(row: dict) -> str:
+    """The final assistant turn: what exact match compares a greedy answer with."""
     messages = row_messages(row)
     return messages[_last_assistant(messages)]["content"]
-
-
-def chat_messages(row: dict) -> list[dict]:
-    return row_messages(row)
 
 
 def render_prompt(tokenizer, row: dict) -> str:

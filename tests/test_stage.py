@@ -1,0 +1,130 @@
+"""The stage contract: a build sees only the config its StageSpec declares, the key holds exactly that,
+the code hash follows the project modules a stage imports and ignores docstrings, and a hit shows in
+Prefect as `Cached`."""
+
+import importlib
+import sys
+import textwrap
+
+import pytest
+
+from pipeline_config import load_config
+from tasks import (
+    evaluate,
+    evaluate_published,
+    fetch_base_model,
+    fetch_dataset,
+    gate,
+    merge,
+    publish,
+    quantize,
+    train,
+    validate,
+)
+from tasks.lib import stage
+from tasks.lib.artifacts import ArtifactStore
+from tasks.lib.stage import StageConfig, StageSpec, UndeclaredConfigRead, code_hash, modules_reached, run_stage
+
+pytestmark = pytest.mark.no_prefect  # no flow or task runs: no Prefect server
+
+SPECS = [validate.VALIDATE, train.TRAIN, evaluate.EVALUATE, evaluate.EVALUATE_QUANTIZED,
+         evaluate_published.EVALUATE_PUBLISHED, gate.GATE, merge.MERGE, quantize.QUANTIZE, publish.RELEASE,
+         fetch_base_model.FETCH_BASE_MODEL, fetch_dataset.FETCH_DATASET]
+
+
+def test_a_build_that_reads_an_undeclared_section_fails_naming_it(tmp_path):
+    cfg = load_config(None, [f"artifacts.root={tmp_path / 'store'}"])
+    store = ArtifactStore(cfg.artifacts.root)
+    spec = StageSpec("toy", "tasks.gate", reads=("gates", "train.max_steps"))
+
+    def reads_lora(view, workdir, key):
+        (workdir / "out.txt").write_text(str(view.lora.r))
+
+    with pytest.raises(UndeclaredConfigRead, match=r"stage 'toy' read config `lora`.*reads: gates, train.max_steps"):
+        run_stage(spec, store, cfg, inputs={}, build=reads_lora)
+    with pytest.raises(UndeclaredConfigRead, match="`train.learning_rate`"):
+        run_stage(spec, store, cfg, inputs={}, build=lambda view, workdir, key: view.train.learning_rate)
+    assert not list((tmp_path / "store" / "tmp").iterdir())  # the failed builds left nothing behind
+
+    def declared(view, workdir, key):
+        (workdir / "out.txt").write_text(f"{view.gates.max_perplexity} {view.train.max_steps}")
+
+    assert not run_stage(spec, store, cfg, inputs={}, build=declared).cache_hit
+    assert run_stage(spec, store, cfg, inputs={}, build=declared).cache_hit
+
+
+def test_the_key_holds_the_declared_config_and_nothing_else(tmp_path):
+    cfg = load_config(None, [f"artifacts.root={tmp_path / 'store'}"])
+    store = ArtifactStore(cfg.artifacts.root)
+    spec = StageSpec("toy", "tasks.gate", reads=("gates", "train.max_steps"))
+
+    def build(view, workdir, key):
+        (workdir / "key").write_text(key)
+
+    first = run_stage(spec, store, cfg, inputs={}, build=build)
+    undeclared = load_config(None, [f"artifacts.root={tmp_path / 'store'}", "train.learning_rate=0.1", "lora.r=4"])
+    assert run_stage(spec, store, undeclared, inputs={}, build=build).cache_hit
+    declared = load_config(None, [f"artifacts.root={tmp_path / 'store'}", "train.max_steps=7"])
+    assert run_stage(spec, store, declared, inputs={}, build=build).ref != first.ref
+
+
+def test_a_build_may_not_capture_the_whole_config(tmp_path):
+    cfg = load_config(None, [f"artifacts.root={tmp_path / 'store'}"])
+    with pytest.raises(TypeError, match="captures the whole config"):
+        run_stage(gate.GATE, ArtifactStore(cfg.artifacts.root), cfg, inputs={},
+                  build=lambda view, workdir, key: cfg.lora.r)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_every_stage_spec_names_real_config_paths(spec):
+    cfg = load_config(None)
+    view = StageConfig(cfg, spec.reads, spec.name)
+    assert set(view.key_data()) == set(spec.reads)  # every declared path exists in the schema
+    key = (spec.key_config or StageConfig.key_data)(view)
+    assert key is not None
+
+
+def test_code_hash_follows_imports_and_ignores_docstrings_and_comments(tmp_path, monkeypatch):
+    package = tmp_path / "tasks_probe_pkg"
+    monkeypatch.setattr(stage, "PROJECT_PACKAGES", ("tasks_probe_pkg",))
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helper.py").write_text('"""Helper."""\n\ndef f():\n    return 1\n')
+    (package / "unused.py").write_text("X = 1\n")
+    (package / "node.py").write_text("def run():\n    from tasks_probe_pkg.helper import f  # lazy\n    return f()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    stage._module_hashes.clear()
+    assert modules_reached("tasks_probe_pkg.node") == ["tasks_probe_pkg.helper", "tasks_probe_pkg.node"]
+    before = code_hash("tasks_probe_pkg.node")
+
+    def rehash(file, text):
+        (package / file).write_text(textwrap.dedent(text))
+        stage._module_hashes.clear()
+        return code_hash("tasks_probe_pkg.node")
+
+    assert rehash("helper.py", '"""A new docstring."""\n\n# a comment\ndef f():\n    """Says one."""\n    return 1\n') == before
+    assert rehash("unused.py", "X = 2\n") == before  # not imported: not this stage's code
+    assert rehash("helper.py", "def f():\n    return 2\n") != before
+    stage._module_hashes.clear()
+    sys.modules.pop("tasks_probe_pkg", None)
+
+
+def test_stages_reach_their_libraries_and_not_each_other():
+    assert "tasks.lib.modeling" in modules_reached("tasks.validate")  # the tokenizer policy shapes the artifact
+    assert "tasks.lib.model_card" not in modules_reached("tasks.evaluate_published")
+    assert "tasks.lib.hub" not in modules_reached("tasks.evaluate")
+    for spec in SPECS:
+        reached = modules_reached(spec.module)
+        assert not [m for m in reached if m.startswith("tasks.") and not m.startswith("tasks.lib")
+                    and m != spec.module], (spec.name, reached)
+
+
+def test_a_cache_hit_is_reported_to_prefect_as_cached(tmp_path):
+    from tasks.lib.artifacts import ArtifactRef
+
+    ref = ArtifactRef(uri="file:///x/objects/" + "0" * 64, sha256="0" * 64, kind="toy")
+    hit = stage.reported(stage.StageResult(stage="toy", ref=ref, cache_hit=True, seconds=0.0))
+    built = stage.reported(stage.StageResult(stage="toy", ref=ref, cache_hit=False, seconds=1.0))
+    assert (hit.name, hit.is_completed(), built.name) == ("Cached", True, "Completed")
+    assert hit.result().ref == ref
