@@ -151,7 +151,9 @@ def run_project_row(args, overrides: dict, shape: str, model_dir: Path) -> dict:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = trainer.build_optimizer(cfg, trainable)
-    scheduler = trainer.get_cosine_with_min_lr_schedule_with_warmup(optimizer, 0, 1000, min_lr_rate=0.1)
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 0, 1000, min_lr_rate=0.1)
     packs = packing.pack_stream(examples(args, shape, 4000), cfg.train.tokens_per_step, seed=0)
 
     def step() -> int:

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from pipeline_config import ConfigError
 from tasks.lib import chat, log, modeling, packing, prep
@@ -309,7 +308,10 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
         restore_adapter(model, state)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, trainable)
-    # Linear warmup, then cosine decay to a tenth of the peak.
+    # Linear warmup, then cosine decay to a tenth of the peak. (Imported here: importing
+    # transformers.optimization sets TORCHINDUCTOR_CACHE_DIR, and importing this module changes nothing.)
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.train.warmup_steps, cfg.train.max_steps, min_lr_rate=0.1)
 
