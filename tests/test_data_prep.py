@@ -313,6 +313,7 @@ def test_changing_tokenizer_or_template_reruns_validate_and_train(assets, tiny_m
     assert fingerprint["components"]["chat_template"]
 
 
+@pytest.mark.slow
 def test_the_validate_artifact_is_the_same_bytes_in_every_process(tiny_config, tmp_path):
     """Same config and data, validated in two fresh processes: the same sha256, so a second worker or a fresh
     store re-uses everything downstream (GX's data-docs page carries times and random ids; they are removed)."""

@@ -44,6 +44,7 @@ def task_dir(tmp_path, assets) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_lm_eval_task_from_local_files_scores_the_real_model(task_dir, assets):
     model = modeling.load_full(assets["model"], torch.float32, "cpu").eval()
     tokenizer = modeling.load_tokenizer(assets["model"])
@@ -57,6 +58,7 @@ def test_lm_eval_task_from_local_files_scores_the_real_model(task_dir, assets):
         metrics.lm_eval_scores(model, tokenizer, ["hellaswag"], task_dir)
 
 
+@pytest.mark.slow
 def test_evaluate_stage_records_lm_eval_for_each_model(tiny_config, task_dir, tmp_path, assets, validated_data):
     from tasks.evaluate import score_finetune
     from tasks.lib import trainer

@@ -386,6 +386,7 @@ def kill_machine(worker: subprocess.Popen) -> None:
     worker.wait()
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoint, tiny_config, tmp_path):
     import time
 

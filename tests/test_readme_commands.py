@@ -45,6 +45,7 @@ ROWS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, fmt", [("messages", "messages"), ("sharegpt", "messages"),
                                        ("prompt-completion", "prompt-completion")])
 def test_validate_with_format_passes_a_good_file_and_names_the_rows_of_a_bad_one(kind, fmt, tmp_path, assets):
@@ -69,6 +70,7 @@ def test_validate_with_format_passes_a_good_file_and_names_the_rows_of_a_bad_one
     assert f"Data contract `{suite}`: FAILED" in failed.stdout and "| 5:" in failed.stdout, failed.stdout
 
 
+@pytest.mark.slow
 def test_validate_data_as_the_quick_start_shows(tmp_path, assets):
     """`.venv/bin/qlora-pipeline validate --data my_rows.jsonl`: exit 0 on good rows (the report on stdout), 1 on
     bad ones with a one-line error naming the rule; the format is detected."""
@@ -85,6 +87,7 @@ def test_validate_data_as_the_quick_start_shows(tmp_path, assets):
     assert "| 3:" in failed.stdout
 
 
+@pytest.mark.slow
 def test_validate_keeps_a_contract_the_command_names(tmp_path, assets):
     """--format picks that format's contract unless the same command names one: alpaca's, here, which a
     prompt-completion file cannot pass."""
@@ -145,6 +148,7 @@ def test_readme_hub_run_and_republish_as_written(tiny_config, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_importing_the_pipeline_changes_no_environment_variable():
     """Import every module a run uses in a fresh interpreter: the process environment is the same after."""
     probe = ("import os, json; before = dict(os.environ); "

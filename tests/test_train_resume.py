@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO
 from safetensors.torch import load_file
@@ -25,6 +26,7 @@ def trainer(config: Path, data_dir: Path, out: Path, scratch: Path) -> subproces
     )
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_and_matches_uninterrupted_run(tiny_config, validated_data, tmp_path):
     from pipeline_config import load_config
 

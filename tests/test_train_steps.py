@@ -57,6 +57,7 @@ def assert_same_adapter(actual_dir, expected_dir):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_micro_batched_training_gives_the_same_adapter(config_file, validated_data, reference_run, tmp_path):
     reference_dir, reference = reference_run
     # 256-token steps of <=128-token examples cut into <=64-token micro-batches: several per step, and
@@ -85,6 +86,7 @@ def read_events(path):
     return events
 
 
+@pytest.mark.slow
 def test_tensorboard_events_are_kept_with_the_adapter(reference_run):
     out, metrics = reference_run
     files = list((out / trainer.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
@@ -197,6 +199,7 @@ def test_gpu_only_options_fail_on_the_cpu_naming_the_key(config_file):
         load_config(config_file, ["train.micro_batch_tokens=-1"])
 
 
+@pytest.mark.slow
 def test_two_processes_resume_and_train_the_same_adapter_as_one(config_file, validated_data, reference_run, tmp_path):
     """Both processes resume from the one-process run's step-2 checkpoint, each trains half of every later
     step, rank 0 writes the step-3 checkpoint and the adapter: the same adapter as one process trained."""
