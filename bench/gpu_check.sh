@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh               # on the GPU machine: all parts, in order of value
 #   bash bench/gpu_check.sh pipeline      # one part alone: pipeline | train | quantize (each has its own timeout)
-#   bash bench/gpu_check.sh --cpu-smoke   # the same parts with tiny shapes on the CPU (<= 5 minutes): the dry run
+#   bash bench/gpu_check.sh --cpu-smoke   # the same parts with tiny shapes on the CPU (about 2.5 minutes): the dry run
 #
 # Parts:
 #   pipeline  the whole flow on the embedded default on CUDA with the GPU preset's fast paths (validate -> train
@@ -69,7 +69,7 @@ if ((SMOKE)); then
   SHAPE=(--device cpu --layers 2 --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 --vocab 2048)
   TRAIN=("${SHAPE[@]}" --tokens-per-step 256 --small-tokens 64 --steps 1 --warmup 0 --rows seed,base,chunked)
   QUANT=("${SHAPE[@]}" --samples 4 --seq-len 64)
-  LIMITS=(210 45 45)
+  LIMITS=(300 150 150)  # generous: the smoke checks that every part runs, not how fast (a slow CI CPU hit 45 s)
 else
   DEVICE=cuda
   # The preset's fast paths (pipeline_config/presets/llama3-8b-qlora-gpu.yaml) on the embedded default.

@@ -1,5 +1,5 @@
 """Benchmark: the streamed merge and GPTQ of a Llama-3-8B-shaped model with random weights (nothing is
-downloaded), through this project's own code: tasks.merge.stream_merge and tasks.gptq.gptq_quantize.
+downloaded), through this project's own code: tasks.lib.nf4_merge.stream_merge and tasks.lib.gptq.gptq_quantize.
 
     .venv/bin/python bench/quantize.py                                 # on a GPU (H100): the 8B shape
     .venv/bin/python bench/quantize.py --device cpu --layers 2 --hidden 256 --intermediate 512 \\
@@ -10,10 +10,10 @@ parameters, bf16 on a GPU) is written as safetensors shards tensor by tensor, wi
 tokenizer; a random LoRA adapter (r=64, alpha 128, on every linear layer of the decoder) is written next to
 it. Then each measured phase runs in a process of its own (clean peak memory):
 
-* merge: tasks.merge.stream_merge in dequantize mode (the pipeline's default): every linear weight
+* merge: tasks.lib.nf4_merge.stream_merge in dequantize mode (the pipeline's default): every linear weight
   NF4-roundtripped with bitsandbytes as in training, plus the LoRA delta, written as bf16 shards (fp32 on a
   CPU) tensor by tensor.
-* GPTQ: tasks.gptq.gptq_quantize: 4-bit, group 128, 128 calibration samples of 2048 random tokens, the Triton
+* GPTQ: tasks.lib.gptq.gptq_quantize: 4-bit, group 128, 128 calibration samples of 2048 random tokens, the Triton
   kernel named explicitly on CUDA (never Machete or "auto"), packing on the GPU. Its load / quantize / save
   phases are timed separately; packing runs inside quantize (gptqmodel packs each layer as it finishes), so
   its time is gptqmodel's own "Finalize pack" region total, which overlaps the quantize wall time.

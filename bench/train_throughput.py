@@ -1,5 +1,5 @@
 """Benchmark: QLoRA training throughput and memory on a Llama-3-8B-shaped model with random weights: the
-seed recipe against this project's trainer (tasks/train.py: its own build_model, build_optimizer,
+seed recipe against this project's trainer (tasks/lib/trainer.py: its own build_model, build_optimizer,
 optimizer_step and packer, the functions train_adapter runs) and each of its fast paths.
 
     .venv/bin/python bench/train_throughput.py                   # on a GPU (H100): the whole table

@@ -137,12 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_process() -> None:
-    """What the command line sets for itself before the libraries load, so a successful run logs no ERROR or
-    WARNING that is not one: the temporary Prefect server it starts (no API URL set) sends no telemetry, which
-    fails offline and logs an ERROR; torchao's optional CUDA extensions and torch's pytree deprecation are
-    reported on every start of a CPU install. A setting the user made wins."""
+def configure_process() -> None:
+    """What the command line sets for itself before Prefect and the libraries load (Prefect reads its settings
+    once, on import). A setting the user made wins.
+
+    - The temporary Prefect server it starts when no API URL is set sends no telemetry (which fails offline
+      and logs an ERROR), and is given 120 s to answer instead of Prefect's 20: on a new machine it first
+      creates and migrates its database, which took over 20 s on a busy 2-core CPU (the run then failed).
+    - torchao's optional CUDA extensions and torch's pytree deprecation, reported on every start of a CPU
+      install, are not logged, so a successful run logs no ERROR or WARNING that is not one."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     from tasks.lib.modeling import quiet_transformers
@@ -152,7 +157,7 @@ def quiet_process() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_process()
+    configure_process()
     try:
         return args.func(args)
     except ConfigError as problem:

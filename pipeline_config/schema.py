@@ -97,7 +97,6 @@ class TrainConfig(Section):
         "share of every step (data parallel, deploy/accelerate/ddp.yaml).")
 
 
-
 class LmEvalConfig(Section):
     """lm-evaluation-harness tasks, read from local task files (no hub downloads)."""
 

@@ -10,8 +10,8 @@ from prefect import task
 
 from pipeline_config import PipelineConfig
 from tasks.lib import hub
+from tasks.lib.families import check_supported_family
 from tasks.lib.hub_sources import resolve_revision, resolve_revisions
-from tasks.lib.modeling import check_supported_family
 
 
 @task(name="preflight")

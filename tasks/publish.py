@@ -100,7 +100,6 @@ def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageR
     (workdir / RELEASE_FILE).write_text(json.dumps(lineage, indent=1))
 
 
-
 def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, StageResult],
                  review: dict | None = None) -> StageResult:
     """The release bundle artifact: every file of the release, built once per release hash and card config.

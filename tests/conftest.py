@@ -83,10 +83,19 @@ def start_prefect_server() -> None:
     url = f"http://127.0.0.1:{port}/api"
     wait_http(f"{url}/health", timeout=120, process=_server)
     os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))
+    # Collection imported prefect, which read its settings from the environment then: without this refresh the
+    # in-process flows would start a temporary server of their own instead of using this one.
+    import prefect.context
+
+    prefect.context.refresh_global_settings_context()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _server is not None:
+        # Send the run logs still queued in this process before the server goes (else: "Error logging to API").
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
         stop(_server)
 
 

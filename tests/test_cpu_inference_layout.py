@@ -15,7 +15,7 @@ import torch
 from conftest import write_config
 
 from pipeline_config import load_config
-from tasks.lib import datarows, metrics, modeling, nf4_merge, packing, prep, ranks, trainer
+from tasks.lib import chat, datarows, metrics, modeling, nf4_merge, packing, ranks, trainer
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_lora_gradients_after_the_probe_equal_the_fp32_dequantized_reference(avx
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    tokenizer, examples, _ = prep.load_training_data(validated_data(cfg))
+    tokenizer, examples, _ = chat.load_training_data(validated_data(cfg))
     packs = list(itertools.islice(packing.pack_stream(examples, cfg.train.tokens_per_step, cfg.seed), 2))
     trainer.probe_loss(model, packs[:1], "cpu")
     got = lora_gradients(model, trainer.as_batch(packs[1], "cpu"))

@@ -23,7 +23,7 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path, assets):
            "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)  # as on the device machine: the pipeline part starts its own server
     done = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=900)
     summary = (tmp_path / "out" / "gpu_check.md").read_text()
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     for part in ("pipeline", "train", "quantize"):

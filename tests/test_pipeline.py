@@ -1,6 +1,9 @@
 """The whole flow, every stage for real, on a tiny model: publish, caching, gates."""
 
 import json
+import os
+import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,17 @@ from pipeline_config import load_config
 
 def cache_hits(result) -> dict[str, bool]:
     return {stage.stage: stage.cache_hit for stage in result.stages}
+
+
+def task_run_states(flow_run_id) -> dict[str, str]:
+    """Task name -> state name of one flow run's task runs, as the session's Prefect server (and so its UI) has
+    them. (Prefect names a task run `<task>-<3 hex digits>` unless the task names its runs, as the gates do.)"""
+    request = urllib.request.Request(
+        f"{os.environ['PREFECT_API_URL']}/task_runs/filter", method="POST",
+        data=json.dumps({"flow_runs": {"id": {"any_": [str(flow_run_id)]}}}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return {re.sub(r"-[0-9a-f]{3}$", "", run["name"]): run["state"]["name"] for run in json.load(response)}
 
 
 @pytest.mark.slow
@@ -45,10 +59,17 @@ def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
         (Path(cfg.artifacts.root) / "objects" / first.stages[1].ref.sha256 / "train_metrics.json").read_text())
     assert adapter_metrics["probe_loss_after"] < adapter_metrics["probe_loss_before"]
 
-    # Nothing changed: every stage is a cache hit and no new version appears.
-    second = qlora_pipeline(config=str(tiny_config))
+    # Nothing changed: every stage is a cache hit and no new version appears, and Prefect says so too.
+    second_state = qlora_pipeline(config=str(tiny_config), return_state=True)
+    second = second_state.result()
     assert all(cache_hits(second).values())
     assert not second.release.created and second.release.version == "v1"
+    states = task_run_states(second_state.state_details.flow_run_id)
+    # Every stage task is `Cached`; preflight and publish build nothing, and evaluate-published has no release
+    # to score (the only one was made from this very GPTQ model).
+    assert {name for name, state in states.items() if state != "Cached"} == {
+        "preflight", "evaluate-published", "publish"}, states
+    assert len(states) == len(second.stages) + 3, states
 
     # Only a gate threshold changed: the gates re-run, stages whose inputs are unchanged do not.
     third = qlora_pipeline(config=str(tiny_config), overrides=["gates.max_perplexity=1e8"])
@@ -66,7 +87,6 @@ def test_failed_gate_fails_the_run_and_publishes_nothing(tiny_config):
     assert "max-perplexity" in state.message
     registry = Path(cfg.publish.registry)
     assert not registry.exists() or not any(registry.rglob("release.json"))
-
 
 
 def test_bad_data_stops_the_run_before_training(tiny_config, tmp_path, assets):

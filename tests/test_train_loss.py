@@ -31,7 +31,6 @@ def test_chunked_loss_matches_model_loss_and_gradients(tiny_config, assets):
     assert any(g.abs().sum() > 0 for g in reference_grads)
 
 
-
 def test_liger_kernels_are_wired_to_the_same_loss(tiny_config, assets, monkeypatch):
     """Liger needs CUDA, so here a stand-in module with its API (and plain-torch math) checks the wiring:
     which kernels build_model asks for, and that the fused linear cross-entropy gets the hidden states,

@@ -15,6 +15,7 @@ whole text, so no BPE merge across a prompt/response boundary can shift the mask
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -35,9 +36,6 @@ VERIFY_FIRST, VERIFY_EVERY = 8, 101  # fast-path renders checked against the rea
 
 class TemplateError(ValueError):
     """The chat template cannot be used for masked training (the message says why)."""
-
-
-# --------------------------------------------------------------------------- rows
 
 
 # --------------------------------------------------------------------------- rendering
@@ -291,10 +289,7 @@ def _token_at(char_to_token, pos: int, stop: int, step: int = 1):
     return None
 
 
-# --------------------------------------------------------------------------- packing
-
-
-# --------------------------------------------------------------------------- the validate artifact
+# --------------------------------------------------------------------------- the tokenizer and the validate artifact
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -365,3 +360,15 @@ def tokenize_rows(tokenizer, rows: list[dict], max_len: int, responses_only: boo
     tokenized = tokenize_conversations(tokenizer, [row_messages(row) for row in rows], responses_only)
     keep = np.flatnonzero(tokenized.lengths <= max_len)
     return [tokenized.example(int(i)) for i in keep], len(rows) - len(keep)
+
+
+def load_training_data(dataset_dir: Path):
+    """(tokenizer, tokenized training examples, how many the length policy dropped) of a validate artifact:
+    the tokenizer it rendered with (chat template, pad token) and the examples the trainer packs."""
+    from tasks.lib import modeling
+
+    dataset_dir = Path(dataset_dir)
+    tokenizer = modeling.load_tokenizer(dataset_dir / TOKENIZER_DIR)
+    record = json.loads((dataset_dir / "fingerprint.json").read_text())
+    return (tokenizer, TokenizedSet.load(dataset_dir / TOKENS_FILE),
+            int(record["stats"]["train"].get("dropped_over_length", 0)))

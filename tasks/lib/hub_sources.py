@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 from pipeline_config import PipelineConfig
-from tasks.lib import hub, modeling
+from tasks.lib import hub
+from tasks.lib.families import check_supported_family
 
 SOURCE_FILE = "hub_source.json"
 HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?$")
@@ -120,7 +121,7 @@ def resolve_revision(cfg: PipelineConfig) -> dict | None:
 def check_config(cfg: PipelineConfig, folder: Path, shown_as: str) -> None:
     """Preflight's checks on the base model's config.json: no custom code unless allowed, a supported family."""
     refuse_remote_code(cfg, folder)
-    modeling.check_supported_family(folder, shown_as=shown_as, desc_act=cfg.quantize.desc_act)
+    check_supported_family(folder, shown_as=shown_as, desc_act=cfg.quantize.desc_act)
 
 
 def download_model(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline_config import PipelineConfig
 from tasks.lib import artifacts, chat, contracts, datarows, packing
-from tasks.lib.chat import TOKENIZER_DIR, TOKENS_FILE, TokenizedSet, load_tokenizer
+from tasks.lib.chat import load_tokenizer
 from tasks.lib.contracts import RuleResult, SampleRow, ValidationReport
 from tasks.lib.datarows import DataError
 
@@ -79,8 +79,6 @@ def check_file(path: str, fmt: str, contract: str | None, tokenizer, renderer, r
     check.rows = [{"messages": conversations[i]} for i in renderable]  # the canonical row
     check.tokenized = tokenized
     return check
-
-
 
 
 def _rule(name: str, severity: str, failing: list, samples: list[SampleRow], observed=None,
@@ -267,15 +265,3 @@ def render_reports(checks: dict[str, SplitCheck], stats: dict, fingerprint: dict
                   f"Data fingerprint: `{fingerprint['fingerprint']}` (rows + tokenizer files + chat template + "
                   "length policy)."]
     return "\n".join(parts + lines) + "\n"
-
-
-def load_training_data(dataset_dir: Path):
-    """(tokenizer, tokenized training examples, how many the length policy dropped) of a validate artifact:
-    the tokenizer it rendered with (chat template, pad token) and the examples the trainer packs."""
-    from tasks.lib import modeling
-
-    dataset_dir = Path(dataset_dir)
-    tokenizer = modeling.load_tokenizer(dataset_dir / TOKENIZER_DIR)
-    record = json.loads((dataset_dir / "fingerprint.json").read_text())
-    return (tokenizer, TokenizedSet.load(dataset_dir / TOKENS_FILE),
-            int(record["stats"]["train"].get("dropped_over_length", 0)))

@@ -51,7 +51,7 @@ def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> di
     metrics = its recorded metrics.json),
     or None when nothing is published. `location` is what `fetch_release_model` needs.
 
-    local: the version LATEST names; hf://: the newest release tag (via `tasks.hub`). A release built
+    local: the version LATEST names; hf://: the newest release tag (via `tasks.lib.hub`). A release built
     from the GPTQ artifact `exclude_model` is the very model being gated, so it is passed over for the
     release before it: a model is not its own regression baseline, and re-running a published
     configuration decides the gate the same way (all cache hits, no new version)."""

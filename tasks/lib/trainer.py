@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from pipeline_config import ConfigError
-from tasks.lib import chat, log, modeling, packing, prep
+from tasks.lib import chat, log, modeling, packing
 from tasks.lib.checkpoints import Checkpoints, fetch_checkpoint, restore_adapter, restore_training, save_checkpoint
 from tasks.lib.packing import Pack, count_targets, micro_batches
 from tasks.lib.ranks import Ranks, all_reduce_sum, barrier, join_ranks, ranks_from_env, seed_everything, sum_gradients
@@ -234,7 +234,7 @@ def refuse_inference_layout(model) -> None:
         raise InferenceLayoutError(
             f"{len(packed)} 4-bit layer(s), first {packed[0]}, were converted by bitsandbytes to its CPU "
             "inference layout (an eval-mode forward without grad on an AVX512-BF16 CPU); training through it "
-            "gives wrong LoRA gradients. Load 4-bit models with tasks.modeling.load_base_4bit, which keeps "
+            "gives wrong LoRA gradients. Load 4-bit models with tasks.lib.modeling.load_base_4bit, which keeps "
             "the training layout.")
 
 
@@ -297,7 +297,7 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
     device = join_ranks(ranks, modeling.resolve_device(cfg.device))
     check_fast_paths(cfg, device)
     # The validate artifact's tokenizer (chat template, pad) and tokenized examples; packed below.
-    tokenizer, examples, dropped = prep.load_training_data(dataset_dir)
+    tokenizer, examples, dropped = chat.load_training_data(dataset_dir)
     budget = max(cfg.train.tokens_per_step, cfg.data.max_seq_len)
     say = logger.info if ranks.main else (lambda *args: None)
     say("train: %d examples (%d over %d tokens dropped)", len(examples), dropped, cfg.data.max_seq_len)
