@@ -1,8 +1,10 @@
 """Preparing a dataset: per-file checks, duplicates, train/eval leakage, the length policy, the seeded
 eval split, and the validate artifact's files and reports (the validate stage's work, tasks/validate.py).
 
-Order matters and is spelled out in `validate_dataset`: duplicates are removed before the leakage check and
-the eval split (both compare prompt keys of the kept rows), and the length policy acts last, on the tokens.
+`validate_dataset` is four steps: check each file (`check_file`: rows, conversations, tokens, the GX contract),
+choose the rows (`select_rows`: duplicates out first, since the leakage check and the eval split compare the
+prompts of the rows kept; the length policy last, on the tokens), write the reports, and, when every rule
+passed, write the artifact and its data fingerprint.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class SplitCheck:
     conversations: list[list[dict]] = field(default_factory=list)
     tokenized: chat.TokenizedSet | None = None
     validation: object = None
-    keys: list[tuple[str, str, str]] = field(default_factory=list)  # see _keys, computed once
+    keys: list[tuple[str, str, str]] = field(default_factory=list)  # _keys of each conversation
 
 
 def check_file(path: str, fmt: str, contract: str | None, tokenizer, renderer, responses_only: bool) -> SplitCheck:
@@ -76,15 +78,19 @@ def check_file(path: str, fmt: str, contract: str | None, tokenizer, renderer, r
     check = SplitCheck(path=str(path), fmt=fmt, report=report, validation=report._validation)
     check.lines = [lines[i] for i in renderable]
     check.conversations = [conversations[i] for i in renderable]
+    check.keys = [_keys(turns) for turns in check.conversations]
     check.rows = [{"messages": conversations[i]} for i in renderable]  # the canonical row
     check.tokenized = tokenized
     return check
 
 
 def _rule(name: str, severity: str, failing: list, samples: list[SampleRow], observed=None,
-          kind: str = "pipeline") -> RuleResult:
-    return RuleResult(rule=name, expectation_type=kind, column=None, severity=severity, success=not failing,
-                      unexpected_count=len(failing), observed_value=observed, sample_rows=samples)
+          count: int | None = None) -> RuleResult:
+    """A pipeline rule's result: it fails when `failing` is not empty; count: the rows it found, when that is
+    not len(failing) (duplicates are counted even when their rate is allowed)."""
+    return RuleResult(rule=name, expectation_type="pipeline", column=None, severity=severity, success=not failing,
+                      unexpected_count=len(failing) if count is None else count, observed_value=observed,
+                      sample_rows=samples)
 
 
 def _keys(turns: list[dict]) -> tuple[str, str, str]:
@@ -98,7 +104,6 @@ def deduplicate(check: SplitCheck, max_rate: float) -> tuple[list[int], dict]:
     """Positions of rows kept (first occurrence wins); exact and normalized duplicates counted apart."""
     seen_exact, seen_norm, keep, samples = {}, {}, [], []
     exact_dupes = norm_dupes = 0
-    check.keys = [_keys(turns) for turns in check.conversations]
     for position, (exact, normalized, _) in enumerate(check.keys):
         first = seen_exact.get(exact, seen_norm.get(normalized))
         if first is None:
@@ -114,10 +119,8 @@ def deduplicate(check: SplitCheck, max_rate: float) -> tuple[list[int], dict]:
     removed = exact_dupes + norm_dupes
     rate = removed / max(1, len(check.conversations))
     failing = [None] * removed if rate > max_rate else []
-    result = _rule("duplicate-rate", "error", failing, samples,
-                   observed=f"{removed} duplicates ({rate:.1%}; allowed {max_rate:.1%})")
-    result.unexpected_count = removed
-    check.report.add(result)
+    check.report.add(_rule("duplicate-rate", "error", failing, samples, count=removed,
+                           observed=f"{removed} duplicates ({rate:.1%}; allowed {max_rate:.1%})"))
     return keep, {"exact_duplicates": exact_dupes, "normalized_duplicates": norm_dupes}
 
 
@@ -153,6 +156,68 @@ def in_eval_split(prompt_key: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+@dataclass
+class Selection:
+    """Which rows of the checked files go into the artifact (positions into each SplitCheck)."""
+
+    train_rows: list[int]  # validated, de-duplicated training rows: train.jsonl
+    train_examples: list[int]  # of those, what the length policy kept: the tokenized training examples
+    eval_check: SplitCheck  # where the held-out rows come from: the eval file, or the train file's split
+    eval_rows: list[int]
+    stats: dict[str, dict]
+
+
+def check_leakage(train: SplitCheck, train_kept: list[int], ev: SplitCheck, eval_kept: list[int]) -> None:
+    """An error for every kept eval row whose prompt a kept training row has too."""
+    train_prompts = {}
+    for position in train_kept:
+        train_prompts.setdefault(train.keys[position][2], position)
+    leaks = [p for p in eval_kept if ev.keys[p][2] in train_prompts]
+    ev.report.add(_rule("eval-train-leakage", "error", leaks, [
+        SampleRow(line=ev.lines[p], value=f"same prompt as {train.path}:{train.lines[train_prompts[ev.keys[p][2]]]}")
+        for p in leaks[:SAMPLES]]))
+
+
+def split_eval(train: SplitCheck, kept: list[int], seed: int, fraction: float,
+               require_eval: bool) -> tuple[list[int], list[int], dict]:
+    """No eval file: hold out prompts by a seeded hash, so equal prompts land on one side.
+    Returns (train positions, held-out positions, the eval split's stats)."""
+    held = [p for p in kept if in_eval_split(train.keys[p][2], seed, fraction)]
+    held_set = set(held)
+    kept = [p for p in kept if p not in held_set]
+    if require_eval and not held:
+        train.report.add(_rule("eval-split-not-empty", "error", [None], [],
+                               observed=f"eval_fraction {fraction} of {len(kept)} rows"))
+    return kept, held, {"rows_read": 0, "format": train.fmt, "split_from_train": len(held),
+                        "eval_fraction": fraction, "seed": seed}
+
+
+def select_rows(cfg: PipelineConfig, checks: dict[str, SplitCheck], require_eval: bool) -> Selection:
+    """Duplicates out of each file first (the leakage check and the eval split compare the prompts of the rows
+    kept), then the eval rows (the eval file checked for leakage, or a seeded split of train), and the length
+    policy last, on the tokens. Every rule found is added to the files' reports."""
+    data, train = cfg.data, checks["train"]
+    kept, stats = {}, {}
+    for split, check in checks.items():
+        kept[split], stats[split] = deduplicate(check, data.max_duplicate_rate)
+        stats[split].update(rows_read=check.report.row_count, format=check.fmt)
+    if "eval" in checks:
+        check_leakage(train, kept["train"], checks["eval"], kept["eval"])
+        eval_check, eval_rows = checks["eval"], kept["eval"]
+    else:
+        kept["train"], eval_rows, stats["eval"] = split_eval(train, kept["train"], cfg.seed, data.eval_fraction,
+                                                             require_eval)
+        eval_check = train
+    train_examples, length_stats = apply_length_policy(train, kept["train"], data.max_seq_len, data.length_policy)
+    stats["train"].update(length_stats)
+    if eval_check is not train:
+        eval_rows, length_stats = apply_length_policy(eval_check, eval_rows, data.max_seq_len, data.length_policy,
+                                                      tokens=False)
+        stats["eval"].update(length_stats)
+    return Selection(train_rows=kept["train"], train_examples=train_examples, eval_check=eval_check,
+                     eval_rows=eval_rows, stats=stats)
+
+
 def validate_dataset(cfg: PipelineConfig, out_dir: Path, require_eval: bool = True) -> dict[str, ValidationReport]:
     """Validate, normalize, split, tokenize; write the artifact files into out_dir.
 
@@ -162,91 +227,69 @@ def validate_dataset(cfg: PipelineConfig, out_dir: Path, require_eval: bool = Tr
     data = cfg.data
     tokenizer = load_tokenizer(cfg)
     renderer = chat.ChatRenderer(tokenizer)
-    responses_only = cfg.train.loss_on_responses_only
-    train = check_file(data.train_path, data.format, data.contract, tokenizer, renderer, responses_only)
-    checks = {"train": train}
-    if data.eval_path:
-        checks["eval"] = check_file(data.eval_path, data.format, data.contract, tokenizer, renderer, responses_only)
-    stats: dict[str, dict] = {}
-    kept: dict[str, list[int]] = {}
-    for split, check in checks.items():
-        kept[split], stats[split] = deduplicate(check, data.max_duplicate_rate)
-        stats[split]["rows_read"] = check.report.row_count
-        stats[split]["format"] = check.fmt
+    checks = {split: check_file(path, data.format, data.contract, tokenizer, renderer, cfg.train.loss_on_responses_only)
+              for split, path in (("train", data.train_path), ("eval", data.eval_path)) if path}
+    selection = select_rows(cfg, checks, require_eval)
+    reports = write_reports(checks, out_dir)
+    failed = [split for split, report in reports.items() if not report.passed]
+    if failed:
+        (out_dir / "report.md").write_text(render_reports(checks, selection.stats, None))
+        details = "\n".join(f"{checks[s].path}:\n{reports[s].to_markdown()}" for s in failed)
+        raise DataContractFailed(f"data contract failed for {', '.join(failed)} data:\n{details}")
+    examples = write_rows_and_tokens(cfg, checks["train"], selection, tokenizer, out_dir)
+    fingerprint = write_fingerprint(cfg, examples, selection, tokenizer, out_dir)
+    (out_dir / "report.md").write_text(render_reports(checks, selection.stats, fingerprint))
+    return reports
 
-    train_prompts = {}
-    for position in kept["train"]:
-        train_prompts.setdefault(train.keys[position][2], position)
-    if "eval" in checks:
-        ev = checks["eval"]
-        leaks = [p for p in kept["eval"] if ev.keys[p][2] in train_prompts]
-        ev.report.add(_rule("eval-train-leakage", "error", leaks, [
-            SampleRow(line=ev.lines[p], value=f"same prompt as {data.train_path}:"
-                      f"{train.lines[train_prompts[ev.keys[p][2]]]}") for p in leaks[:SAMPLES]]))
-        eval_source = (ev, kept["eval"])
-    else:
-        # No eval file: hold out prompts by a seeded hash, so equal prompts land on one side.
-        held = [p for p in kept["train"] if in_eval_split(train.keys[p][2], cfg.seed, data.eval_fraction)]
-        held_set = set(held)
-        kept["train"] = [p for p in kept["train"] if p not in held_set]
-        eval_source = (train, held)
-        stats["eval"] = {"rows_read": 0, "format": train.fmt, "split_from_train": len(held),
-                         "eval_fraction": data.eval_fraction, "seed": cfg.seed}
-        if require_eval and not held:
-            train.report.add(_rule("eval-split-not-empty", "error", [None], [],
-                                   observed=f"eval_fraction {data.eval_fraction} of {len(kept['train'])} rows"))
 
-    train_rows = [train.rows[p] for p in kept["train"]]  # validated rows; the length policy acts on the tokens
-    kept["train"], length_stats = apply_length_policy(train, kept["train"], data.max_seq_len, data.length_policy)
-    stats["train"].update(length_stats)
-    eval_check, eval_keep = eval_source
-    if eval_check is not train:
-        eval_keep, length_stats = apply_length_policy(eval_check, eval_keep, data.max_seq_len, data.length_policy,
-                                                      tokens=False)
-        stats["eval"].update(length_stats)
-
-    reports = {split: check.report for split, check in checks.items()}
+def write_reports(checks: dict[str, SplitCheck], out_dir: Path) -> dict[str, ValidationReport]:
+    """Each file's report as JSON and as GX's data-docs page, written whether or not the data passed."""
     docs = out_dir / "data_docs"
     docs.mkdir(exist_ok=True)
     for split, check in checks.items():
         (out_dir / f"{split}_report.json").write_text(json.dumps(check.report.to_dict(), indent=1))
         if check.validation is not None:
             contracts.render_data_docs(check.validation, docs / f"{split}.html")
-    failed = [split for split, report in reports.items() if not report.passed]
-    if failed:
-        (out_dir / "report.md").write_text(render_reports(checks, stats, None))
-        details = "\n".join(f"{checks[s].path}:\n{reports[s].to_markdown()}" for s in failed)
-        raise DataContractFailed(f"data contract failed for {', '.join(failed)} data:\n{details}")
+    return {split: check.report for split, check in checks.items()}
 
-    eval_rows = [eval_check.rows[p] for p in eval_keep]
-    datarows.write_jsonl(out_dir / "train.jsonl", train_rows)
-    datarows.write_jsonl(out_dir / "eval.jsonl", eval_rows)
-    truncate = data.max_seq_len if data.length_policy == "truncate" else None
-    examples = train.tokenized.select(np.asarray(kept["train"], dtype=np.int64), truncate)
+
+def write_rows_and_tokens(cfg: PipelineConfig, train: SplitCheck, selection: Selection, tokenizer,
+                          out_dir: Path) -> chat.TokenizedSet:
+    """train.jsonl and eval.jsonl (canonical `messages` rows), the tokenized training examples and the tokenizer
+    they were rendered with. Returns the examples."""
+    datarows.write_jsonl(out_dir / "train.jsonl", [train.rows[p] for p in selection.train_rows])
+    datarows.write_jsonl(out_dir / "eval.jsonl", [selection.eval_check.rows[p] for p in selection.eval_rows])
+    truncate = cfg.data.max_seq_len if cfg.data.length_policy == "truncate" else None
+    examples = train.tokenized.select(np.asarray(selection.train_examples, dtype=np.int64), truncate)
     examples.save(out_dir / chat.TOKENS_FILE)
     tokenizer.save_pretrained(out_dir / chat.TOKENIZER_DIR)
+    return examples
 
-    budget = max(cfg.train.tokens_per_step, data.max_seq_len)
-    lengths = examples.lengths
+
+def write_fingerprint(cfg: PipelineConfig, examples: chat.TokenizedSet, selection: Selection, tokenizer,
+                      out_dir: Path) -> dict:
+    """fingerprint.json: the data fingerprint (a hash of what training sees: rows, tokenizer files, chat
+    template, length policy), with the counts (added to selection.stats), token-length statistics and packing
+    efficiency."""
+    data, stats, lengths = cfg.data, selection.stats, examples.lengths
     stats["train"].update(examples=len(examples), tokens=int(lengths.sum()), trained_tokens=int(examples.trained.sum()),
                           token_length={"min": int(lengths.min(initial=0)), "mean": float(lengths.mean()) if len(lengths) else 0.0,
                                         "p95": float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
                                         "max": int(lengths.max(initial=0))})
-    stats["eval"]["examples"] = len(eval_rows)
-    packed = packing.packing_efficiency(lengths, budget, cfg.seed)
+    stats["eval"]["examples"] = len(selection.eval_rows)
+    packed = packing.packing_efficiency(lengths, max(cfg.train.tokens_per_step, data.max_seq_len), cfg.seed)
     components = {
         "rows": artifacts.sha256_json([artifacts.sha256_file(out_dir / "train.jsonl"),
                                        artifacts.sha256_file(out_dir / "eval.jsonl")]),
         "tokenizer_files": artifacts.sha256_tree(out_dir / chat.TOKENIZER_DIR)[0],
         "chat_template": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
         "length_policy": {"max_seq_len": data.max_seq_len, "policy": data.length_policy},
-        "responses_only": responses_only,
+        "responses_only": cfg.train.loss_on_responses_only,
     }
     fingerprint = {"fingerprint": artifacts.sha256_json(components), "components": components,
                    "stats": stats, "packing": packed, "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token}
     (out_dir / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
-    (out_dir / "report.md").write_text(render_reports(checks, stats, fingerprint))
-    return reports
+    return fingerprint
 
 
 def render_reports(checks: dict[str, SplitCheck], stats: dict, fingerprint: dict | None) -> str:
