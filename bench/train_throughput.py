@@ -129,6 +129,7 @@ def step_tokens(args, shape: str) -> int:
 
 def run_project_row(args, overrides: dict, shape: str, model_dir: Path) -> dict:
     """This project's trainer: the same functions train_adapter calls, on synthetic packs."""
+    import torch
 
     from pipeline_config import validate_config
     from tasks.lib import packing, ranks, trainer
@@ -151,9 +152,7 @@ def run_project_row(args, overrides: dict, shape: str, model_dir: Path) -> dict:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = trainer.build_optimizer(cfg, trainable)
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
-
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 0, 1000, min_lr_rate=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.warmup_cosine(0, 1000))
     packs = packing.pack_stream(examples(args, shape, 4000), cfg.train.tokens_per_step, seed=0)
 
     def step() -> int:

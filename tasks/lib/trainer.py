@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -118,6 +119,24 @@ def build_model(cfg: StageConfig, device: str):
         for layer in decoder_layers(model):
             layer.compile()
     return model
+
+
+def warmup_cosine(warmup: int, total: int):
+    """The learning-rate factor of each optimizer step: linear warmup over `warmup` steps, then cosine decay to a
+    tenth of the peak at `total`.
+
+    Not transformers' get_cosine_with_min_lr_schedule_with_warmup, which is this but for the warmup: it starts
+    at 0 (step / warmup), so the first optimizer step changes no weight. Here the first step already trains at
+    1/(warmup+1) of the peak; on the embedded default (24 steps, warmup 3) that one step is worth 0.7% of held-out
+    perplexity (bench/seed_table.py)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def build_optimizer(cfg: StageConfig, params: list[torch.nn.Parameter]):
@@ -308,12 +327,7 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
         restore_adapter(model, state)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, trainable)
-    # Linear warmup, then cosine decay to a tenth of the peak. (Imported here: importing
-    # transformers.optimization sets TORCHINDUCTOR_CACHE_DIR, and importing this module changes nothing.)
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
-
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, cfg.train.warmup_steps, cfg.train.max_steps, min_lr_rate=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
 
     probe = list(itertools.islice(packing.pack_stream(examples, budget, cfg.seed), PROBE_PACKS))
     step, history = 0, []
