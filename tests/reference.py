@@ -1,8 +1,10 @@
 """Reference implementations the tests compare the pipeline with: they are oracles, not production paths
-(peft's whole-model merge, round-to-nearest quantization, plain logit differences, one-row tokenizing)."""
+(peft's whole-model merge, round-to-nearest quantization, plain logit differences, one-row tokenizing, a
+TensorBoard event-file reader independent of the writer)."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import torch
@@ -71,3 +73,19 @@ def tokenize_example(tokenizer, row: dict, responses_only: bool = True) -> Token
     return tokenize_conversations(tokenizer, [row_messages(row)], responses_only).example(0)
 
 
+def read_events(path):
+    """Every event of a TensorBoard event file: TFRecord framing (length, its CRC, data, its CRC) around
+    Event protos, read with tensorboardX's own proto and CRC."""
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    data, events, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        header = data[offset: offset + 8]
+        (length,) = struct.unpack("Q", header)
+        assert struct.unpack("I", data[offset + 8: offset + 12])[0] == masked_crc32c(header)
+        body = data[offset + 12: offset + 12 + length]
+        assert struct.unpack("I", data[offset + 12 + length: offset + 16 + length])[0] == masked_crc32c(body)
+        events.append(Event.FromString(body))
+        offset += 16 + length
+    return events

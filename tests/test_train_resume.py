@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import REPO
 from safetensors.torch import load_file
-from test_train_steps import read_events
+
+from tests.reference import read_events
 
 STEPS = ["--set", "train.max_steps=12", "--set", "train.checkpoint_every=2"]
 

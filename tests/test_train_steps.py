@@ -5,7 +5,6 @@ failing on the CPU with an error naming the key, and TensorBoard events kept in 
 
 import json
 import shutil
-import struct
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 from pipeline_config import ConfigError, load_config
 from tasks import train
 from tasks.lib import chat, checkpoints, datarows, modeling, packing, ranks, trainer
+from tests.reference import read_events
 
 STEPS = 4
 
@@ -66,24 +66,6 @@ def test_micro_batched_training_gives_the_same_adapter(config_file, validated_da
     assert [h["loss"] for h in metrics["history"]] == pytest.approx([h["loss"] for h in reference["history"]],
                                                                      rel=1e-5)
     assert_same_adapter(tmp_path / "adapter", reference_dir)
-
-
-def read_events(path):
-    """Every event of a TensorBoard event file: TFRecord framing (length, its CRC, data, its CRC) around
-    Event protos, read with tensorboardX's own proto and CRC."""
-    from tensorboardX.proto.event_pb2 import Event
-    from tensorboardX.record_writer import masked_crc32c
-
-    data, events, offset = path.read_bytes(), [], 0
-    while offset < len(data):
-        header = data[offset: offset + 8]
-        (length,) = struct.unpack("Q", header)
-        assert struct.unpack("I", data[offset + 8: offset + 12])[0] == masked_crc32c(header)
-        body = data[offset + 12: offset + 12 + length]
-        assert struct.unpack("I", data[offset + 12 + length: offset + 16 + length])[0] == masked_crc32c(body)
-        events.append(Event.FromString(body))
-        offset += 16 + length
-    return events
 
 
 @pytest.mark.slow
