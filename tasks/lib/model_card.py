@@ -1,4 +1,5 @@
-"""The release's model card: metadata built by huggingface_hub (ModelCardData, EvalResult), the body here."""
+"""The release's model card: metadata built by huggingface_hub (ModelCardData, EvalResult), the body from
+CARD_TEMPLATE (Jinja, rendered by ModelCard.from_template)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,85 @@ import json
 from pathlib import Path
 
 import yaml
-from huggingface_hub import EvalResult, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from tasks.lib import hub
 from tasks.lib.decisions import GateDecision, decisions_markdown
 from tasks.lib.hub import EXTRA_SUFFIX
 from tasks.lib.hub_sources import base_model_name, source_of_file
 from tasks.lib.stage import StageConfig
+
+# The README.md of a release. A string in this module, not a file beside it, so that the release stage's code
+# hash (its modules' syntax trees) changes with it.
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ repo }}
+
+{{ base_model }} fine-tuned with QLoRA (NF4, r={{ lora_r }}) on `{{ train_path }}`, merged into the
+dequantized base and quantized with GPTQ ({{ bits }}-bit, group size {{ group_size }}),
+by qlora-pipeline {{ lineage.pipeline_version }}, flow run `{{ lineage.flow_run_id }}`.
+
+## Data
+
+Data artifact (the validated dataset, sha256): `{{ lineage.data_artifact }}`
+
+| split | source | sha256 (as trained/evaluated) |
+|---|---|---|
+{% for split, path, info in lineage.datasets -%}
+| {{ split }} | `{{ path }}` | `{{ info.sha256 }}` |
+{% endfor %}
+## Metrics (held-out data)
+
+| model | response perplexity | exact match |
+|---|---|---|
+{% for name, m in models -%}
+| {{ name }} | {{ "%.3f" | format(m.perplexity) }} |{{ " %.3f" | format(m.exact_match) if "exact_match" in m }} |
+{% endfor %}
+{{ gate_tables }}
+## Sample answers (GPTQ model)
+
+{% for s in samples -%}
+- **Q:** {{ s.prompt }}
+  **A:** {{ s.answer }}
+{% endfor %}
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+{% if on_hub -%}
+repo, revision = "{{ repo }}", "v<N>-{{ lineage.data_artifact[:8] }}"  # pin the release tag
+tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)
+model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, quantization_config=GPTQConfig(bits={{ bits }}, backend="gptq_torch"))
+{%- else -%}
+path = "{{ repo }}"  # this folder
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits={{ bits }}, backend="gptq_torch"))
+{%- endif %}
+messages = [{"role": "user", "content": "What is a computer?"}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
+```
+(Use `backend="gptq_triton"` on NVIDIA GPUs; needs `gptqmodel` and `optimum`.)
+
+## Training configuration
+
+```yaml
+{{ training }}
+```
+
+## Lineage
+
+Release hash `{{ lineage.release_hash }}`; pipeline {{ lineage.pipeline_version }} at git commit
+`{{ lineage.git_commit }}`; flow run `{{ lineage.flow_run_id }}`; approval: {{ lineage.approval.decision }}
+by {{ lineage.approval.by }}{{ ": " ~ lineage.approval.comment if lineage.approval.comment }}.
+
+```json
+{{ lineage_json }}
+```
+"""
 
 
 def display_repo(cfg: StageConfig) -> str:
@@ -40,10 +113,9 @@ def dataset_id(cfg: StageConfig) -> str:
 
 
 def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecision]], lineage: dict) -> str:
-    repo = display_repo(cfg)
-    on_hub = hub.is_hub_target(cfg)
-    data_artifact = lineage["data_artifact"]
-    dataset_name = dataset_id(cfg)
+    """The release's README.md: Hub metadata built by huggingface_hub (ModelCardData, with the GPTQ model's
+    held-out perplexity as its eval result), the body from the template beside this module."""
+    repo, dataset_name = display_repo(cfg), dataset_id(cfg)
     card_data = ModelCardData(
         base_model=base_model_name(cfg), library_name="transformers", pipeline_tag="text-generation",
         tags=["qlora", "gptq", f"{cfg.quantize.bits}-bit", "qlora-pipeline"], datasets=[dataset_name],
@@ -53,100 +125,27 @@ def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecisi
             dataset_split="eval", metric_type="perplexity", metric_name="held-out response perplexity (GPTQ)",
             metric_value=round(metrics["quantized"]["gptq"]["perplexity"], 4))],
     )
-    rows = [
-        ("base", metrics["finetune"]["base"]),
-        ("fine-tuned (NF4 + LoRA)", metrics["finetune"]["finetuned"]),
-        ("merged", metrics["quantized"]["merged"]),
-        ("GPTQ (published)", metrics["quantized"]["gptq"]),
-    ]
-    table = "\n".join(
-        f"| {name} | {m['perplexity']:.3f} | {m['exact_match']:.3f} |" if "exact_match" in m
-        else f"| {name} | {m['perplexity']:.3f} | |"
-        for name, m in rows
+    card = ModelCard.from_template(
+        card_data, template_str=CARD_TEMPLATE,
+        repo=repo, on_hub=hub.is_hub_target(cfg), base_model=base_model_name(cfg), train_path=cfg.data.train_path,
+        lora_r=cfg.lora.r, bits=cfg.quantize.bits, group_size=cfg.quantize.group_size, lineage=lineage,
+        models=[("base", metrics["finetune"]["base"]), ("fine-tuned (NF4 + LoRA)", metrics["finetune"]["finetuned"]),
+                ("merged", metrics["quantized"]["merged"]), ("GPTQ (published)", metrics["quantized"]["gptq"])],
+        gate_tables="\n".join(decisions_markdown(name, decisions) for name, decisions in gates.items()),
+        samples=metrics["quantized"]["gptq"].get("samples", []),
+        training=yaml.safe_dump({k: lineage["config"][k] for k in ("lora", "train", "merge", "quantize")},
+                                sort_keys=False).strip(),
+        lineage_json=json.dumps(lineage, indent=1),
     )
-    gate_tables = "\n".join(decisions_markdown(name, decisions) for name, decisions in gates.items())
-    samples = "\n".join(f"- **Q:** {s['prompt']}\n  **A:** {s['answer']}"
-                        for s in metrics["quantized"]["gptq"].get("samples", []))
-    data_rows = "\n".join(f"| {split} | `{path}` | `{info['sha256']}` |"
-                          for split, path, info in lineage["datasets"])
-    training = yaml.safe_dump({k: lineage["config"][k] for k in ("lora", "train", "merge", "quantize")},
-                              sort_keys=False).strip()
-    load_from = (f'repo, revision = "{repo}", "v<N>-{data_artifact[:8]}"  # pin the release tag\n'
-                 f"tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)\n"
-                 f"model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, "
-                 f'quantization_config=GPTQConfig(bits={cfg.quantize.bits}, backend="gptq_torch"))')
-    if not on_hub:
-        load_from = (f'path = "{repo}"  # this folder\ntokenizer = AutoTokenizer.from_pretrained(path)\n'
-                     f"model = AutoModelForCausalLM.from_pretrained(path, "
-                     f'quantization_config=GPTQConfig(bits={cfg.quantize.bits}, backend="gptq_torch"))')
-    return f"""---
-{card_data.to_yaml()}
----
-
-# {repo}
-
-{base_model_name(cfg)} fine-tuned with QLoRA (NF4, r={cfg.lora.r}) on `{cfg.data.train_path}`, merged into the
-dequantized base and quantized with GPTQ ({cfg.quantize.bits}-bit, group size {cfg.quantize.group_size}),
-by qlora-pipeline {lineage['pipeline_version']}, flow run `{lineage['flow_run_id']}`.
-
-## Data
-
-Data artifact (the validated dataset, sha256): `{data_artifact}`
-
-| split | source | sha256 (as trained/evaluated) |
-|---|---|---|
-{data_rows}
-
-## Metrics (held-out data)
-
-| model | response perplexity | exact match |
-|---|---|---|
-{table}
-
-{gate_tables}
-## Sample answers (GPTQ model)
-
-{samples}
-
-## Usage
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
-
-{load_from}
-messages = [{{"role": "user", "content": "What is a computer?"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
-```
-(Use `backend="gptq_triton"` on NVIDIA GPUs; needs `gptqmodel` and `optimum`.)
-
-## Training configuration
-
-```yaml
-{training}
-```
-
-## Lineage
-
-Release hash `{lineage['release_hash']}`; pipeline {lineage['pipeline_version']} at git commit
-`{lineage['git_commit']}`; flow run `{lineage['flow_run_id']}`; approval: {lineage['approval']['decision']}
-by {lineage['approval']['by']}{': ' + lineage['approval']['comment'] if lineage['approval'].get('comment') else ''}.
-
-```json
-{json.dumps(lineage, indent=1)}
-```
-"""
+    return card.content + "\n"
 
 
 def extra_card(cfg: StageConfig, name: str, repo_id: str, tag: str, record: dict) -> str:
+    """The README.md of an extra repo (`<NAME>-adapter`, `<NAME>-merged`): metadata and a pointer to the release."""
     what = {"adapter": "the LoRA adapter (peft) of", "merged": "the merged full-precision model of"}[name]
-    from tasks.lib.hub_sources import base_model_name
-
-    header = {"base_model": base_model_name(cfg), "library_name": "peft" if name == "adapter" else "transformers",
-              "tags": ["qlora", "qlora-pipeline", name]}
-    import yaml
-
-    return (f"---\n{yaml.safe_dump(header, sort_keys=False).strip()}\n---\n\n# {repo_id}{EXTRA_SUFFIX[name]}\n\n"
+    card_data = ModelCardData(base_model=base_model_name(cfg), library_name="peft" if name == "adapter" else "transformers",
+                              tags=["qlora", "qlora-pipeline", name])
+    return (f"---\n{card_data.to_yaml()}\n---\n\n# {repo_id}{EXTRA_SUFFIX[name]}\n\n"
             f"This is {what} the release [{repo_id}@{tag}](../{repo_id}) (release hash "
             f"`{record['release_hash']}`, data artifact `{record['data_artifact']}`); the model card, "
             f"metrics, gates and lineage are there.\n")
