@@ -127,8 +127,7 @@ def warmup_cosine(warmup: int, total: int):
 
     Not transformers' get_cosine_with_min_lr_schedule_with_warmup, which is this but for the warmup: it starts
     at 0 (step / warmup), so the first optimizer step changes no weight. Here the first step already trains at
-    1/(warmup+1) of the peak; on the embedded default (24 steps, warmup 3) that one step is worth 0.7% of held-out
-    perplexity (bench/seed_table.py)."""
+    1/(warmup+1) of the peak, which short runs such as the embedded default's 24 steps measurably need."""
 
     def factor(step: int) -> float:
         if step < warmup:
