@@ -18,7 +18,9 @@ def cache_hits(result) -> dict[str, bool]:
 
 def task_run_states(flow_run_id) -> dict[str, str]:
     """Task name -> state name of one flow run's task runs, as the session's Prefect server (and so its UI) has
-    them. (Prefect names a task run `<task>-<3 hex digits>` unless the task names its runs, as the gates do.)"""
+    them. (Prefect names a task run `<task>-<3 hex digits>` unless the task names its runs, as the gates do.)
+    Asked at PREFECT_API_URL directly, not through this process's Prefect client: the point is that the in-process
+    flow ran on that server, and a client with stale settings would ask the same temporary server the flow used."""
     request = urllib.request.Request(
         f"{os.environ['PREFECT_API_URL']}/task_runs/filter", method="POST",
         data=json.dumps({"flow_runs": {"id": {"any_": [str(flow_run_id)]}}}).encode(),

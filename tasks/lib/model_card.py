@@ -114,7 +114,7 @@ def dataset_id(cfg: StageConfig) -> str:
 
 def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecision]], lineage: dict) -> str:
     """The release's README.md: Hub metadata built by huggingface_hub (ModelCardData, with the GPTQ model's
-    held-out perplexity as its eval result), the body from the template beside this module."""
+    held-out perplexity as its eval result), the body from CARD_TEMPLATE."""
     repo, dataset_name = display_repo(cfg), dataset_id(cfg)
     card_data = ModelCardData(
         base_model=base_model_name(cfg), library_name="transformers", pipeline_tag="text-generation",
@@ -127,7 +127,7 @@ def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecisi
     )
     card = ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE,
-        repo=repo, on_hub=hub.is_hub_target(cfg), base_model=base_model_name(cfg), train_path=cfg.data.train_path,
+        repo=repo, on_hub=hub.is_hub_target(cfg), base_model=card_data.base_model, train_path=cfg.data.train_path,
         lora_r=cfg.lora.r, bits=cfg.quantize.bits, group_size=cfg.quantize.group_size, lineage=lineage,
         models=[("base", metrics["finetune"]["base"]), ("fine-tuned (NF4 + LoRA)", metrics["finetune"]["finetuned"]),
                 ("merged", metrics["quantized"]["merged"]), ("GPTQ (published)", metrics["quantized"]["gptq"])],
