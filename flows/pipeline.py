@@ -6,6 +6,8 @@ is the StageResult the next stage takes.
 
 from __future__ import annotations
 
+import json
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
@@ -15,9 +17,10 @@ from flows.locking import release_lock
 from pipeline_config import load_config
 from tasks.evaluate import evaluate_quantized_task, evaluate_task
 from tasks.evaluate_published import evaluate_published_task
+from tasks.export_gguf import export_gguf_task
 from tasks.fetch_base_model import fetch_base_model_task
 from tasks.fetch_dataset import fetch_dataset_task, fetched_file
-from tasks.gate import gate_task
+from tasks.gate import gate_task, serving_gate_task
 from tasks.lib.artifacts import ArtifactStore
 from tasks.lib.hub_sources import with_base_folder, with_data_files
 from tasks.lib.modeling import quiet_transformers
@@ -41,7 +44,8 @@ class PipelineResult(BaseModel):
 @flow(name="qlora-pipeline")
 def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None) -> PipelineResult:
     """Preflight -> [fetch base model, datasets] -> validate -> train -> evaluate -> gate -> merge -> gate
-    -> quantize -> evaluate quantized (+ the published release, re-scored) -> gate -> [human approval] -> publish.
+    -> quantize [+ GGUF export] -> evaluate quantized (+ the published release, re-scored) -> gate -> the release
+    files against the serving engines' rules (gate) -> [human approval] -> publish.
 
     config: path of a pipeline YAML (the embedded default when empty); overrides: `section.key=value`.
     """
@@ -64,25 +68,31 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
         merged = merge_task(cfg, data, adapter).result()
         merge_gate = gate_task(cfg, "merge", merged).result()  # the merged model is the trained model
         quantized = quantize_task(cfg, data, merged).result()
-        quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized).result()
+        gguf = export_gguf_task(cfg, merged).result() if "gguf" in cfg.release.formats else None
+        quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized, gguf).result()
         published = evaluate_published_task(cfg, data, quantized)  # None when nothing is published
         published_evaluation = published.result() if published else None
         quantized_gate = gate_task(cfg, "quantized", quantized_evaluation, published_evaluation).result()
+        serving_gate = serving_gate_task(cfg, quantized, adapter, gguf).result()  # the engines it is for load it
         review = await_approval(cfg.approval.timeout_s) if cfg.approval.required else None
         release = publish_task(cfg, {
             "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,
-            "merged": merged, "gate_merge": merge_gate, "gptq": quantized,
+            "merged": merged, "gate_merge": merge_gate, "gptq": quantized, **({"gguf": gguf} if gguf else {}),
             "quantized_evaluation": quantized_evaluation, "gate_quantized": quantized_gate,
+            "gate_serving": serving_gate,
         }, review)
 
     stages = [*([fetched] if fetched else []), *fetched_data.values(), data, adapter, evaluation, finetune_gate,
-              merged, merge_gate, quantized, quantized_evaluation,
-              *([published_evaluation] if published_evaluation else []), quantized_gate]
-    summarize(stages, release)
+              merged, merge_gate, quantized, *([gguf] if gguf else []), quantized_evaluation,
+              *([published_evaluation] if published_evaluation else []), quantized_gate, serving_gate]
+    serving = json.loads((ArtifactStore(cfg.artifacts.root).local_path(serving_gate.ref) / "serving.json").read_text())
+    summarize(stages, release, [f"{f['engine']}: {f['problem']}" for f in serving["findings"]
+                                if f["severity"] == "note" and f["setting"] != "-"])
     return PipelineResult(release=release, stages=stages)
 
 
-def summarize(stages: list[StageResult], release: Release) -> None:
+def summarize(stages: list[StageResult], release: Release, serving_notes: list[str] = ()) -> None:
+    """The run summary: every stage's cache status, seconds and artifact, and what the serving engines said."""
     rows = [{"stage": s.stage, "cache": "hit" if s.cache_hit else "built", "seconds": round(s.seconds, 1),
              "artifact": s.ref.uri} for s in stages]
     rows.append({"stage": "publish", "cache": "new" if release.created else "existing",
@@ -92,4 +102,5 @@ def summarize(stages: list[StageResult], release: Release) -> None:
     lines = ["stage".ljust(width) + "  cache     seconds  artifact"]
     lines += [r["stage"].ljust(width) + f"  {r['cache']:<8} {r['seconds']:>8.1f}  {r['artifact']}" for r in rows]
     lines.append("total".ljust(width) + f"  {'':<8} {sum(r['seconds'] for r in rows):>8.1f}")
+    lines += [f"serving: {note}" for note in serving_notes]
     get_run_logger().info("run summary:\n%s", "\n".join(lines))

@@ -138,6 +138,9 @@ class GatesConfig(Section):
     max_quantized_perplexity_increase: float = Field(
         0.15, ge=0, description="GPTQ perplexity may exceed the merged model's by at most this fraction."
     )
+    max_gguf_perplexity_increase: float = Field(
+        0.02, ge=0, description="Each 8- and 16-bit GGUF file's perplexity may exceed the merged model's by at most "
+        "this fraction (4-bit GGUF types are held to max_quantized_perplexity_increase).")
     max_regression: float | None = Field(
         0.05, ge=0, description="GPTQ perplexity may exceed the published release's GPTQ perplexity by at most "
         "this fraction; null turns the gate off. Skipped when nothing is published."
@@ -162,18 +165,40 @@ class MergeConfig(Section):
 
 
 class QuantizeConfig(Section):
-    # Chosen by measurement on the embedded default (merged 7.157; GPTQ perplexity, g64 unless noted):
-    # symmetric 9.06, asymmetric 8.19, + 256 calibration rows 7.99, + act-order 7.84 (+9.5%); with 64 rows:
-    # mse clipping 8.20, damp 0.1 9.38, group 32 8.54. 256 rows in batches of 8 take ~6 min on 2 CPU cores.
+    # The defaults are what vLLM serves (symmetric grids, no group act-order; see release.serve_with) and what
+    # kept the most quality among those on the embedded default: the table is in the README (GPTQ recipes),
+    # made by bench/quantize_recipes.py.
     bits: Literal[4, 8] = 4
-    group_size: int = Field(64, description="-1 for per-channel (64: SmolLM2's 576 is no multiple of 128).")
-    desc_act: bool = Field(True, description="Act-order: quantize columns by decreasing Hessian diagonal.")
-    sym: bool = Field(False, description="Symmetric 4-bit grids (false: asymmetric, with zero points).")
+    group_size: int = Field(64, description="Columns per quantization group; -1: one group per output channel. "
+                            "vLLM's GPU kernel (Marlin) takes -1, 32, 64 and 128, dividing every layer's input.")
+    desc_act: bool = Field(False, description="Act-order across groups: quantize columns by decreasing Hessian "
+                           "diagonal. vLLM refuses it (with groups); act_group_aware keeps most of its gain.")
+    act_group_aware: bool = Field(True, description="gptqmodel's group-aware reordering: act-order inside static "
+                                  "groups, so the checkpoint keeps its plain column order (served by vLLM).")
+    sym: bool = Field(True, description="Symmetric grids (false: asymmetric, with zero points; vLLM refuses those).")
+    mse: float = Field(0.0, ge=0, description="0: each group's range is its min/max; p > 0: the clipped range "
+                       "with the lowest |error|^p (2.4 is the GPTQ paper's value).")
     damp_percent: float = Field(0.01, gt=0, lt=1)
     calibration_examples: int = Field(256, gt=0, description="Training examples, chat-rendered, used to calibrate.")
     calibration_seq_len: int = Field(256, gt=8)
     calibration_batch_size: int = Field(
         8, gt=0, description="Calibration samples per forward pass (padding is left out of the Hessians: speed only).")
+
+
+class ReleaseConfig(Section):
+    serve_with: list[Literal["vllm", "vllm-lora", "transformers", "llama.cpp", "ollama"]] = Field(
+        default_factory=lambda: ["vllm", "vllm-lora", "transformers"],
+        description="Engines the release must load in; their rules are checked at preflight and on the finished "
+        "files (tasks/lib/serving.py). vllm: the GPTQ model; vllm-lora: the adapter with --enable-lora; "
+        "transformers: the GPTQ model via gptqmodel; llama.cpp, ollama: the GGUF files.")
+    formats: list[Literal["gptq", "gguf"]] = Field(
+        default_factory=lambda: ["gptq"], min_length=1,
+        description="Model files the release carries besides the adapter: gptq (the quantized safetensors "
+        "checkpoint), gguf (llama.cpp files of release.gguf_types and an Ollama Modelfile, under gguf/).")
+    gguf_types: list[Literal["f16", "bf16", "q8_0", "q4_k_m"]] = Field(
+        default_factory=lambda: ["q8_0"], min_length=1,
+        description="GGUF files made from the merged model by llama.cpp's converter; the first is the Modelfile's. "
+        "q4_k_m needs llama.cpp's compiled llama-quantize on PATH.")
 
 
 class PublishConfig(Section):
@@ -225,6 +250,7 @@ class PipelineConfig(Section):
     gates: GatesConfig = GatesConfig()
     merge: MergeConfig = MergeConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    release: ReleaseConfig = ReleaseConfig()
     approval: ApprovalConfig = ApprovalConfig()
     publish: PublishConfig
     artifacts: ArtifactsConfig = ArtifactsConfig()

@@ -3,13 +3,15 @@ and GPTQ models, all through the same scoring code (`tasks/lib/scoring.py`)."""
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
-from tasks.lib import modeling, scoring
+from tasks.lib import gguf_export, modeling, scoring
 from tasks.lib.artifacts import ArtifactStore, sha256_path
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
 
@@ -27,14 +29,19 @@ def score_finetune(cfg: StageConfig, data_dir: Path, adapter_dir: Path, out_dir:
     }, out_dir, regression_set=True)
 
 
-def score_quantized(cfg: StageConfig, data_dir: Path, merged_dir: Path, gptq_dir: Path, out_dir: Path) -> dict:
-    """The merged model and its GPTQ quantization, on the same held-out rows."""
+def score_quantized(cfg: StageConfig, data_dir: Path, merged_dir: Path, gptq_dir: Path, out_dir: Path,
+                    gguf_dir: Path | None = None) -> dict:
+    """The merged model, its GPTQ quantization and (release.formats: gguf) each GGUF file, as `gguf-<type>`, on the
+    same held-out rows. A GGUF file is read as transformers reads it (dequantized into plain layers)."""
     device = modeling.resolve_device(cfg.device)
     dtype = modeling.resolve_dtype(cfg.model.compute_dtype, device)
-    return scoring.score_models(cfg, data_dir, gptq_dir, {
-        "merged": lambda: modeling.load_full(merged_dir, dtype, device),
-        "gptq": lambda: modeling.load_gptq(gptq_dir, device),
-    }, out_dir)
+    models = {"merged": lambda: modeling.load_full(merged_dir, dtype, device),
+              "gptq": lambda: modeling.load_gptq(gptq_dir, device)}
+    if gguf_dir is not None:
+        files = json.loads((gguf_dir / gguf_export.RECORD).read_text())["files"]
+        models |= {f"gguf-{gguf_type}": functools.partial(modeling.load_gguf, gguf_dir / entry["file"], dtype, device)
+                   for gguf_type, entry in files.items()}
+    return scoring.score_models(cfg, data_dir, gptq_dir, models, out_dir)
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NONE)
@@ -50,12 +57,14 @@ def evaluate_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult):
 
 
 @task(name="evaluate-quantized", retries=1, retry_delay_seconds=5, cache_policy=NONE)
-def evaluate_quantized_task(cfg: PipelineConfig, data: StageResult, merged: StageResult, quantized: StageResult):
+def evaluate_quantized_task(cfg: PipelineConfig, data: StageResult, merged: StageResult, quantized: StageResult,
+                            gguf: StageResult | None = None):
     store = ArtifactStore(cfg.artifacts.root)
     return reported(run_stage(
         EVALUATE_QUANTIZED, store, cfg,
         inputs={"data": data.ref.sha256, "merged": merged.ref.sha256, "gptq": quantized.ref.sha256,
-                **scoring.extra_inputs(cfg)},
+                **({"gguf": gguf.ref.sha256} if gguf else {}), **scoring.extra_inputs(cfg)},
         build=lambda view, workdir, key: score_quantized(
-            view, *(store.local_path(r.ref) for r in (data, merged, quantized)), workdir),
+            view, *(store.local_path(r.ref) for r in (data, merged, quantized)), workdir,
+            store.local_path(gguf.ref) if gguf else None),
     ))

@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
 from pipeline_config.schema import GatesConfig
-from tasks.lib import log
+from tasks.lib import log, serving
 from tasks.lib.artifacts import ArtifactStore
 from tasks.lib.decisions import GateDecision, decisions_markdown, number
 from tasks.lib.stage import StageResult, StageSpec, reported, run_stage
@@ -82,14 +82,19 @@ def merge_gates(gates: GatesConfig, fidelity: dict) -> list[GateDecision]:
 
 
 def quantized_gates(gates: GatesConfig, results: dict, published: dict | None = None) -> list[GateDecision]:
-    """Gates on the GPTQ model: it must stay close to the merged model it was made from, and must not
-    regress against the release currently published at the target. `published` is the evaluate-published
+    """Gates on the GPTQ model (and each GGUF file): it must stay close to the merged model it was made from, and
+    must not regress against the release currently published at the target. `published` is the evaluate-published
     stage's metrics.json: that release's GPTQ model scored by the same code on this run's held-out data."""
     merged, gptq = results["merged"]["perplexity"], results["gptq"]["perplexity"]
     decisions = [
         check("gptq-perplexity-increase", "gptq.perplexity", gptq, "<=",
               merged * (1 + gates.max_quantized_perplexity_increase), baseline=merged),
     ]
+    for name in sorted(n for n in results if n.startswith("gguf-")):  # release.formats: gguf
+        four_bit = name.removeprefix("gguf-").startswith("q4")
+        allowed = gates.max_quantized_perplexity_increase if four_bit else gates.max_gguf_perplexity_increase
+        decisions.append(check("gguf-perplexity-increase", f"{name}.perplexity", results[name]["perplexity"], "<=",
+                               merged * (1 + allowed), baseline=merged))
     if gates.max_regression is not None:
         gate, metric = "no-regression-vs-published", "gptq.perplexity"
         if published is None:
@@ -116,7 +121,11 @@ def apply_gates(name: GateSet, gates: GatesConfig, measured_dir: Path, out_dir: 
     """Decide the `name` gate set on what measured_dir holds (metrics.json; fidelity.json for merge);
     published_dir (quantized gates only) holds the evaluate-published stage's metrics.json, when a release
     is published at the target."""
-    decisions = decide(name, gates, measured_dir, published_dir)
+    return record_decisions(name, decide(name, gates, measured_dir, published_dir), out_dir)
+
+
+def record_decisions(name: str, decisions: list[GateDecision], out_dir: Path) -> list[GateDecision]:
+    """Show the decisions in the UI, stop the run on a failure (naming every failing gate), else write gates.json."""
     create_markdown_artifact(key=f"gates-{name}", markdown=decisions_markdown(name, decisions),
                              description=f"Release gates: {name}")
     failing = [d for d in decisions if not d.passed]
@@ -131,7 +140,27 @@ def apply_gates(name: GateSet, gates: GatesConfig, measured_dir: Path, out_dir: 
     return decisions
 
 
+def serving_gates(findings: list[serving.Finding]) -> list[GateDecision]:
+    """One gate per engine of release.serve_with: the number of rules of that engine the release breaks."""
+    engines = dict.fromkeys(f.engine for f in findings)
+    return [check(f"serves-{engine}", f"{engine}.refusals",
+                  sum(f.engine == engine and f.severity == "error" for f in findings), "<=", 0,
+                  reference="; ".join(f.message() for f in findings if f.engine == engine and f.severity == "error")
+                  or None)
+            for engine in engines]
+
+
+def check_serving(release, gptq_dir: Path, adapter_dir: Path, gguf_dir: Path | None, out_dir: Path) -> None:
+    findings = serving.check_release_files(release, gptq_dir, adapter_dir, gguf_dir)
+    findings += [serving.Finding(e, "note", "-", "no rule to check") for e in release.serve_with
+                 if e not in {f.engine for f in findings}]
+    (out_dir / "serving.json").write_text(json.dumps(
+        {"serve_with": list(release.serve_with), "findings": [f.as_dict() for f in findings]}, indent=1))
+    record_decisions("serving", serving_gates(findings), out_dir)
+
+
 GATE = StageSpec("gate", __name__, reads=("gates",))
+SERVING_GATE = StageSpec("gate-serving", __name__, reads=("release",))
 
 
 @task(name="gate", task_run_name="gate-{name}", retries=0, cache_policy=NONE)  # a failed gate is a decision
@@ -144,4 +173,19 @@ def gate_task(cfg: PipelineConfig, name: GateSet, evaluation: StageResult, publi
         inputs={"metrics": evaluation.ref.sha256, "published": published.ref.sha256 if published else "none"},
         build=lambda view, workdir, key: apply_gates(name, view.gates, store.local_path(evaluation.ref), workdir,
                                                      store.local_path(published.ref) if published else None),
+    ))
+
+
+@task(name="gate-serving", retries=0, cache_policy=NONE)  # a refusal is a decision
+def serving_gate_task(cfg: PipelineConfig, quantized: StageResult, adapter: StageResult,
+                      gguf: StageResult | None = None):
+    """The finished release files against the rules of every engine in release.serve_with (tasks/lib/serving.py),
+    recorded as gate set `serving` (gates.json) with every finding (serving.json)."""
+    store = ArtifactStore(cfg.artifacts.root)
+    return reported(run_stage(
+        SERVING_GATE, store, cfg,
+        inputs={"gptq": quantized.ref.sha256, "adapter": adapter.ref.sha256, "gguf": gguf.ref.sha256 if gguf else "none"},
+        build=lambda view, workdir, key: check_serving(
+            view.release, store.local_path(quantized.ref), store.local_path(adapter.ref),
+            store.local_path(gguf.ref) if gguf else None, workdir),
     ))

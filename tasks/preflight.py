@@ -1,17 +1,20 @@
 """Stage 0a, preflight: everything that can fail before any GPU time, checked first.
 
-The base model's family is supported (a folder) or its Hub id resolves to a commit with the token; Hub data
-paths resolve to one file each; the publish target can be reached and is private. Nothing is built.
+The base model's family is supported (a folder) or its Hub id resolves to a commit with the token; the release
+would load in every engine of release.serve_with (tasks/lib/serving.py); Hub data paths resolve to one file
+each; the publish target can be reached and is private; llama.cpp's converter is at hand when GGUF files are
+asked for. Nothing is built.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
 from pipeline_config import PipelineConfig
-from tasks.lib import hub
-from tasks.lib.families import check_supported_family
-from tasks.lib.hub_sources import resolve_revision, resolve_revisions
+from tasks.lib import gguf_export, hub, log
+from tasks.lib.hub_sources import check_config, resolve_revision, resolve_revisions
 
 
 @task(name="preflight")
@@ -22,5 +25,8 @@ def preflight_task(cfg: PipelineConfig) -> dict | None:
     "datasets": the resolved Hub source of each Hub data path}."""
     source = resolve_revision(cfg)
     if source is None:  # a folder
-        check_supported_family(cfg.model.base, desc_act=cfg.quantize.desc_act)
+        for note in check_config(cfg, Path(cfg.model.base), cfg.model.base):
+            log.logger().info("preflight: %s", note.message())
+    if "gguf" in cfg.release.formats:  # llama.cpp's converter, fetched once and checked, before any GPU time
+        gguf_export.ensure_converter()
     return {"publish": hub.preflight(cfg), "base_model": source, "datasets": resolve_revisions(cfg)}

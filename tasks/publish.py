@@ -34,7 +34,7 @@ from prefect.cache_policies import NONE
 from pipeline_config import PipelineConfig
 from tasks.lib import artifacts, hub
 from tasks.lib.artifacts import ArtifactRef, ArtifactStore, sha256_json
-from tasks.lib.decisions import GateDecision
+from tasks.lib.decisions import GATE_SETS, GateDecision
 from tasks.lib.hub_sources import base_model_name, source_of, source_of_file
 from tasks.lib.lineage import data_source_hash, git_commit
 from tasks.lib.model_card import display_repo, extra_card, lineage_config, model_card
@@ -46,7 +46,7 @@ from tasks.lib.stage import StageConfig, StageResult, StageSpec, run_stage
 RELEASE = StageSpec(
     "release", __name__,
     reads=("run_name", "seed", "device", "data", "model", "lora", "train", "eval", "gates", "merge", "quantize",
-           "publish"),
+           "release", "publish"),
     key_config=lambda cfg: {"repo": display_repo(cfg), "target": cfg.publish.target, "config": lineage_config(cfg)})
 
 
@@ -64,7 +64,8 @@ def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageR
     metrics = {"finetune": read("evaluation", "metrics.json"),
                "quantized": read("quantized_evaluation", "metrics.json")}
     gates = {name: [GateDecision(**d) for d in read(f"gate_{name}", "gates.json")]
-             for name in ("finetune", "merge", "quantized")}
+             for name in GATE_SETS if f"gate_{name}" in parts}
+    serving = read("gate_serving", "serving.json") if "gate_serving" in parts else None
     data_files = read("data", artifacts.MANIFEST)["files"]
     lineage = {
         "release_hash": digest,
@@ -94,9 +95,14 @@ def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageR
                     ignore=shutil.ignore_patterns(artifacts.MANIFEST))
     shutil.copytree(store.local_path(parts["adapter"].ref), workdir / "adapter",
                     ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+    if "gguf" in parts:  # llama.cpp / Ollama files beside the GPTQ checkpoint, which stays a plain HF folder
+        shutil.copytree(store.local_path(parts["gguf"].ref), workdir / "gguf",
+                        ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+    if serving is not None:
+        (workdir / "serving.json").write_text(json.dumps(serving, indent=1))
     (workdir / "metrics.json").write_text(json.dumps(
         {**metrics, "gates": {k: [d.model_dump() for d in v] for k, v in gates.items()}}, indent=1))
-    (workdir / "README.md").write_text(model_card(cfg, metrics, gates, lineage))
+    (workdir / "README.md").write_text(model_card(cfg, metrics, gates, lineage, serving))
     (workdir / RELEASE_FILE).write_text(json.dumps(lineage, indent=1))
 
 

@@ -124,6 +124,23 @@ def tiny_model(assets, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def servable_tiny_model(assets, tmp_path_factory) -> Path:
+    """The tiny Llama in shapes the serving engines' CPU kernels take: head size 32 (vLLM's CPU attention starts
+    at 32) and layer sizes that are multiples of 32 (its 4-bit GPTQ kernel, CPUWNA16)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("servable-tiny-llama")
+    config = AutoConfig.from_pretrained(assets["model"])
+    config.update(dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=32))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(assets["model"]).save_pretrained(out)
+    return out
+
+
 def write_config(path: Path, **sections) -> Path:
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path

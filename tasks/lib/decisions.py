@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+# The gate sets a release records, in run order: the fine-tuned model, the merge, the quantized models (GPTQ and
+# GGUF), and the release files against the engines of release.serve_with.
+GATE_SETS = ("finetune", "merge", "quantized", "serving")
+
 
 class GateDecision(BaseModel):
     gate: str

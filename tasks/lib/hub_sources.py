@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline_config import PipelineConfig
-from tasks.lib import hub
+from tasks.lib import hub, serving
 from tasks.lib.families import check_supported_family
 
 SOURCE_FILE = "hub_source.json"
@@ -118,10 +118,16 @@ def resolve_revision(cfg: PipelineConfig) -> dict | None:
     return {"id": repo_id, "revision": revision, "commit": info.sha}
 
 
-def check_config(cfg: PipelineConfig, folder: Path, shown_as: str) -> None:
-    """Preflight's checks on the base model's config.json: no custom code unless allowed, a supported family."""
+def check_config(cfg: PipelineConfig, folder: Path, shown_as: str) -> list[serving.Finding]:
+    """Preflight's checks on the base model's config.json: no custom code unless allowed, a supported family, and
+    a release every engine of release.serve_with loads (NotServable names setting, engine and fix). Returns the
+    engines' notes (padding, tensor-parallel sizes, flags), which the log shows."""
     refuse_remote_code(cfg, folder)
     check_supported_family(folder, shown_as=shown_as, desc_act=cfg.quantize.desc_act)
+    findings = serving.check_plan(cfg.release, cfg.quantize, cfg.lora, json.loads((folder / "config.json").read_text()))
+    if serving.errors(findings):
+        raise serving.NotServable(serving.errors(findings), f"preflight ({shown_as})")
+    return findings
 
 
 def download_model(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:

@@ -10,9 +10,11 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from tasks.lib import hub
+from tasks.lib import serving as serving_source
 from tasks.lib.decisions import GateDecision, decisions_markdown
 from tasks.lib.hub import EXTRA_SUFFIX
 from tasks.lib.hub_sources import base_model_name, source_of_file
+from tasks.lib.serving import max_lora_rank
 from tasks.lib.stage import StageConfig
 
 # The README.md of a release. A string in this module, not a file beside it, so that the release stage's code
@@ -44,6 +46,22 @@ Data artifact (the validated dataset, sha256): `{{ lineage.data_artifact }}`
 | {{ name }} | {{ "%.3f" | format(m.perplexity) }} |{{ " %.3f" | format(m.exact_match) if "exact_match" in m }} |
 {% endfor %}
 {{ gate_tables }}
+{% if serving -%}
+## Serving
+
+Checked before publishing against the rules of {{ serving.checked_against }}; the project's tests serve its
+releases with {{ serving.tested_with }}.
+
+| engine | loads this release | notes |
+|---|---|---|
+{% for row in serving.engines -%}
+| {{ row.engine }} | {{ row.verdict }} | {{ row.notes }} |
+{% endfor %}
+```bash
+{{ serving.commands }}
+```
+
+{% endif -%}
 ## Sample answers (GPTQ model)
 
 {% for s in samples -%}
@@ -112,13 +130,57 @@ def dataset_id(cfg: StageConfig) -> str:
     return str(path) if not path.exists() else (path.name if path.is_dir() else path.resolve().parent.name)
 
 
-def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecision]], lineage: dict) -> str:
+def serve_commands(cfg: StageConfig, repo: str, tag: str, lora_rank_flag: int | None) -> str:
+    """How to serve the release with each engine of release.serve_with, from its folder (or Hub repo)."""
+    on_hub = hub.is_hub_target(cfg)
+    model = f"{repo} --revision {tag}" if on_hub else "."
+    lines = []
+    for engine in cfg.release.serve_with:
+        if engine == "vllm":
+            lines += ["# vLLM: the GPTQ model, OpenAI API on :8000", f"vllm serve {model} --dtype bfloat16"]
+        elif engine == "vllm-lora":
+            adapter = f"$(hf download {repo} --revision {tag} --include 'adapter/*' --quiet)/adapter" if on_hub \
+                else "./adapter"
+            lines += ["# vLLM: the base model with this release's adapter",
+                      f"vllm serve {base_model_name(cfg)} --enable-lora --max-lora-rank {lora_rank_flag} "
+                      f"--lora-modules {repo.split('/')[-1]}={adapter}"]
+        elif engine == "llama.cpp":
+            lines += ["# llama.cpp: the GGUF file, with its own chat template",
+                      f"llama-server -m gguf/{gguf_name(cfg)} --jinja"]
+        elif engine == "ollama":
+            lines += ["# Ollama: the Modelfile names the GGUF file beside it",
+                      f"cd gguf && ollama create {repo.split('/')[-1]} -f Modelfile && ollama run {repo.split('/')[-1]}"]
+    return "\n".join(lines)
+
+
+def gguf_name(cfg: StageConfig) -> str:
+    return f"model-{cfg.release.gguf_types[0]}.gguf"
+
+
+def serving_rows(serving: dict) -> list[dict]:
+    by_engine: dict[str, list[dict]] = {}
+    for finding in serving["findings"]:
+        by_engine.setdefault(finding["engine"], []).append(finding)
+    rows = []
+    for engine in serving["serve_with"]:
+        findings = by_engine.get(engine, [])
+        refused = [f for f in findings if f["severity"] == "error"]
+        notes = [f"{f['problem']}" for f in findings if f["severity"] == "note" and f["setting"] != "-"]
+        rows.append({"engine": engine, "verdict": "**no**: " + "; ".join(f["problem"] for f in refused)
+                     if refused else "yes", "notes": "; ".join(notes).replace("|", "/")})
+    return rows
+
+
+def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecision]], lineage: dict,
+               serving: dict | None = None) -> str:
     """The release's README.md: Hub metadata built by huggingface_hub (ModelCardData, with the GPTQ model's
-    held-out perplexity as its eval result), the body from CARD_TEMPLATE."""
+    held-out perplexity as its eval result), the body from CARD_TEMPLATE. serving: the serving gate's
+    serving.json (engines, their verdicts and notes), for the card's Serving section."""
     repo, dataset_name = display_repo(cfg), dataset_id(cfg)
     card_data = ModelCardData(
         base_model=base_model_name(cfg), library_name="transformers", pipeline_tag="text-generation",
-        tags=["qlora", "gptq", f"{cfg.quantize.bits}-bit", "qlora-pipeline"], datasets=[dataset_name],
+        tags=["qlora", "gptq", f"{cfg.quantize.bits}-bit", "qlora-pipeline",
+              *(["gguf"] if "gguf" in cfg.release.formats else [])], datasets=[dataset_name],
         model_name=repo,
         eval_results=[EvalResult(
             task_type="text-generation", dataset_type=dataset_name, dataset_name=f"{dataset_name} (held-out rows)",
@@ -130,7 +192,14 @@ def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecisi
         repo=repo, on_hub=hub.is_hub_target(cfg), base_model=card_data.base_model, train_path=cfg.data.train_path,
         lora_r=cfg.lora.r, bits=cfg.quantize.bits, group_size=cfg.quantize.group_size, lineage=lineage,
         models=[("base", metrics["finetune"]["base"]), ("fine-tuned (NF4 + LoRA)", metrics["finetune"]["finetuned"]),
-                ("merged", metrics["quantized"]["merged"]), ("GPTQ (published)", metrics["quantized"]["gptq"])],
+                ("merged", metrics["quantized"]["merged"]), ("GPTQ (published)", metrics["quantized"]["gptq"]),
+                *((f"GGUF {name.removeprefix('gguf-')} (published)", scores)
+                  for name, scores in metrics["quantized"].items() if name.startswith("gguf-"))],
+        serving=serving and {
+            "checked_against": serving_source.CHECKED_AGAINST, "tested_with": serving_source.TESTED_WITH,
+            "engines": serving_rows(serving),
+            "commands": serve_commands(cfg, repo, f"v<N>-{lineage['data_artifact'][:8]}",
+                                       max_lora_rank(cfg.lora.r))},
         gate_tables="\n".join(decisions_markdown(name, decisions) for name, decisions in gates.items()),
         samples=metrics["quantized"]["gptq"].get("samples", []),
         training=yaml.safe_dump({k: lineage["config"][k] for k in ("lora", "train", "merge", "quantize")},

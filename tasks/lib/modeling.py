@@ -168,6 +168,17 @@ def load_gptq(path: str | Path, device: str, kernel: str = "auto"):
     return _dequantize_gptq_layers(model).to(device)
 
 
+def load_gguf(path: str | Path, dtype: torch.dtype, device: str):
+    """A GGUF file (path: the file), as transformers reads it: every tensor dequantized by the gguf library into
+    plain `dtype` layers holding the file's values, so the GGUF release is scored by the same code as the others."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                 device_map=device, local_files_only=True)
+    return model.eval()
+
+
 @torch.no_grad()
 def _dequantize_gptq_layers(model):
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear, PackableQuantLinear
