@@ -62,24 +62,30 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="calibration-row seeds")
     parser.add_argument("--no-rtn", action="store_true", help="skip the round-to-nearest floor")
     parser.add_argument("--json", type=Path, help="also append each row to this JSON-lines file")
+    parser.add_argument("--merged", type=Path, help="a merge artifact folder (default: the newest release's)")
+    parser.add_argument("--data", type=Path, help="a validate artifact folder (default: the newest release's)")
     args = parser.parse_args()
 
     import torch
 
+    from pipeline_config import load_config
     from pipeline_config.schema import PipelineConfig
     from tasks import quantize
     from tasks.lib import datarows, gptq, metrics, modeling, serving
     from tasks.lib.artifacts import ArtifactRef, ArtifactStore
     from tests import reference
 
-    record = newest_release(args.registry)
-    cfg = PipelineConfig.model_validate(record["config"])
+    if args.merged and args.data:  # the embedded default's settings (eval rows, seed)
+        cfg, merged_dir, data_dir = load_config(None, []), args.merged, args.data
+    else:
+        record = newest_release(args.registry)
+        cfg = PipelineConfig.model_validate(record["config"])
 
-    def local(name: str) -> Path:
-        ref = ArtifactRef(**record["artifacts"][name])
-        return ArtifactStore(ref.uri.rpartition("/objects/")[0]).local_path(ref)
+        def local(name: str) -> Path:
+            ref = ArtifactRef(**record["artifacts"][name])
+            return ArtifactStore(ref.uri.rpartition("/objects/")[0]).local_path(ref)
 
-    merged_dir, data_dir = local("merged"), local("data")
+        merged_dir, data_dir = local("merged"), local("data")
     tokenizer = modeling.load_tokenizer(merged_dir)
     train_rows = datarows.read_jsonl(data_dir / "train.jsonl")
     eval_rows = datarows.read_jsonl(data_dir / "eval.jsonl")[: cfg.eval.max_examples]

@@ -5,6 +5,9 @@ the rules' truth in tests/test_serving_engines.py."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +105,48 @@ def test_a_finished_release_without_a_modelfile_is_refused_for_ollama_only(tmp_p
     release = load_config(None, ["release.serve_with=[llama.cpp,ollama]", "release.formats=[gptq,gguf]"]).release
     refused = serving.errors(serving.check_release_files(release, gptq, adapter, gguf))
     assert [(f.engine, f.setting) for f in refused] == [("ollama", "gguf/Modelfile")]
+
+
+# --- the Ollama Modelfile, rendered by Go's text/template (what Ollama executes a TEMPLATE with) ----------------
+GO_RENDER = Path(__file__).parent / "ollama" / "render.go"
+
+
+def modelfile_template(modelfile: str) -> tuple[str, str | None]:
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    system = modelfile.split('SYSTEM """', 1)[1].split('"""', 1)[0] if 'SYSTEM """' in modelfile else None
+    return template, system
+
+
+def go_render(template: str, messages: list[dict]) -> str:
+    done = subprocess.run(["go", "run", str(GO_RENDER)], input=json.dumps({"template": template, "messages": messages}),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs Go (Debian: apt-get install golang-go; CI installs it)")
+def test_the_modelfile_template_renders_what_the_chat_template_renders(assets):
+    from tasks.lib import gguf_export, modeling
+
+    tokenizer = modeling.load_tokenizer(assets["model"])
+    template, system = modelfile_template(gguf_export.ollama_modelfile(tokenizer, "model-q8_0.gguf"))
+    conversation = [{"role": "user", "content": "What is a computer?"},
+                    {"role": "assistant", "content": "A machine."}, {"role": "user", "content": "And a {{ brace }}?"}]
+    expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    # Without a system message the chat template adds its default one; Ollama adds the Modelfile's SYSTEM.
+    assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert go_render(template, [{"role": "system", "content": system}, *conversation]) == expected
+    with_system = [{"role": "system", "content": "Be brief."}, *conversation]
+    assert go_render(template, with_system) == tokenizer.apply_chat_template(with_system, tokenize=False,
+                                                                            add_generation_prompt=True)
+
+
+def test_a_template_that_folds_the_system_prompt_into_the_user_turn_gets_no_modelfile(assets):
+    from tasks.lib import gguf_export, modeling
+
+    tokenizer = modeling.load_tokenizer(assets["model"])
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}"
+                               "{% elif m['role'] == 'user' %}<u>{{ m['content'] }}</u>{% else %}<a>{{ m['content'] }}"
+                               "</a>{% endif %}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}")
+    with pytest.raises(gguf_export.TemplateNotExpressible):
+        gguf_export.ollama_modelfile(tokenizer, "model-q8_0.gguf")

