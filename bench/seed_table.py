@@ -4,6 +4,7 @@ perplexity of the full-precision base and of the fine-tuned model (NF4 base + ad
 
     .venv/bin/python bench/seed_table.py                  # seeds 1 2 3 on the embedded default
     .venv/bin/python bench/seed_table.py --seeds 1 2 3 --set train.max_steps=32
+    .venv/bin/python bench/seed_table.py --gptq           # and the GPTQ model against the merged one
 
 Target (issue 12): fine-tuned perplexity at least 10% below the base for every seed (the release gate asks
 5%, `gates.min_perplexity_gain`). A seed changes the LoRA initialisation and the packing order. Each seed is
@@ -29,11 +30,15 @@ def main() -> None:
     parser.add_argument("--config", help="pipeline config YAML (default: the embedded default)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--gptq", action="store_true", help="also merge, GPTQ-quantize and score the GPTQ model "
+                        "(the gptq-perplexity-increase gate's numbers)")
     args = parser.parse_args()
 
     from pipeline_config import load_config
-    from tasks.evaluate import evaluate_task
+    from tasks.evaluate import evaluate_quantized_task, evaluate_task
     from tasks.lib.artifacts import ArtifactStore
+    from tasks.merge import merge_task
+    from tasks.quantize import quantize_task
     from tasks.train import train_task
     from tasks.validate import validate_task
 
@@ -45,6 +50,12 @@ def main() -> None:
         data = validate_task.fn(cfg).result()
         adapter = train_task.fn(cfg, data).result()
         evaluation = evaluate_task.fn(cfg, data, adapter).result()
+        gptq = None
+        if args.gptq:
+            merged = merge_task.fn(cfg, data, adapter).result()
+            quantized = quantize_task.fn(cfg, data, merged).result()
+            scored = evaluate_quantized_task.fn(cfg, data, merged, quantized).result()
+            gptq = json.loads((store.local_path(scored.ref) / "metrics.json").read_text())
         seconds = time.perf_counter() - start
         results = json.loads((store.local_path(evaluation.ref) / "metrics.json").read_text())
         trained = json.loads((store.local_path(adapter.ref) / "train_metrics.json").read_text())
@@ -52,16 +63,21 @@ def main() -> None:
         history = trained["history"]
         tok_s = sum(h["tokens"] for h in history) / sum(h["tokens"] / h["tokens_per_s"] for h in history)
         rows.append((seed, base, tuned, 1 - tuned / base, tok_s, seconds,
-                     adapter.cache_hit and evaluation.cache_hit))
+                     adapter.cache_hit and evaluation.cache_hit, gptq))
 
     print(f"\nHeld-out response perplexity per seed ({cfg.model.base}, {cfg.train.max_steps} steps x "
           f"{cfg.train.tokens_per_step} tokens, lr {cfg.train.learning_rate:g}, "
           f"loss_chunk_tokens={cfg.train.loss_chunk_tokens})\n")
-    print("| seed | base | fine-tuned | gain | train tok/s | wall s |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for seed, base, tuned, gain, tok_s, seconds, cached in rows:
+    print("| seed | base | fine-tuned | gain | train tok/s | wall s |" + (" merged | GPTQ | GPTQ vs merged |"
+                                                                          if args.gptq else ""))
+    print("|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if args.gptq else ""))
+    for seed, base, tuned, gain, tok_s, seconds, cached, gptq in rows:
+        extra = ""
+        if gptq:
+            merged, quantized = gptq["merged"]["perplexity"], gptq["gptq"]["perplexity"]
+            extra = f" {merged:.3f} | {quantized:.3f} | {quantized / merged - 1:+.1%} |"
         print(f"| {seed} | {base:.3f} | {tuned:.3f} | {gain:.1%} | {tok_s:.0f} | "
-              f"{seconds:.0f}{' (cached)' if cached else ''} |")
+              f"{seconds:.0f}{' (cached)' if cached else ''} |{extra}")
     worst = min(gain for _, _, _, gain, *_ in rows)
     print(f"\n{'meets' if worst >= TARGET_GAIN else 'misses'} the target: every seed at least "
           f"{TARGET_GAIN:.0%} below the base (worst {worst:.1%})")

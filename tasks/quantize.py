@@ -37,11 +37,14 @@ def quantize_model(cfg: StageConfig, data_dir: Path, merged_dir: Path, out_dir: 
     report = gptq.gptq_quantize(
         merged_dir, out_dir, gptq.tokenize_calibration(tokenizer, texts, q.calibration_seq_len),
         bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, act_group_aware=q.act_group_aware, sym=q.sym,
-        mse=q.mse, damp_percent=q.damp_percent,
+        mse=q.mse, damp_percent=q.damp_percent, skip_modules=tuple(q.skip_modules),
         batch_size=q.calibration_batch_size, device=modeling.resolve_device(cfg.device), tokenizer=tokenizer,
     )
     report["calibration_hash"] = sha256_json(texts)
     (out_dir / "quantization.json").write_text(json.dumps(report, indent=1, default=str))
+    if report["worst_modules"]:
+        log.logger().info("quantize: largest GPTQ losses: %s", ", ".join(
+            f"{m['module']} {m['loss']:.3g}" for m in report["worst_modules"][:4]))
     log.logger().info("quantize: GPTQ %d-bit, group %d, %d calibration examples, %.0f s",
                       q.bits, q.group_size, len(texts), report["timings_s"]["total"])
     return report

@@ -77,7 +77,8 @@ def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
     third = qlora_pipeline(config=str(tiny_config), overrides=["gates.max_perplexity=1e8"])
     hits = cache_hits(third)
     assert hits == {"validate": True, "train": True, "evaluate": True, "gate-finetune": False, "merge": True,
-                    "gate-merge": False, "quantize": True, "evaluate-quantized": True, "gate-quantized": False}
+                    "gate-merge": False, "quantize": True, "evaluate-quantized": True, "gate-quantized": False,
+                    "gate-serving": True}
     assert third.release.created and third.release.version == "v2"
 
 
