@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install assets demo test test-fast lint clean serve-env serve-check
+.PHONY: install assets demo test test-fast lint clean serve-env serve-check gpu-carry
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,11 @@ test: assets serve-env
 # Everything not marked slow (no whole stage or flow on the embedded model): the inner loop.
 test-fast: assets
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# What each part of bench/gpu_check.sh needs on the lent GPU machine, as wheels in .whl/<part>, and their sizes
+# against one call's 64 MiB (the working tree included).
+gpu-carry: assets
+	PY=$(PY) ASSETS=$(ASSETS) bash bench/gpu_check.sh --carry
 
 lint: install
 	$(VENV)/bin/ruff check .
