@@ -80,6 +80,19 @@ def test_the_import_guard_hides_what_the_gpu_machine_lacks(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_carry_builds_a_parts_wheel_folder_as_the_readme_says():
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--carry", "quantize"], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    folder = REPO / ".whl" / "quantize"
+    wheels = {path.name.split("-")[0].replace("_", "-").lower() for path in folder.glob("*.whl")}
+    carried = {line.split("==")[0] for line in (folder / "carried.txt").read_text().split()}
+    assert {"gptqmodel", "bitsandbytes", "pydantic", "torchao"} <= wheels
+    assert carried == wheels and not {"torch", "transformers", "numpy", "maturin"} & carried
+    assert re.search(r"^quantize in one call: [\d.]+ MiB: fits$", done.stdout, re.M), done.stdout
+
+
+@pytest.mark.slow
 def test_gpu_check_cpu_smoke_runs_every_part(tmp_path, assets):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
            "PREFECT_HOME": str(tmp_path / "prefect")}
