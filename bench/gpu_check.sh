@@ -133,7 +133,10 @@ PIPELINE_ASSETS=$CARRIED/pipeline/assets
 PIPELINE_SET=(--set model.base="$WORK/random-base" --set data.train_path="$PIPELINE_ASSETS/chatterbot/train.jsonl"
               --set data.eval_path="$PIPELINE_ASSETS/chatterbot/eval.jsonl"
               --set gates.max_perplexity=1e9 --set gates.min_perplexity_gain=-1
-              --set gates.max_quantized_perplexity_increase=1)  # a random start: every gate but the merge's
+              --set gates.max_quantized_perplexity_increase=1  # a random start: every gate but the merge's
+              # The GPTQ release the schema defaults to: GGUF export fetches llama.cpp's converter (an sdist), which
+              # the GPU machine cannot, and runs on the CPU anyway.
+              --set "release.formats=[gptq]" --set "release.serve_with=[vllm, vllm-lora, transformers]")
 if ((SMOKE)); then
   DEVICE=cpu
   PIPELINE_SET+=(--set train.max_steps=2 --set train.tokens_per_step=256 --set eval.max_examples=8
