@@ -179,10 +179,6 @@ class QuantizeConfig(Section):
     mse: float = Field(0.0, ge=0, description="0: each group's range is its min/max; p > 0: the clipped range "
                        "with the lowest |error|^p (2.4 is the GPTQ paper's value).")
     damp_percent: float = Field(0.01, gt=0, lt=1)
-    skip_modules: list[str] = Field(
-        default_factory=list, description="Regexes of module names left in full precision (gptqmodel's negative "
-        "`dynamic` rules, which vLLM honours), e.g. a layer whose GPTQ loss is an outlier (quantization.json lists "
-        "every module's). Match names vLLM also uses: whole blocks, or down_proj / o_proj, not q_proj or up_proj.")
     calibration_examples: int = Field(256, gt=0, description="Training examples, chat-rendered, used to calibrate.")
     calibration_seq_len: int = Field(256, gt=8)
     calibration_batch_size: int = Field(

@@ -37,7 +37,7 @@ def quantize_model(cfg: StageConfig, data_dir: Path, merged_dir: Path, out_dir: 
     report = gptq.gptq_quantize(
         merged_dir, out_dir, gptq.tokenize_calibration(tokenizer, texts, q.calibration_seq_len),
         bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, act_group_aware=q.act_group_aware, sym=q.sym,
-        mse=q.mse, damp_percent=q.damp_percent, skip_modules=tuple(q.skip_modules),
+        mse=q.mse, damp_percent=q.damp_percent,
         batch_size=q.calibration_batch_size, device=modeling.resolve_device(cfg.device), tokenizer=tokenizer,
     )
     report["calibration_hash"] = sha256_json(texts)

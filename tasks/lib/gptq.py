@@ -111,7 +111,6 @@ def gptq_quantize(
     mse: float = 0.0,
     gptaq_alpha: float = 0.0,
     foem_beta: float = 0.0,
-    skip_modules: tuple[str, ...] = (),
     batch_size: int = 1,
     device: str = "cpu",
     tokenizer=None,
@@ -126,9 +125,7 @@ def gptq_quantize(
     within static groups (needs desc_act false). mse > 0: search each group's clipping range for the lowest
     |error|^mse instead of min/max (2.4 is the GPTQ reference value). gptaq_alpha > 0: GPTAQ, which also
     corrects for the error the already-quantized layers put into this layer's inputs (0.25 is its paper's value);
-    foem_beta > 0: FOEM's first-order error term (0.1-0.25). skip_modules: regexes of module names left in full
-    precision (gptqmodel's negative `dynamic` rules, which vLLM honours; match whole blocks, e.g.
-    `model\.layers\.0\.mlp\..*`, so that vLLM's fused gate_up_proj / qkv_proj names match too). Returns the quantization config used,
+    foem_beta > 0: FOEM's first-order error term (0.1-0.25). Returns the quantization config used,
     wall seconds and (CUDA) peak GPU memory per phase (load / quantize / save; gptqmodel's own region totals,
     packing included, under "regions_s")."""
     _configure_gptqmodel_env()
@@ -146,7 +143,6 @@ def gptq_quantize(
     quant_config = QuantizeConfig(
         bits=bits, group_size=group_size, desc_act=desc_act, act_group_aware=act_group_aware and not desc_act,
         sym=sym, damp_percent=damp_percent, mse=mse,
-        dynamic={f"-:{pattern}": {} for pattern in skip_modules} or None,
         gptaq={"alpha": gptaq_alpha} if gptaq_alpha and not foem_beta else None,
         foem={"alpha": gptaq_alpha, "beta": foem_beta} if foem_beta else None,
         # The model stays in (GPU) memory; offloading finished layers to disk only adds I/O time.
@@ -191,8 +187,7 @@ def gptq_quantize(
 
 
 def worst_modules(model, count: int = 8) -> list[dict]:
-    """The modules with the largest GPTQ loss (gptqmodel's per-module log): where 4 bits hurt most, and what
-    quantize.skip_modules would leave in full precision."""
+    """The modules with the largest GPTQ loss (gptqmodel's per-module log): where 4 bits hurt most."""
     losses = []
     for entry in getattr(model, "quant_log", None) or []:
         try:
