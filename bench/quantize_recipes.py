@@ -38,7 +38,6 @@ RECIPES = {
     "sym-g32": dict(group_size=32),
     "sym-g32-mse": dict(group_size=32, mse=2.4),
     "sym-g128-mse": dict(group_size=128, mse=2.4),
-    "sym-g64-mse-foem": dict(mse=2.4, foem_beta=0.2),
     "sym-g64-mse-damp0.05": dict(mse=2.4, damp_percent=0.05),
     "sym-g64-mse-all-rows-512": dict(mse=2.4, examples=100_000, seq_len=512),
     "int8-sym-g128": dict(bits=8, group_size=128),

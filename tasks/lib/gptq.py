@@ -109,8 +109,6 @@ def gptq_quantize(
     sym: bool = True,
     damp_percent: float = 0.01,
     mse: float = 0.0,
-    gptaq_alpha: float = 0.0,
-    foem_beta: float = 0.0,
     batch_size: int = 1,
     device: str = "cpu",
     tokenizer=None,
@@ -123,9 +121,7 @@ def gptq_quantize(
     pass (gptqmodel leaves the padding out of the Hessians, so this only changes speed, and float rounding).
     tokenizer: the one to save with the model (default: model_dir's). act_group_aware: gptqmodel's GAR, act-order
     within static groups (needs desc_act false). mse > 0: search each group's clipping range for the lowest
-    |error|^mse instead of min/max (2.4 is the GPTQ reference value). gptaq_alpha > 0: GPTAQ, which also
-    corrects for the error the already-quantized layers put into this layer's inputs (0.25 is its paper's value);
-    foem_beta > 0: FOEM's first-order error term (0.1-0.25). Returns the quantization config used,
+    |error|^mse instead of min/max (2.4 is the GPTQ reference value). Returns the quantization config used,
     wall seconds and (CUDA) peak GPU memory per phase (load / quantize / save; gptqmodel's own region totals,
     packing included, under "regions_s")."""
     _configure_gptqmodel_env()
@@ -143,8 +139,6 @@ def gptq_quantize(
     quant_config = QuantizeConfig(
         bits=bits, group_size=group_size, desc_act=desc_act, act_group_aware=act_group_aware and not desc_act,
         sym=sym, damp_percent=damp_percent, mse=mse,
-        gptaq={"alpha": gptaq_alpha} if gptaq_alpha and not foem_beta else None,
-        foem={"alpha": gptaq_alpha, "beta": foem_beta} if foem_beta else None,
         # The model stays in (GPU) memory; offloading finished layers to disk only adds I/O time.
         offload_to_disk=False,
         # On CUDA pack on the GPU; on the CPU gptqmodel's compiled block packer (see kernel cache above).
