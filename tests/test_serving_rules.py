@@ -84,7 +84,7 @@ def test_max_lora_rank_is_the_smallest_value_vllm_takes():
 
 
 def test_llama_cpp_needs_gguf_files_and_k_quants_need_llama_quantize(monkeypatch):
-    refused = serving.errors(plan("release.serve_with=[llama.cpp]"))
+    refused = serving.errors(plan("release.serve_with=[llama.cpp]", "release.formats=[gptq]"))
     assert [(f.setting, f.fix) for f in refused] == [("release.formats", "add gguf to release.formats")]
     monkeypatch.setenv("PATH", "/nonexistent")
     refused = serving.errors(plan("release.serve_with=[ollama]", "release.formats=[gptq,gguf]",

