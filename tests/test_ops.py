@@ -390,11 +390,11 @@ def kill_machine(worker: subprocess.Popen) -> None:
 def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoint, tiny_config, tmp_path):
     import time
 
-    import torch
     from conftest import run_deployment
 
     from pipeline_config import load_config
     from tasks.lib.artifacts import ArtifactStore
+    from tasks.lib.checkpoints import CHECKPOINT, read_checkpoint_file
 
     bucket, prefix = "qlora-artifacts", "e2e/artifacts"
     overrides = [f"artifacts.root=s3://{bucket}/{prefix}", "train.max_steps=60", "train.checkpoint_every=5",
@@ -411,7 +411,7 @@ def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoi
 
         def checkpoints() -> list[str]:
             listing = s3_endpoint.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/scratch/train/")
-            return [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith("/checkpoint.pt")]
+            return [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(f"/{CHECKPOINT}")]
 
         deadline = time.monotonic() + 600
         while not checkpoints() and time.monotonic() < deadline:
@@ -422,8 +422,8 @@ def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoi
         kill_machine(first_worker)
 
     body = s3_endpoint.get_object(Bucket=bucket, Key=checkpoints()[0])["Body"].read()
-    (tmp_path / "checkpoint.pt").write_bytes(body)
-    killed_at = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"]
+    (tmp_path / CHECKPOINT).write_bytes(body)
+    killed_at = read_checkpoint_file(tmp_path / CHECKPOINT)["step"]
     assert 0 < killed_at < 60
     cfg = load_config(tiny_config, overrides)
     assert not (Path(cfg.publish.registry) / cfg.publish.repo).exists()  # nothing published by the dead run
