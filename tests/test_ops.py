@@ -317,6 +317,7 @@ def s3_endpoint(tmp_path, monkeypatch):
         for key, value in dict(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                                AWS_DEFAULT_REGION="us-east-1").items():
             monkeypatch.setenv(key, value)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-home"))  # downloaded objects: not the user's ~/.cache
         import boto3
 
         # fsspec caches S3 filesystems by constructor arguments, not by AWS_ENDPOINT_URL: without this, a test
@@ -354,12 +355,12 @@ def test_artifact_store_on_s3_seals_objects_and_serves_cache_hits(s3_endpoint, o
 
 # -- 6. a worker dies mid-training; a fresh worker on another "machine" resumes from object storage ----------
 def start_worker(log: Path, cache_dir: Path) -> subprocess.Popen:
-    """A process worker whose flow runs see an empty local disk cache (TMPDIR: another machine)."""
+    """A process worker whose flow runs see an empty local disk cache (its own ~/.cache: another machine)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--prefetch-seconds", "1"],
         cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "TMPDIR": str(cache_dir)},
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "XDG_CACHE_HOME": str(cache_dir)},
     )
 
 
@@ -447,5 +448,5 @@ def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoi
     assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == 60  # resumed, not restarted
     assert not checkpoints()  # the finished adapter superseded the checkpoint
     # The second machine started empty and pulled what it needed (the validate artifact, ...) from S3.
-    assert any((tmp_path / "machine-2" / "qlora-pipeline-cache" / "objects").iterdir())
+    assert any((tmp_path / "machine-2" / "qlora-pipeline" / "objects").iterdir())
     assert (Path(cfg.publish.registry) / cfg.publish.repo / "v1" / "release.json").is_file()
