@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipeline_config import PipelineConfig
+from pipeline_config.confine import inside
 from tasks.lib import artifacts, hub, log
 from tasks.lib.hub import RELEASE_FILE  # noqa: F401 - also the registry's record file
 
@@ -32,8 +33,15 @@ class Release(BaseModel):
     message: str = ""
 
 
+def repo_folder(cfg: PipelineConfig) -> Path:
+    """<registry>/<repo>, refused when it would resolve outside the registry (publish.repo is a checked name,
+    but the folder could be a symlink pointing out)."""
+    return inside(cfg.publish.registry, cfg.publish.repo, "publish.repo")
+
+
 def existing_versions(repo_dir: Path) -> list[Path]:
-    versions = [p for p in repo_dir.glob("v*") if p.is_dir() and p.name[1:].isdigit()]
+    """The release folders v<N>; a symlink is not one (a release is a folder the registry wrote)."""
+    versions = [p for p in repo_dir.glob("v*") if p.is_dir() and not p.is_symlink() and p.name[1:].isdigit()]
     return sorted(versions, key=lambda p: int(p.name[1:]))
 
 
@@ -57,7 +65,7 @@ def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> di
     configuration decides the gate the same way (all cache hits, no new version)."""
     if hub.is_hub_target(cfg):
         return hub.latest_release(cfg, exclude_model)
-    repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
+    repo_dir = repo_folder(cfg)
     latest = repo_dir / "LATEST"
     if not latest.is_file():
         return None
@@ -84,7 +92,7 @@ def fetch_release_model(cfg: PipelineConfig, release: dict, dest: Path) -> Path:
 def publish_local(cfg: PipelineConfig, bundle: Path) -> Release:
     """Copy a bundle into the local registry as the next version, unless its release hash is there."""
     logger = log.logger()
-    repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
+    repo_dir = repo_folder(cfg)
     repo_dir.mkdir(parents=True, exist_ok=True)
     digest = json.loads((bundle / RELEASE_FILE).read_text())["release_hash"]
     if (found := find_release(repo_dir, digest)) is not None:
