@@ -301,35 +301,7 @@ def test_k8s_deployments_and_dockerfile_fit_the_template():
     assert f"ARG TORCH_VERSION={torch_pin.split('==')[1].split('+')[0]}" in lines  # same torch, CUDA build
 
 
-# -- 5. the artifact store on S3 (moto in server mode: a real HTTP S3 endpoint on loopback) ------------------
-@pytest.fixture
-def s3_endpoint(tmp_path, monkeypatch):
-    pytest.importorskip("moto", reason="moto[server] is pinned in requirements.lock (make install)")
-    s3fs = pytest.importorskip("s3fs", reason="s3fs is pinned in requirements.lock (make install)")
-    port = free_port()
-    log = open(tmp_path / "moto.log", "wb")
-    server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/moto-api/", timeout=60, process=server)
-        # botocore (under boto3 and s3fs's aiobotocore) reads the endpoint from AWS_ENDPOINT_URL.
-        for key, value in dict(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                               AWS_DEFAULT_REGION="us-east-1").items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-home"))  # downloaded objects: not the user's ~/.cache
-        import boto3
-
-        # fsspec caches S3 filesystems by constructor arguments, not by AWS_ENDPOINT_URL: without this, a test
-        # would reuse a client bound to the previous test's (stopped) endpoint.
-        s3fs.S3FileSystem.clear_instance_cache()
-        boto3.client("s3").create_bucket(Bucket="qlora-artifacts")
-        yield boto3.client("s3")
-    finally:
-        stop(server)
-        s3fs.S3FileSystem.clear_instance_cache()
-
-
+# -- 5. the artifact store on S3 (moto in server mode, the s3_endpoint fixture in conftest.py) -------------
 def test_artifact_store_on_s3_seals_objects_and_serves_cache_hits(s3_endpoint, ops_config, tmp_path):
     from pipeline_config import load_config
     from tasks.lib.artifacts import MANIFEST, ArtifactStore
