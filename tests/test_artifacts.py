@@ -221,9 +221,12 @@ def test_store_verify_and_gc_as_the_readme_shows(tmp_path):
     config.write_text(yaml.safe_dump({"data": {"train_path": "t.jsonl"}, "model": {"base": "m"},
                                       "publish": {"repo": "r"}, "artifacts": {"root": str(tmp_path / "store")}}))
     cli = [str(Path(sys.executable).parent / "qlora-pipeline"), "store"]
+    home = tmp_path / "home"  # the README sets nothing for these: only PATH, and a fresh HOME
+    home.mkdir()
 
     def run(*args):
-        return subprocess.run([*cli, *args, "--config", str(config)], capture_output=True, text=True, timeout=120)
+        return subprocess.run([*cli, *args, "--config", str(config)], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).parent.parent, env={"PATH": os.environ["PATH"], "HOME": str(home)})
 
     found = run("verify")
     assert found.returncode == 1 and f"damaged  {damaged.sha256}: b.bin: sha256" in found.stdout
