@@ -256,7 +256,7 @@ def s3_endpoint(tmp_path, monkeypatch):
         for key, value in dict(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="AKIA" + secrets.token_hex(8).upper(),
                                AWS_SECRET_ACCESS_KEY=secrets.token_urlsafe(30), AWS_DEFAULT_REGION="us-east-1").items():
             monkeypatch.setenv(key, value)
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-home"))  # downloaded objects: not the user's ~/.cache
+        monkeypatch.setenv("QLORA_PIPELINE_CACHE", str(tmp_path / "cache"))  # downloaded objects: not the user's ~/.cache
         import boto3
 
         # fsspec caches S3 filesystems by constructor arguments, not by AWS_ENDPOINT_URL: without this, a test

@@ -164,18 +164,17 @@ def test_the_local_cache_is_this_users_folder(tmp_path, monkeypatch):
     import os
     import stat
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    (tmp_path / "xdg" / "qlora-pipeline").mkdir(parents=True)
-    (tmp_path / "xdg" / "qlora-pipeline").chmod(0o777)
+    monkeypatch.setenv("QLORA_PIPELINE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache").chmod(0o777)  # as a shared temp folder would be
     cache = ArtifactStore("memory://somewhere").local_cache
-    assert cache == tmp_path / "xdg" / "qlora-pipeline"
+    assert cache == tmp_path / "cache"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700 and cache.stat().st_uid == os.getuid()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "planted"))
-    (tmp_path / "planted").mkdir()
-    (tmp_path / "planted" / "qlora-pipeline").symlink_to(tmp_path / "xdg" / "qlora-pipeline")
+    monkeypatch.setenv("QLORA_PIPELINE_CACHE", str(tmp_path / "planted"))
+    (tmp_path / "planted").symlink_to(tmp_path / "cache")
     with pytest.raises(PermissionError, match="must be a folder this user"):
         _ = ArtifactStore("memory://somewhere").local_cache
-    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("QLORA_PIPELINE_CACHE")
     assert ArtifactStore("memory://x")._local_cache is None  # not created until a remote object is needed
 
 

@@ -144,12 +144,12 @@ def test_a_crash_at_any_stage_loses_nothing(crash_chain):
         assert_nothing_half_visible(seen)
     # The stages each run built (b) or found sealed (h); '-' never ran.
     expected_runs = {
-        #      validate train evaluate gate-ft merge gate-merge quantize eval-q gate-q release
-        "B": "b b b b", "C": "h h h h b b", "D": "h h h h h h b b b b", "E": "h h h h h h h h h h",
-        "F": "h h h h h h h h h h",
+        #      validate train evaluate gate-ft merge gate-merge quantize eval-q gate-q gate-serving release
+        "B": "b b b b", "C": "h h h h b b", "D": "h h h h h h b b b b b", "E": "h h h h h h h h h h h",
+        "F": "h h h h h h h h h h h",
     }
     order = ["validate", "train", "evaluate", "gate-finetune", "merge", "gate-merge", "quantize",
-             "evaluate-quantized", "gate-quantized", "release"]
+             "evaluate-quantized", "gate-quantized", "gate-serving", "release"]
     for name, expected in expected_runs.items():
         built = results[name][1]
         assert [{"cache hit": "h", "built": "b"}[built[s]] for s in order if s in built] == expected.split(), (

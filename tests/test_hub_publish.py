@@ -313,7 +313,7 @@ def test_flow_publishes_to_private_hub_with_retry_and_never_shows_the_token(serv
               for o in s3_endpoint.list_objects_v2(Bucket="qlora-artifacts")["Contents"]}
     assert any(key.endswith("/release.json") for key in stored) and any(key.endswith("/README.md") for key in stored)
     local = [Path(cfg.artifacts.root), Path(cfg.publish.registry), Path(os.environ["PREFECT_HOME"]),
-             Path(os.environ["XDG_CACHE_HOME"])]
+             Path(os.environ["QLORA_PIPELINE_CACHE"])]
     files = {str(p): p.read_bytes() for root in local if root.exists() for p in root.rglob("*") if p.is_file()}
     uploaded = {f"{c}:{n}": e.content for c, commit in r.commits.items() for n, e in commit.files.items() if e.content}
     assert any(name.endswith(":release.json") for name in uploaded)

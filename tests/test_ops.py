@@ -332,7 +332,7 @@ def start_worker(log: Path, cache_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--prefetch-seconds", "1"],
         cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "XDG_CACHE_HOME": str(cache_dir)},
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "QLORA_PIPELINE_CACHE": str(cache_dir)},
     )
 
 
@@ -420,5 +420,5 @@ def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoi
     assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == 60  # resumed, not restarted
     assert not checkpoints()  # the finished adapter superseded the checkpoint
     # The second machine started empty and pulled what it needed (the validate artifact, ...) from S3.
-    assert any((tmp_path / "machine-2" / "qlora-pipeline" / "objects").iterdir())
+    assert any((tmp_path / "machine-2" / "objects").iterdir())
     assert (Path(cfg.publish.registry) / cfg.publish.repo / "v1" / "release.json").is_file()

@@ -301,9 +301,11 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def user_cache_dir() -> Path:
-    """~/.cache/qlora-pipeline (under $XDG_CACHE_HOME when set): this user's own folder, mode 0700. Not the
-    shared temp folder, where another user of the machine could create it first and plant objects in it."""
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-pipeline"
+    """$QLORA_PIPELINE_CACHE, default ~/.cache/qlora-pipeline: this user's own folder, mode 0700, for what is
+    kept across runs (remote objects, compiled kernels, llama.cpp's converter). Not the shared temp folder,
+    where another user of the machine could create it first and plant files in it; refused if someone else
+    owns it or it is a symlink, since code is loaded from it."""
+    folder = Path(os.environ.get("QLORA_PIPELINE_CACHE", "~/.cache/qlora-pipeline")).expanduser()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = folder.lstat()
     if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
