@@ -256,7 +256,13 @@ def s3_endpoint(tmp_path, monkeypatch):
         for key, value in dict(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="AKIA" + secrets.token_hex(8).upper(),
                                AWS_SECRET_ACCESS_KEY=secrets.token_urlsafe(30), AWS_DEFAULT_REGION="us-east-1").items():
             monkeypatch.setenv(key, value)
-        monkeypatch.setenv("QLORA_PIPELINE_CACHE", str(tmp_path / "cache"))  # downloaded objects: not the user's ~/.cache
+        # Downloaded objects in a cache of the test's (another machine's: empty), but gptqmodel's compiled CPU
+        # kernel from the usual place: compiling it again (~70 s) would test nothing here.
+        from tasks.lib.gptq import kernel_cache_dir
+
+        monkeypatch.setenv("GPTQMODEL_TORCH_EXTENSIONS_DIR",
+                           os.environ.get("GPTQMODEL_TORCH_EXTENSIONS_DIR") or str(kernel_cache_dir()))
+        monkeypatch.setenv("QLORA_PIPELINE_CACHE", str(tmp_path / "cache"))
         import boto3
 
         # fsspec caches S3 filesystems by constructor arguments, not by AWS_ENDPOINT_URL: without this, a test
