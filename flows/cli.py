@@ -1,4 +1,4 @@
-"""`qlora-pipeline` command line (run | validate | publish | prepare-assets). Exit codes: 0 success, 1 the run or the data failed, 2 usage/config error."""
+"""`qlora-pipeline` command line (run | validate | publish | approve | reject | store | prepare-assets). Exit codes: 0 success, 1 the run or the data failed (or the store is damaged), 2 usage/config error."""
 
 from __future__ import annotations
 
@@ -81,6 +81,25 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    """`store verify [--repair]`: exit 0 when the store is sound (or was repaired), 1 when it is not;
+    `store gc`: remove leftovers and unreferenced objects older than --older-than."""
+    cfg = load_config(args.config, args.set)
+    from tasks.lib.artifacts import ArtifactStore
+    from tasks.lib.store_check import collect_garbage, parse_age, verify_store
+
+    store = ArtifactStore(cfg.artifacts.root)
+    if args.store_command == "verify":
+        return EXIT_OK if verify_store(store, repair=args.repair) == 0 else EXIT_FAILED
+    try:
+        older_than = parse_age(args.older_than)
+    except ValueError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    collect_garbage(store, older_than, dry_run=args.dry_run)
+    return EXIT_OK
+
+
 def cmd_review(args: argparse.Namespace) -> int:
     """Resume a run waiting for approval with the reviewer's decision (Prefect's REST resume endpoint)."""
     from flows.approval import resume_with_decision
@@ -131,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
         review.add_argument("--comment", required=verb == "reject", help="required when rejecting")
         review.set_defaults(func=cmd_review)
 
+    store = commands.add_parser("store", help="check the artifact store (verify) or remove what no run needs (gc)")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    verify = store_commands.add_parser("verify", help="hash every object against its manifest, check every cache "
+                                                      "entry (exit 1 when something is damaged)")
+    with_config(verify)
+    verify.add_argument("--repair", action="store_true", help="set damaged objects aside and drop the cache "
+                                                               "entries naming them: the next run rebuilds them")
+    verify.set_defaults(func=cmd_store)
+    gc = store_commands.add_parser("gc", help="remove tmp/ leftovers and objects nothing references")
+    with_config(gc)
+    gc.add_argument("--older-than", default="7d", metavar="AGE", help="only what is older than this (30m, 12h, "
+                                                                      "7d; default 7d)")
+    gc.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    gc.set_defaults(func=cmd_store)
+
     assets = commands.add_parser("prepare-assets", help="build the embedded default's model and data")
     assets.add_argument("--dir", default=".qlora/assets")
     assets.set_defaults(func=cmd_prepare_assets)
@@ -157,7 +191,8 @@ def configure_process() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_process()
+    if args.func is not cmd_store:  # the store commands load no model library: nothing to quiet
+        configure_process()
     try:
         return args.func(args)
     except ConfigError as problem:

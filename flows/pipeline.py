@@ -21,7 +21,7 @@ from tasks.export_gguf import export_gguf_task
 from tasks.fetch_base_model import fetch_base_model_task
 from tasks.fetch_dataset import fetch_dataset_task, fetched_file
 from tasks.gate import gate_task, serving_gate_task
-from tasks.lib.artifacts import ArtifactStore
+from tasks.lib.artifacts import ArtifactStore, verification_stats
 from tasks.lib.hub_sources import with_base_folder, with_data_files
 from tasks.lib.modeling import quiet_transformers
 from tasks.lib.registry import Release
@@ -51,6 +51,7 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
     """
     cfg = load_config(config, overrides or [])
     quiet_transformers()
+    verified_before = verification_stats()
     with release_lock(cfg):  # one run at a time per publish target (concurrency.mode: wait | fail)
         checked = preflight_task(cfg)  # base model and publish target can be had (tokens, visibility): no GPU yet
         fetched = fetch_base_model_task(cfg, checked["base_model"]).result() if checked["base_model"] else None
@@ -87,12 +88,16 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
               *([published_evaluation] if published_evaluation else []), quantized_gate, serving_gate]
     serving = json.loads((ArtifactStore(cfg.artifacts.root).local_path(serving_gate.ref) / "serving.json").read_text())
     summarize(stages, release, [f"{f['engine']}: {f['problem']}" for f in serving["findings"]
-                                if f["severity"] == "note" and f["setting"] != "-"])
+                                if f["severity"] == "note" and f["setting"] != "-"],
+              {k: v - verified_before[k] for k, v in verification_stats().items()})
     return PipelineResult(release=release, stages=stages)
 
 
-def summarize(stages: list[StageResult], release: Release, serving_notes: list[str] = ()) -> None:
-    """The run summary: every stage's cache status, seconds and artifact, and what the serving engines said."""
+def summarize(stages: list[StageResult], release: Release, serving_notes: list[str] = (),
+              verified: dict[str, float] | None = None) -> None:
+    """The run summary: every stage's cache status, seconds and artifact, what the serving engines said, and
+    what checking the store's objects against their manifests cost this run (objects it sealed itself are not
+    hashed again): the number the README's verification cost is measured from."""
     rows = [{"stage": s.stage, "cache": "hit" if s.cache_hit else "built", "seconds": round(s.seconds, 1),
              "artifact": s.ref.uri} for s in stages]
     rows.append({"stage": "publish", "cache": "new" if release.created else "existing",
@@ -103,4 +108,7 @@ def summarize(stages: list[StageResult], release: Release, serving_notes: list[s
     lines += [r["stage"].ljust(width) + f"  {r['cache']:<8} {r['seconds']:>8.1f}  {r['artifact']}" for r in rows]
     lines.append("total".ljust(width) + f"  {'':<8} {sum(r['seconds'] for r in rows):>8.1f}")
     lines += [f"serving: {note}" for note in serving_notes]
+    if verified is not None:
+        lines.append(f"artifacts read back and hashed against their manifests: {verified['objects']:.0f} "
+                     f"({verified['bytes'] / 1e6:.1f} MB in {verified['seconds']:.2f} s)")
     get_run_logger().info("run summary:\n%s", "\n".join(lines))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
+    from_file = copy.deepcopy(raw)
     for item in overrides:
         apply_override(raw, item)
+    refuse_code_overrides(from_file, raw)
     return validate_config(raw, source=str(path))
+
+
+# Settings that decide which code runs: only the config file (its author is trusted) may set them, never an
+# override (`--set`, a deployment's `overrides` parameter), whose values whoever starts a run chooses.
+CODE_KEYS = {
+    ("eval", "lm_eval"): "lm-evaluation-harness imports Python from the task folder's YAMLs (`!function`)",
+    ("model", "trust_remote_code"): "it allows a base model that asks for custom code",
+}
+
+
+def refuse_code_overrides(from_file: dict[str, Any], merged: dict[str, Any]) -> None:
+    def at(tree: dict[str, Any], keys: tuple[str, ...]) -> Any:
+        for key in keys:
+            tree = tree.get(key) if isinstance(tree, dict) else None
+        return tree
+
+    for keys, why in CODE_KEYS.items():
+        if at(from_file, keys) != at(merged, keys):
+            raise ConfigError(f"{'.'.join(keys)}: set it in the config file, not as an override ({why})")
 
 
 # Keys that moved or went away, with what to write instead.
@@ -55,6 +77,9 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> PipelineCo
                 problems.append(f"{key}: unknown key")
             elif err["type"] == "missing":
                 problems.append(f"{key}: required key is missing")
+            elif err["type"] == "value_error":  # our validators' messages name the value (and often the key)
+                message = str(err["ctx"]["error"])
+                problems.append(message if message.startswith(key) else f"{key}: {message}")
             else:
                 problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems)) from None

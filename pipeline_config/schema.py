@@ -6,13 +6,35 @@ changing a gate threshold re-runs the gates and what follows them, not training.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline_config.confine import check_name, check_relative, check_revision
+
+# How tasks/lib/hub_sources.py reads a Hub id (ORG/NAME[@REVISION]) and a Hub data file (ORG/NAME[@REVISION]:FILE).
+HUB_ID_FORM = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*@(.+)")
+HUB_DATA_FORM = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(?:@([^:]*))?:(.*)")
+
+
+def has_nul(value: Any) -> bool:
+    """In a string or a list of strings (a nested section checks its own fields, so the error names the key)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    return isinstance(value, (list, tuple)) and any(has_nul(v) for v in value)
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def no_nul_bytes(cls, value: Any) -> Any:
+        """A NUL byte cuts a path short in C (open, mkdir): refused in every value, whatever the key."""
+        if has_nul(value):
+            raise ValueError("contains a NUL byte")
+        return value
 
 
 class DataConfig(Section):
@@ -35,6 +57,34 @@ class DataConfig(Section):
     tokenizer: str | None = Field(None, description="Tokenizer folder; unset: model.base.")
     chat_template: str | None = Field(None, description="A .jinja chat template replacing the tokenizer's own.")
 
+    @field_validator("train_path", "eval_path")
+    @classmethod
+    def hub_file_inside_its_repo(cls, value: str | None, info) -> str | None:
+        """ORG/NAME[@REVISION]:FILE: the revision and the FILE glob stay inside the repo (and the download folder)."""
+        if value and (match := HUB_DATA_FORM.fullmatch(value)):
+            if match.group(1) is not None:
+                check_revision(match.group(1), f"data.{info.field_name}")
+            check_relative(match.group(2), f"data.{info.field_name}: FILE of ORG/NAME@REVISION:FILE")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def template_file_or_shipped_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if "/" not in value and not value.endswith(".jinja"):
+            return check_name(value, "data.chat_template (a shipped template's name)")
+        if not value.endswith(".jinja"):
+            raise ValueError(f"{value!r}: a chat template file ends in .jinja")
+        return value
+
+    @field_validator("contract")
+    @classmethod
+    def contract_is_a_suite_file(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith(".json"):
+            raise ValueError(f"{value!r}: a data contract is a Great Expectations suite, a .json file")
+        return value
+
 
 class ModelConfig(Section):
     base: str = Field(description="Folder of a safetensors HF checkpoint with its tokenizer, or a Hub model id "
@@ -46,6 +96,13 @@ class ModelConfig(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a GPU, float32 on the CPU (bf16 matmuls are slow there)."
     )
+
+    @field_validator("base")
+    @classmethod
+    def hub_revision_is_a_name(cls, value: str) -> str:
+        if match := HUB_ID_FORM.fullmatch(value):
+            check_revision(match.group(1), "model.base")
+        return value
 
 
 class LoraConfig(Section):
@@ -221,6 +278,21 @@ class PublishConfig(Section):
     hub_extras: list[Literal["adapter", "merged"]] = Field(
         default_factory=list, description="Hub: also publish these as repos ORG/NAME-adapter, ORG/NAME-merged."
     )
+
+    @field_validator("repo")
+    @classmethod
+    def repo_is_a_name(cls, value: str) -> str:
+        """The registry joins it onto publish.registry: a name, never a path."""
+        return check_name(value, "publish.repo")
+
+    @field_validator("target")
+    @classmethod
+    def hub_names_are_names(cls, value: str) -> str:
+        if value.startswith("hf://"):
+            org, name = value.removeprefix("hf://").split("/")
+            check_name(org, "publish.target ORG")
+            check_name(name, "publish.target NAME")
+        return value
 
 
 class ApprovalConfig(Section):

@@ -15,6 +15,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
+from pipeline_config.confine import inside
 from tasks.lib.artifacts import ArtifactStore
 from tasks.lib.hub_sources import download_data_file
 from tasks.lib.stage import StageResult, StageSpec, reported, run_stage
@@ -34,4 +35,4 @@ def fetch_dataset_task(cfg: PipelineConfig, key: str, source: dict):
 
 
 def fetched_file(cfg: PipelineConfig, fetched: StageResult, source: dict) -> Path:
-    return ArtifactStore(cfg.artifacts.root).local_path(fetched.ref) / source["file"]
+    return inside(ArtifactStore(cfg.artifacts.root).local_path(fetched.ref), source["file"], f"data file {source['file']!r}")

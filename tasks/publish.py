@@ -137,9 +137,9 @@ def publish_bundle(cfg: PipelineConfig, store: ArtifactStore, bundle_ref: Artifa
     else:
         record = json.loads((bundle / RELEASE_FILE).read_text())
         extras = {}
-        for name in cfg.publish.hub_extras:
-            ref = ArtifactRef(**record["artifacts"][name])
-            extras[name] = ref_from_uri(ref.uri)[0].local_path(ref)
+        for name in cfg.publish.hub_extras:  # from the bundle's own store, whatever URI its record holds
+            digest = ArtifactRef(**record["artifacts"][name]).sha256
+            extras[name] = store.local_path(ArtifactRef(uri=f"{store.root}/objects/{digest}", sha256=digest, kind=name))
         published = publish_to_hub(cfg, bundle, extras)
         release = Release(repo=published.repo_id, version=published.tag, path=f"hf://{published.repo_id}@{published.tag}",
                           release_hash=record["release_hash"], created=published.created, commit=published.commit,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -149,6 +150,11 @@ def write_config(path: Path, **sections) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path, assets, tiny_model) -> Path:
     """A pipeline config that runs every stage on the tiny model in about a minute."""
+    return write_tiny_config(tmp_path, assets, tiny_model)
+
+
+def write_tiny_config(tmp_path: Path, assets: dict[str, Path], tiny_model: Path) -> Path:
+    """tiny_config's file, in a folder of the caller's (for module-scoped fixtures)."""
     return write_config(
         tmp_path / "tiny.yaml",
         run_name="tiny",
@@ -231,3 +237,39 @@ def embedded_adapter(assets, tmp_path_factory, validated_data):
     adapter.mkdir()
     trainer.train_adapter(cfg, validated_data(cfg), adapter, work / "scratch")
     return cfg, adapter
+
+
+# -- an S3 endpoint: moto in server mode, a real S3 HTTP API on loopback -------------------------------------
+@pytest.fixture
+def s3_endpoint(tmp_path, monkeypatch):
+    pytest.importorskip("moto", reason="moto[server] is pinned in requirements.lock (make install)")
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is pinned in requirements.lock (make install)")
+    port = free_port()
+    log = open(tmp_path / "moto.log", "wb")
+    server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/moto-api/", timeout=60, process=server)
+        # botocore (under boto3 and s3fs's aiobotocore) reads the endpoint from AWS_ENDPOINT_URL.
+        # Random credentials (moto accepts any): the secrets tests search every file and log for them.
+        for key, value in dict(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="AKIA" + secrets.token_hex(8).upper(),
+                               AWS_SECRET_ACCESS_KEY=secrets.token_urlsafe(30), AWS_DEFAULT_REGION="us-east-1").items():
+            monkeypatch.setenv(key, value)
+        # Downloaded objects in a cache of the test's (another machine's: empty), but gptqmodel's compiled CPU
+        # kernel from the usual place: compiling it again (~70 s) would test nothing here.
+        from tasks.lib.gptq import kernel_cache_dir
+
+        monkeypatch.setenv("GPTQMODEL_TORCH_EXTENSIONS_DIR",
+                           os.environ.get("GPTQMODEL_TORCH_EXTENSIONS_DIR") or str(kernel_cache_dir()))
+        monkeypatch.setenv("QLORA_PIPELINE_CACHE", str(tmp_path / "cache"))
+        import boto3
+
+        # fsspec caches S3 filesystems by constructor arguments, not by AWS_ENDPOINT_URL: without this, a test
+        # would reuse a client bound to the previous test's (stopped) endpoint.
+        s3fs.S3FileSystem.clear_instance_cache()
+        boto3.client("s3").create_bucket(Bucket="qlora-artifacts")
+        yield boto3.client("s3")
+    finally:
+        stop(server)
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -222,13 +222,36 @@ def task_runs(flow_run_id):
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
+@pytest.fixture
+def prefect_auth_string(monkeypatch):
+    """A Prefect API auth string set for this process's client, as a worker of an authenticated server has it
+    (the session's server accepts the header; the point is that it is held and sent, and never written)."""
+    import prefect.context
+
+    auth = "qlora-admin:" + secrets.token_urlsafe(24)
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", auth)
+    prefect.context.refresh_global_settings_context()
+    yield auth
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING")
+    prefect.context.refresh_global_settings_context()
+
+
 @pytest.mark.slow
 def test_flow_publishes_to_private_hub_with_retry_and_never_shows_the_token(server, tiny_config, tmp_path,
-                                                                             capfd, caplog, monkeypatch):
+                                                                             capfd, caplog, monkeypatch,
+                                                                             s3_endpoint, prefect_auth_string):
+    """... nor any other secret the run holds: the Prefect API auth string and the S3 credentials of the
+    artifact store (moto's S3 server here), each searched for in every log, stored object, card and record."""
+    import base64
+
     from flows.cli import main as cli
     from flows.pipeline import qlora_pipeline
 
-    hub_set = ["publish.target=hf://acme/tiny", f"publish.endpoint={server.url}", "publish.transfer=lfs"]
+    store_root = "s3://qlora-artifacts/secrets"
+    hub_set = ["publish.target=hf://acme/tiny", f"publish.endpoint={server.url}", "publish.transfer=lfs",
+               f"artifacts.root={store_root}"]
+    secret_values = [TOKEN, prefect_auth_string, base64.b64encode(prefect_auth_string.encode()).decode(),
+                     os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]]
 
     # A rejected token fails the run at preflight, before any training.
     monkeypatch.setenv("HF_TOKEN", "hf_" + secrets.token_hex(16))
@@ -286,13 +309,22 @@ def test_flow_publishes_to_private_hub_with_retry_and_never_shows_the_token(serv
         haystacks += [str(t.state.message) for t in task_runs(flow_run_id)]
         haystacks += [json.dumps(a.data, default=str) for a in client.read_artifacts()]
     assert len(flow_logs(flow_run_id)) > 10
-    for root in (Path(cfg.artifacts.root), Path(cfg.publish.registry), Path(os.environ["PREFECT_HOME"])):
-        for path in (p for p in root.rglob("*") if p.is_file()) if root.exists() else ():
-            assert TOKEN.encode() not in path.read_bytes(), path
-    for commit in r.commits.values():
-        for entry in commit.files.values():
-            assert entry.content is None or TOKEN.encode() not in entry.content
-    for text in haystacks:
-        assert TOKEN not in text
-    # (and the server did see it: the scan looks for the right string)
+    stored = {o["Key"]: s3_endpoint.get_object(Bucket="qlora-artifacts", Key=o["Key"])["Body"].read()
+              for o in s3_endpoint.list_objects_v2(Bucket="qlora-artifacts")["Contents"]}
+    assert any(key.endswith("/release.json") for key in stored) and any(key.endswith("/README.md") for key in stored)
+    local = [Path(cfg.artifacts.root), Path(cfg.publish.registry), Path(os.environ["PREFECT_HOME"]),
+             Path(os.environ["QLORA_PIPELINE_CACHE"])]
+    files = {str(p): p.read_bytes() for root in local if root.exists() for p in root.rglob("*") if p.is_file()}
+    uploaded = {f"{c}:{n}": e.content for c, commit in r.commits.items() for n, e in commit.files.items() if e.content}
+    assert any(name.endswith(":release.json") for name in uploaded)
+    for secret in secret_values:
+        for where, data in {**stored, **files, **uploaded}.items():
+            assert secret.encode() not in data, where
+        for text in haystacks:
+            assert secret not in text
+    # (and each was used: the scan looks for the right strings)
     assert any(auth == f"Bearer {TOKEN}" for _, _, auth in server.state.requests)
+    assert stored and store_root in release.bundle
+    from prefect.settings import PREFECT_API_AUTH_STRING
+
+    assert PREFECT_API_AUTH_STRING.value() == prefect_auth_string  # what every client of this process sends

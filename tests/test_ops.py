@@ -301,34 +301,7 @@ def test_k8s_deployments_and_dockerfile_fit_the_template():
     assert f"ARG TORCH_VERSION={torch_pin.split('==')[1].split('+')[0]}" in lines  # same torch, CUDA build
 
 
-# -- 5. the artifact store on S3 (moto in server mode: a real HTTP S3 endpoint on loopback) ------------------
-@pytest.fixture
-def s3_endpoint(tmp_path, monkeypatch):
-    pytest.importorskip("moto", reason="moto[server] is pinned in requirements.lock (make install)")
-    s3fs = pytest.importorskip("s3fs", reason="s3fs is pinned in requirements.lock (make install)")
-    port = free_port()
-    log = open(tmp_path / "moto.log", "wb")
-    server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/moto-api/", timeout=60, process=server)
-        # botocore (under boto3 and s3fs's aiobotocore) reads the endpoint from AWS_ENDPOINT_URL.
-        for key, value in dict(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                               AWS_DEFAULT_REGION="us-east-1").items():
-            monkeypatch.setenv(key, value)
-        import boto3
-
-        # fsspec caches S3 filesystems by constructor arguments, not by AWS_ENDPOINT_URL: without this, a test
-        # would reuse a client bound to the previous test's (stopped) endpoint.
-        s3fs.S3FileSystem.clear_instance_cache()
-        boto3.client("s3").create_bucket(Bucket="qlora-artifacts")
-        yield boto3.client("s3")
-    finally:
-        stop(server)
-        s3fs.S3FileSystem.clear_instance_cache()
-
-
+# -- 5. the artifact store on S3 (moto in server mode, the s3_endpoint fixture in conftest.py) -------------
 def test_artifact_store_on_s3_seals_objects_and_serves_cache_hits(s3_endpoint, ops_config, tmp_path):
     from pipeline_config import load_config
     from tasks.lib.artifacts import MANIFEST, ArtifactStore
@@ -354,12 +327,12 @@ def test_artifact_store_on_s3_seals_objects_and_serves_cache_hits(s3_endpoint, o
 
 # -- 6. a worker dies mid-training; a fresh worker on another "machine" resumes from object storage ----------
 def start_worker(log: Path, cache_dir: Path) -> subprocess.Popen:
-    """A process worker whose flow runs see an empty local disk cache (TMPDIR: another machine)."""
+    """A process worker whose flow runs see an empty local disk cache (its own ~/.cache: another machine)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--prefetch-seconds", "1"],
         cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "TMPDIR": str(cache_dir)},
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "QLORA_PIPELINE_CACHE": str(cache_dir)},
     )
 
 
@@ -390,11 +363,11 @@ def kill_machine(worker: subprocess.Popen) -> None:
 def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoint, tiny_config, tmp_path):
     import time
 
-    import torch
     from conftest import run_deployment
 
     from pipeline_config import load_config
     from tasks.lib.artifacts import ArtifactStore
+    from tasks.lib.checkpoints import CHECKPOINT, read_checkpoint_file
 
     bucket, prefix = "qlora-artifacts", "e2e/artifacts"
     overrides = [f"artifacts.root=s3://{bucket}/{prefix}", "train.max_steps=60", "train.checkpoint_every=5",
@@ -411,7 +384,7 @@ def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoi
 
         def checkpoints() -> list[str]:
             listing = s3_endpoint.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/scratch/train/")
-            return [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith("/checkpoint.pt")]
+            return [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(f"/{CHECKPOINT}")]
 
         deadline = time.monotonic() + 600
         while not checkpoints() and time.monotonic() < deadline:
@@ -422,8 +395,8 @@ def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoi
         kill_machine(first_worker)
 
     body = s3_endpoint.get_object(Bucket=bucket, Key=checkpoints()[0])["Body"].read()
-    (tmp_path / "checkpoint.pt").write_bytes(body)
-    killed_at = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"]
+    (tmp_path / CHECKPOINT).write_bytes(body)
+    killed_at = read_checkpoint_file(tmp_path / CHECKPOINT)["step"]
     assert 0 < killed_at < 60
     cfg = load_config(tiny_config, overrides)
     assert not (Path(cfg.publish.registry) / cfg.publish.repo).exists()  # nothing published by the dead run
@@ -447,5 +420,5 @@ def test_worker_killed_mid_training_and_a_fresh_worker_resumes_from_s3(s3_endpoi
     assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == 60  # resumed, not restarted
     assert not checkpoints()  # the finished adapter superseded the checkpoint
     # The second machine started empty and pulled what it needed (the validate artifact, ...) from S3.
-    assert any((tmp_path / "machine-2" / "qlora-pipeline-cache" / "objects").iterdir())
+    assert any((tmp_path / "machine-2" / "objects").iterdir())
     assert (Path(cfg.publish.registry) / cfg.publish.repo / "v1" / "release.json").is_file()

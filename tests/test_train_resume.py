@@ -14,6 +14,7 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 
+from tasks.lib import checkpoints
 from tests.reference import read_events
 
 STEPS = ["--set", "train.max_steps=12", "--set", "train.checkpoint_every=2"]
@@ -37,14 +38,14 @@ def test_killed_training_resumes_and_matches_uninterrupted_run(tiny_config, vali
 
     scratch = tmp_path / "scratch"
     victim = trainer(tiny_config, data_dir, tmp_path / "out", scratch)
-    checkpoint = scratch / "checkpoint.pt"
+    checkpoint = scratch / checkpoints.CHECKPOINT
     deadline = time.monotonic() + 600
     while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    killed_at = torch.load(checkpoint, weights_only=False)["step"]
+    killed_at = checkpoints.read_checkpoint_file(checkpoint)["step"]
     assert 0 < killed_at < 12
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 

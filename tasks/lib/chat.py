@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline_config import PipelineConfig
+from pipeline_config.confine import inside
 from tasks.lib import artifacts
 from tasks.lib.datarows import DataError, row_messages
 
@@ -321,7 +322,9 @@ SHIPPED_TEMPLATES = Path(__file__).resolve().parents[2] / "pipeline_config" / "c
 def chat_template_file(setting: str) -> Path:
     """data.chat_template: a .jinja file, or the name of one shipped in pipeline_config/chat_templates/."""
     shipped = SHIPPED_TEMPLATES / f"{setting}.jinja"
-    template = shipped if "/" not in setting and shipped.is_file() else Path(setting)
+    if "/" not in setting and shipped.is_file():
+        return inside(SHIPPED_TEMPLATES, f"{setting}.jinja", "data.chat_template")  # not a symlink pointing out
+    template = Path(setting)
     if not template.is_file():
         raise DataError(f"{setting}: chat template not found (data.chat_template: a .jinja file, or one of the "
                         f"shipped templates: {shipped_template_names()})")

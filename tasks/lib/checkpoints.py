@@ -4,19 +4,106 @@ Checkpoints (adapter, optimizer, scheduler, RNG, step, history) go to a scratch 
 train stage's cache key, so a retry or a re-run after a crash resumes instead of starting over. With a
 remote artifact store (s3://...) each checkpoint is also uploaded to the store's scratch area, so a
 re-run on another worker, with an empty local disk, resumes too.
+
+A checkpoint is one safetensors file: every tensor of the state (adapter, optimizer moments, the torch RNG)
+as a tensor, and everything else (step, history, scheduler, Python's RNG, the optimizer's hyper-parameters)
+as JSON in the file's metadata. Reading it back unpickles nothing, so a file planted in the scratch folder
+or in the bucket can at worst fail the run, never run code (torch.load of a pickle can; see CVE-2025-32434).
+`checkpoint.pt`, the pickle older versions wrote, is never loaded: a run that finds only that starts over.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from tasks.lib import log
 from tasks.lib.ranks import Ranks, barrier
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # a pickle (older versions): never loaded
+STATE_KEY = "qlora_pipeline_state"  # the metadata entry holding the state's JSON
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is not one this pipeline wrote (corrupt, or planted)."""
+
+
+# JSON has no tuples, no non-string keys and no tensors; these tags keep all three exact. A dict whose only
+# key is a tag is itself written as items, so nothing is ambiguous.
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+_TAGS = {_TENSOR, _TUPLE, _ITEMS}
+
+
+def encode_state(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """value as JSON data, each tensor replaced by a reference to its entry in `tensors`."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        # A copy with its own storage: safetensors refuses tensors that share memory (views of one buffer).
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        return {_TENSOR: name}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and not (len(value) == 1 and set(value) <= _TAGS):
+            return {k: encode_state(v, tensors) for k, v in value.items()}
+        return {_ITEMS: [[encode_state(k, tensors), encode_state(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {_TUPLE: [encode_state(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [encode_state(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__} (only tensors, numbers, strings, "
+                    "lists, tuples and dicts)")
+
+
+def decode_state(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if len(value) == 1 and (tag := next(iter(value))) in _TAGS:
+            inner = value[tag]
+            if tag == _TENSOR:
+                return tensors[inner]
+            if tag == _TUPLE:
+                return tuple(decode_state(v, tensors) for v in inner)
+            return {decode_state(k, tensors): decode_state(v, tensors) for k, v in inner}
+        return {k: decode_state(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_state(v, tensors) for v in value]
+    return value
+
+
+def write_checkpoint_file(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    data = encode_state(state, tensors)
+    save_file(tensors, str(path), metadata={STATE_KEY: json.dumps(data), "format": "pt",
+                                            "qlora_pipeline_checkpoint": FORMAT_VERSION})
+
+
+def read_checkpoint_file(path: Path) -> dict:
+    """The state a checkpoint file holds; a CheckpointError naming the file when it is not a checkpoint."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("qlora_pipeline_checkpoint") != FORMAT_VERSION or STATE_KEY not in metadata:
+                raise ValueError("no qlora-pipeline checkpoint metadata")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        state = decode_state(json.loads(metadata[STATE_KEY]), tensors)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step in the state")
+        return state
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes are, the run gets one clear error
+        raise CheckpointError(
+            f"{path}: not a training checkpoint written by qlora-pipeline ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}); delete it to start this training run over") from None
 
 
 class Checkpoints:
@@ -51,7 +138,7 @@ class Checkpoints:
     def save(self, state: dict) -> None:
         self.local_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        write_checkpoint_file(state, tmp)
         tmp.replace(self.path)  # only complete checkpoints ever carry the final name
         if self.remote:
             fs, remote_file = self._remote_fs()
@@ -98,7 +185,10 @@ def fetch_checkpoint(checkpoints: Checkpoints, ranks: Ranks) -> dict | None:
     latest = checkpoints.fetch() if ranks.main else None
     barrier(ranks)
     latest = latest or (checkpoints.path if checkpoints.path.exists() else None)
-    return torch.load(latest, map_location="cpu", weights_only=False) if latest else None
+    if latest is None and ranks.main and (legacy := checkpoints.local_dir / LEGACY_CHECKPOINT).exists():
+        log.logger().warning("train: ignoring %s: a pickled checkpoint (older versions) is never loaded, since "
+                             "unpickling can run code; training starts over", legacy)
+    return read_checkpoint_file(latest) if latest else None
 
 
 def restore_adapter(model, state: dict) -> None:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from tasks.lib.artifacts import user_cache_dir
 
 CONVERTER_PACKAGE, CONVERTER_VERSION = "llama-cpp-python", "0.3.36"
 CONVERTER_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -46,12 +47,9 @@ class GGUFError(RuntimeError):
     """The converter could not be had, or a conversion failed; the message says which and why."""
 
 
-def user_cache_dir() -> Path:
-    """$QLORA_PIPELINE_CACHE, default ~/.cache/qlora-pipeline: tools and compiled kernels kept across runs."""
-    return Path(os.environ.get("QLORA_PIPELINE_CACHE", "~/.cache/qlora-pipeline")).expanduser()
-
-
 def converter_dir() -> Path:
+    """In this user's cache (artifacts.user_cache_dir: 0700, refused if another user owns it): the converter
+    is Python this process runs."""
     return user_cache_dir() / f"llama.cpp-convert-{LLAMA_CPP_COMMIT[:12]}"
 
 

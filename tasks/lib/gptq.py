@@ -47,8 +47,9 @@ QUANTIZE_CPU_BACKEND = "gptq_torch"
 
 def kernel_cache_dir() -> Path:
     """Where compiled gptqmodel (and Triton) kernels are kept across processes: $QLORA_PIPELINE_CACHE/gptqmodel."""
-    root = Path(os.environ.get("QLORA_PIPELINE_CACHE", "~/.cache/qlora-pipeline")).expanduser()
-    return root / "gptqmodel"
+    from tasks.lib.artifacts import user_cache_dir  # this user's, 0700: compiled code is loaded from it
+
+    return user_cache_dir() / "gptqmodel"
 
 
 def _configure_gptqmodel_env() -> None:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline_config import PipelineConfig
+from pipeline_config.confine import PathEscape, check_relative, inside
 from tasks.lib import hub, serving
 from tasks.lib.families import check_supported_family
 
@@ -190,6 +191,10 @@ def resolve_revisions(cfg: PipelineConfig) -> dict[str, dict]:
             listed = ", ".join(matches[:5]) or "none"
             raise hub.HubError(f"{where}: {pattern!r} matches {len(matches)} files ({listed}); "
                                "name exactly one file per split")
+        try:  # a name from the Hub's answer: it becomes a path in the store
+            check_relative(matches[0], f"data.{key}: file {matches[0]!r} listed by {where}")
+        except PathEscape as escape:
+            raise hub.HubError(str(escape)) from None
         sources[key] = {"id": repo_id, "revision": revision, "commit": info.sha, "file": matches[0]}
     return sources
 
@@ -201,7 +206,8 @@ def download_data_file(cfg: PipelineConfig, source: dict, out_dir: Path) -> None
     hub.call(f"download of {source['id']}@{source['commit'][:12]}:{source['file']}", token, api.hf_hub_download,
              source["id"], source["file"], repo_type="dataset", revision=source["commit"], local_dir=out_dir,
              token=token)
-    seal_download(out_dir, source, beside=(out_dir / source["file"]).parent)  # where source_of_file looks
+    file = inside(out_dir, source["file"], f"{source['id']}:{source['file']}")
+    seal_download(out_dir, source, beside=file.parent)  # where source_of_file looks
 
 
 def with_data_files(cfg: PipelineConfig, files: dict[str, Path]) -> PipelineConfig:

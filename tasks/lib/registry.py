@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from pipeline_config import PipelineConfig
+from pipeline_config.confine import inside
 from tasks.lib import artifacts, hub, log
 from tasks.lib.hub import RELEASE_FILE  # noqa: F401 - also the registry's record file
 
@@ -32,8 +34,15 @@ class Release(BaseModel):
     message: str = ""
 
 
+def repo_folder(cfg: PipelineConfig) -> Path:
+    """<registry>/<repo>, refused when it would resolve outside the registry (publish.repo is a checked name,
+    but the folder could be a symlink pointing out)."""
+    return inside(cfg.publish.registry, cfg.publish.repo, "publish.repo")
+
+
 def existing_versions(repo_dir: Path) -> list[Path]:
-    versions = [p for p in repo_dir.glob("v*") if p.is_dir() and p.name[1:].isdigit()]
+    """The release folders v<N>; a symlink is not one (a release is a folder the registry wrote)."""
+    versions = [p for p in repo_dir.glob("v*") if p.is_dir() and not p.is_symlink() and p.name[1:].isdigit()]
     return sorted(versions, key=lambda p: int(p.name[1:]))
 
 
@@ -43,6 +52,31 @@ def find_release(repo_dir: Path, digest: str) -> Path | None:
         if record["release_hash"] == digest:
             return version_dir
     return None
+
+
+def point_latest_at(repo_dir: Path, version_dir: Path) -> None:
+    """LATEST names version_dir unless it already names a newer version. A publish killed between the version's
+    rename and this write left LATEST behind; the next publish of the same release finds the version and
+    completes it here."""
+    latest = repo_dir / "LATEST"
+    current = latest.read_text().strip() if latest.is_file() else ""
+    if current[1:].isdigit() and int(current[1:]) >= int(version_dir.name[1:]):
+        return
+    tmp = repo_dir / f".LATEST-{uuid.uuid4().hex}"
+    tmp.write_text(version_dir.name + "\n")
+    tmp.replace(latest)
+
+
+STALE_STAGING_S = 600
+
+
+def remove_stale_staging(repo_dir: Path) -> None:
+    """Hidden staging copies of publishes killed mid-copy: never listed as releases; removed once nothing has
+    written to them for STALE_STAGING_S (a copy in progress writes constantly)."""
+    for staging in repo_dir.glob(".staging-*"):
+        newest = max((p.stat().st_mtime for p in staging.rglob("*")), default=staging.stat().st_mtime)
+        if time.time() - newest > STALE_STAGING_S:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dict | None:
@@ -57,7 +91,7 @@ def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> di
     configuration decides the gate the same way (all cache hits, no new version)."""
     if hub.is_hub_target(cfg):
         return hub.latest_release(cfg, exclude_model)
-    repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
+    repo_dir = repo_folder(cfg)
     latest = repo_dir / "LATEST"
     if not latest.is_file():
         return None
@@ -84,10 +118,12 @@ def fetch_release_model(cfg: PipelineConfig, release: dict, dest: Path) -> Path:
 def publish_local(cfg: PipelineConfig, bundle: Path) -> Release:
     """Copy a bundle into the local registry as the next version, unless its release hash is there."""
     logger = log.logger()
-    repo_dir = Path(cfg.publish.registry) / cfg.publish.repo
+    repo_dir = repo_folder(cfg)
     repo_dir.mkdir(parents=True, exist_ok=True)
     digest = json.loads((bundle / RELEASE_FILE).read_text())["release_hash"]
+    remove_stale_staging(repo_dir)
     if (found := find_release(repo_dir, digest)) is not None:
+        point_latest_at(repo_dir, found)
         logger.info("publish: identical release already published as %s; nothing to do", found)
         return Release(repo=cfg.publish.repo, version=found.name, path=str(found), release_hash=digest, created=False,
                        message=f"identical release already published as {found}")
@@ -100,9 +136,7 @@ def publish_local(cfg: PipelineConfig, bundle: Path) -> Release:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    latest_tmp = repo_dir / f".LATEST-{uuid.uuid4().hex}"
-    latest_tmp.write_text(target.name + "\n")
-    latest_tmp.replace(repo_dir / "LATEST")
+    point_latest_at(repo_dir, target)
     logger.info("publish: released %s/%s (%s)", cfg.publish.repo, target.name, digest[:12])
     return Release(repo=cfg.publish.repo, version=target.name, path=str(target), release_hash=digest, created=True,
                    message=f"released {cfg.publish.repo}/{target.name}")

@@ -26,7 +26,7 @@ from typing import Any
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
-from tasks.lib.artifacts import ArtifactRef, ArtifactStore, cache_key, sha256_json
+from tasks.lib.artifacts import NO_SPACE, ArtifactRef, ArtifactStore, StoreFull, cache_key, sha256_json
 from tasks.lib.log import logger
 
 # Packages whose modules enter code hashes. pipeline_config is not one: config values enter the keys as
@@ -149,6 +149,14 @@ def run_stage(
     try:
         build(view, workdir, key)
         ref = store.put(workdir, kind=name)
+    except OSError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if exc.errno in NO_SPACE:  # the build's own files count too: a stage's output is written into the store
+            raise StoreFull(exc.errno, f"{name}: no space left for its artifact in the store at {store.root} "
+                            f"({exc.strerror}{f': {exc.filename}' if exc.filename else ''}); nothing was sealed and "
+                            "its work folder is removed. Free space (`qlora-pipeline store gc` removes leftovers) "
+                            "and run again: the stages already sealed are reused") from None
+        raise
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
