@@ -4,12 +4,20 @@ Two runs with the same target (local registry + repo, or hf://ORG/NAME) would tr
 release and race to publish it; the second one waits (`concurrency.mode: wait`, up to
 `concurrency.timeout_s`) or fails at once (`fail`) before any stage runs. The slot is held on a lease
 the client renews while the run lives: a worker that dies frees it after `concurrency.lease_s`.
+
+Without a Prefect server (no PREFECT_API_URL: `qlora-pipeline run` starts a temporary one per run) the lease
+cannot expire: Prefect keeps leases in the server's memory and revokes expired ones in a service temporary
+servers do not run, so a killed run's slot would stay taken in the shared database for good. There the
+runs share one machine, and an OS file lock (flock) in the per-user cache takes the limit's place: the kernel
+frees it the moment its process dies.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import re
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -22,8 +30,10 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import get_current_settings
 
 from pipeline_config import PipelineConfig
+from tasks.lib.artifacts import user_cache_dir
 
 
 class ReleaseLocked(RuntimeError):
@@ -62,6 +72,10 @@ def ensure_limit(name: str) -> None:
 def release_lock(cfg: PipelineConfig) -> Iterator[None]:
     """Hold the publish target's slot for the `with` body; see the module docstring."""
     name = limit_name(cfg)
+    if get_current_settings().api.url is None:  # a temporary server: see the module docstring
+        with file_lock(cfg, name):
+            yield
+        return
     ensure_limit(name)
     mode, timeout = cfg.concurrency.mode, cfg.concurrency.timeout_s
     held = ExitStack()
@@ -73,13 +87,44 @@ def release_lock(cfg: PipelineConfig) -> Iterator[None]:
         cause = exc.__cause__
         if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):
             raise
-        raise ReleaseLocked(
-            f"another run is training or publishing {target_identity(cfg)} (concurrency limit {name!r} is "
-            "taken); concurrency.mode=fail, so this run stops before any stage. Retry when that run has "
-            "ended, or set concurrency.mode=wait.") from None
+        raise locked(cfg, f"concurrency limit {name!r}") from None
     except TimeoutError:
-        raise ReleaseLocked(
-            f"waited {timeout} s for another run training or publishing {target_identity(cfg)} (concurrency "
-            f"limit {name!r}); giving up (concurrency.timeout_s).") from None
+        raise waited(cfg, f"concurrency limit {name!r}") from None
     with held:
         yield
+
+
+@contextmanager
+def file_lock(cfg: PipelineConfig, name: str) -> Iterator[None]:
+    folder = user_cache_dir() / "locks"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / f"{name}.lock"
+    mode, timeout = cfg.concurrency.mode, cfg.concurrency.timeout_s
+    with open(path, "a") as handle:
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if mode == "fail":
+                    raise locked(cfg, f"lock file {path}") from None
+                if timeout is not None and time.monotonic() - start >= timeout:
+                    raise waited(cfg, f"lock file {path}") from None
+                time.sleep(min(1.0, timeout or 1.0))
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def locked(cfg: PipelineConfig, what: str) -> ReleaseLocked:
+    return ReleaseLocked(
+        f"another run is training or publishing {target_identity(cfg)} ({what} is taken); "
+        "concurrency.mode=fail, so this run stops before any stage. Retry when that run has ended, or set "
+        "concurrency.mode=wait.")
+
+
+def waited(cfg: PipelineConfig, what: str) -> ReleaseLocked:
+    return ReleaseLocked(f"waited {cfg.concurrency.timeout_s} s for another run training or publishing "
+                         f"{target_identity(cfg)} ({what}); giving up (concurrency.timeout_s).")

@@ -206,6 +206,38 @@ def test_a_second_run_on_a_held_target_fails_before_any_stage(ops_config, tmp_pa
         pass
 
 
+def test_without_a_server_a_killed_runs_slot_is_free_at_once(ops_config, tmp_path, monkeypatch):
+    """`qlora-pipeline run` without PREFECT_API_URL starts a temporary server per run, which never expires a
+    lease: the slot is an OS file lock instead, freed by the kernel when the holder is SIGKILLed."""
+    import signal
+
+    from flows.locking import ReleaseLocked, file_lock, limit_name
+    from pipeline_config import load_config
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QLORA_PIPELINE_CACHE", str(cache))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    holder = subprocess.Popen(
+        [str(VENV_BIN / "python"), "-c", "import sys, time\n"
+         "from flows.locking import release_lock\nfrom pipeline_config import load_config\n"
+         "with release_lock(load_config(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n",
+         str(ops_config)], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = load_config(ops_config, ["concurrency.mode=fail"])
+        with pytest.raises(ReleaseLocked, match=r"another run is training or publishing .*ops-release \(lock file"):
+            with file_lock(cfg, limit_name(cfg)):
+                pass
+        with pytest.raises(ReleaseLocked, match="waited 1.5 s"):
+            with file_lock(load_config(ops_config, ["concurrency.timeout_s=1.5"]), limit_name(cfg)):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with file_lock(cfg, limit_name(cfg)):  # no lease to wait out
+        pass
+
+
 # -- 4. Kubernetes work pool: base job template, flow-run image, deployments --------------------------------
 K8S_TEMPLATE = REPO / "deploy" / "k8s-base-job-template.json"
 
