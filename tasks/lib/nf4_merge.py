@@ -1,4 +1,31 @@
-"""TODO"""
+"""Merging a LoRA adapter into its base checkpoint so that the merged model is the model that was trained.
+
+QLoRA trains the adapter against the NF4-quantized base, so the model that passed the gates computes
+dequant(NF4(W)) + s·BA, not W + s·BA. Two merge modes (`merge.mode`):
+
+* **dequantize** (the default): every linear weight that bitsandbytes quantized in training (all of them but the
+  output embeddings, whether or not LoRA targets them: `nf4_quantized_weights`, transformers' own rule) is
+  quantized again here exactly as `load_in_4bit` did (bitsandbytes' `Params4bit` with `modeling.nf4_config`: NF4,
+  blocksize 64, double-quantized absmax, from the dtype training loaded the base in: `training_dtype`),
+  dequantized, and the adapter's delta added (`nf4_roundtrip`, `merged_tensor`). The merged model is the trained
+  model up to float rounding (max |logit diff| ~1e-4 on the embedded default).
+* **original**: the delta is added to the full-precision W. That model differs from the trained one by the NF4
+  rounding error of every linear layer (max |logit diff| ~26 on the embedded default: a different model than the
+  one evaluated). Only right for an adapter trained on an unquantized base.
+
+Streamed (`stream_merge`): the base checkpoint is read one tensor at a time (safetensors, memory-mapped), each
+tensor merged on `device` (the GPU when there is one) and written straight into its place in the output shard,
+whose header is computed up front from the shapes (`shard_plan`, `write_safetensors`). Peak memory is the largest
+tensor and its working copies (NF4 roundtrip, fp32 sum), never a full copy of the model, in fp32 or otherwise.
+Non-linear tensors (embeddings, norms) are copied as they are, cast to `merge.dtype`. Adapter features whose merge
+is not W + s·BA on linear weights (DoRA, biases, modules_to_save, ...) are refused (`read_adapter`).
+
+`fidelity_check` then compares the merged model's logits with the trained model's on a few held-out prompts: the
+NF4 base plus the adapter, on bitsandbytes' kernels on a GPU and, on the CPU, as the exact fp32 values of the same
+NF4 weights (the "auto" kernel of the fine-tuned model's loader), so that no CPU-specific 4-bit inference kernel
+(bf16 on AVX512-BF16 CPUs) stands in for the model that was trained. The merge gate
+(`gates.max_merge_logit_diff`) fails the run on a larger difference.
+"""
 
 from __future__ import annotations
 
