@@ -60,11 +60,18 @@ def test_lm_eval_task_from_local_files_scores_the_real_model(task_dir, assets):
 
 @pytest.mark.slow
 def test_evaluate_stage_records_lm_eval_for_each_model(tiny_config, task_dir, tmp_path, assets, validated_data):
+    # eval.lm_eval decides which code runs, so it comes from the config file only (never an override)
+    import yaml
+
     from tasks.evaluate import score_finetune
     from tasks.lib import trainer
     from tasks.lib.scoring import extra_inputs
 
-    cfg = load_config(tiny_config, [f"eval.lm_eval={{tasks: [chatterbot_mc], include_path: {task_dir}, limit: 8}}"])
+    config = yaml.safe_load(Path(tiny_config).read_text())
+    config.setdefault("eval", {})["lm_eval"] = {"tasks": ["chatterbot_mc"], "include_path": str(task_dir), "limit": 8}
+    lm_eval_config = tmp_path / "lm_eval.yaml"
+    lm_eval_config.write_text(yaml.safe_dump(config))
+    cfg = load_config(lm_eval_config)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     train_cfg = load_config(tiny_config, ["train.max_steps=1"])

@@ -65,6 +65,22 @@ def max_lora_rank(lora: list[str]) -> int | None:
     return next((r for r in allowed if r >= max(ranks)), None) if ranks else None
 
 
+# vLLM's CPU build ships one extension per instruction set; only the AVX-512 one has the 4-bit GPTQ matmul
+# (CPUWNA16: torch.ops._C.cpu_gemm_wna16). On an AVX2-only CPU a GPTQ model loads and then fails its first forward.
+GPTQ_KERNEL_PROBE = "import torch, vllm._custom_ops; print(hasattr(torch.ops._C, 'cpu_gemm_wna16'))"
+
+
+def has_gptq_kernel(python: Path = DEFAULT_PYTHON) -> bool:
+    done = subprocess.run([str(python), "-c", GPTQ_KERNEL_PROBE], capture_output=True, text=True, timeout=300)
+    return done.stdout.strip().splitlines()[-1:] == ["True"]
+
+
+def is_gptq(model: str) -> bool:
+    config = Path(model) / "config.json"
+    quant = json.loads(config.read_text()).get("quantization_config", {}) if config.is_file() else {}
+    return quant.get("quant_method") == "gptq"
+
+
 def post(url: str, body: dict, timeout: float) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -72,7 +88,8 @@ def post(url: str, body: dict, timeout: float) -> dict:
 
 
 def serve_and_ask(model: str, question: str, *, python: Path = DEFAULT_PYTHON, lora: list[str] = (),
-                  max_model_len: int = 512, max_tokens: int = 24, timeout_s: float = 900) -> dict:
+                  max_model_len: int = 512, max_tokens: int = 24, timeout_s: float = 900,
+                  ignore_eos: bool = False) -> dict:
     if not python.is_file():
         raise SystemExit(f"no vLLM environment at {python.parent.parent}: run `make serve-env`")
     port = free_port()
@@ -97,7 +114,7 @@ def serve_and_ask(model: str, question: str, *, python: Path = DEFAULT_PYTHON, l
         served = lora[0].partition("=")[0] if lora else model
         reply = post(f"{base}/v1/chat/completions", {
             "model": served, "messages": [{"role": "user", "content": question}],
-            "temperature": 0, "max_tokens": max_tokens}, timeout=300)
+            "temperature": 0, "max_tokens": max_tokens, "ignore_eos": ignore_eos}, timeout=300)
         choice = reply["choices"][0]
         return {"model": served, "answer": choice["message"]["content"], "finish_reason": choice["finish_reason"],
                 "ready_s": round(ready_s, 1)}
@@ -126,13 +143,27 @@ def main() -> None:
     parser.add_argument("--python", type=Path, default=DEFAULT_PYTHON, help="the vLLM environment's python")
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="generate max-tokens tokens even after end-of-turn (random-weight test models)")
+    parser.add_argument("--fallback-base", metavar="BASE", help="when this CPU's vLLM build has no GPTQ kernel "
+                        "(AVX2 only), serve BASE with the release's adapter (--enable-lora) instead, and say so")
     args = parser.parse_args()
     latest = Path(args.model) / "LATEST"  # a registry repo folder: its newest release
     if latest.is_file():
         args.model = str(Path(args.model) / latest.read_text().strip())
+    if is_gptq(args.model) and not has_gptq_kernel(args.python):
+        why = ("this CPU has no AVX-512, and vLLM's CPU build has its GPTQ kernel (cpu_gemm_wna16) only in its "
+               "AVX-512 extension: the GPTQ model cannot be served on this machine")
+        if not args.fallback_base:
+            print(f"error: {why}", file=sys.stderr)
+            raise SystemExit(3)
+        print(f"note: {why}; serving {args.fallback_base} with the release's adapter instead", file=sys.stderr)
+        args.lora = [f"release={Path(args.model) / 'adapter'}"]
+        args.model = args.fallback_base
     try:
         result = serve_and_ask(args.model, args.question, python=args.python, lora=args.lora,
-                               max_model_len=args.max_model_len, max_tokens=args.max_tokens)
+                               max_model_len=args.max_model_len, max_tokens=args.max_tokens,
+                               ignore_eos=args.ignore_eos)
     except (RuntimeError, TimeoutError, urllib.error.URLError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
