@@ -151,24 +151,27 @@ def main() -> None:
     latest = Path(args.model) / "LATEST"  # a registry repo folder: its newest release
     if latest.is_file():
         args.model = str(Path(args.model) / latest.read_text().strip())
+    no_kernel = None
     if is_gptq(args.model) and not has_gptq_kernel(args.python):
-        why = ("this CPU has no AVX-512, and vLLM's CPU build has its GPTQ kernel (cpu_gemm_wna16) only in its "
-               "AVX-512 extension: the GPTQ model cannot be served on this machine")
-        if not args.fallback_base:
-            print(f"error: {why}", file=sys.stderr)
-            raise SystemExit(3)
-        print(f"note: {why}; serving {args.fallback_base} with the release's adapter instead", file=sys.stderr)
-        args.lora = [f"release={Path(args.model) / 'adapter'}"]
-        args.model = args.fallback_base
+        no_kernel = ("this CPU has no AVX-512, and vLLM's CPU build has its GPTQ kernel (cpu_gemm_wna16) only in its "
+                     "AVX-512 extension: the GPTQ model cannot be served on this machine")
+        if args.fallback_base:
+            print(f"note: {no_kernel}; serving {args.fallback_base} with the release's adapter instead",
+                  file=sys.stderr)
+            args.lora = [f"release={Path(args.model) / 'adapter'}"]
+            args.model = args.fallback_base
     try:
         result = serve_and_ask(args.model, args.question, python=args.python, lora=args.lora,
                                max_model_len=args.max_model_len, max_tokens=args.max_tokens,
                                ignore_eos=args.ignore_eos)
     except (RuntimeError, TimeoutError, urllib.error.URLError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # vLLM's own refusal (at load) is in the log lines above; a missing kernel fails the first request
+        print(f"error: {error}" + (f" ({no_kernel})" if no_kernel and not args.fallback_base else ""),
+              file=sys.stderr)
         raise SystemExit(1) from None
     print(json.dumps(result))
-    if not result["answer"].strip():
+    # --ignore-eos (random-weight models): any generated text counts, whitespace included
+    if not (result["answer"] if args.ignore_eos else result["answer"].strip()):
         print("error: empty answer", file=sys.stderr)
         raise SystemExit(1)
 
