@@ -28,6 +28,16 @@ def serve(model: Path | str, *extra: str, timeout: float = 1200) -> subprocess.C
                           text=True, timeout=timeout)
 
 
+def smoke_module():
+    """deploy/serve/smoke.py as a module (a script folder, not a package), for its kernel probe."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smoke", SMOKE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def answer_of(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -92,12 +102,9 @@ def test_the_release_says_how_each_engine_serves_it(release):
 
 @pytest.mark.slow
 def test_vllm_serves_the_published_gptq_release(release):
-    sys.path.insert(0, str(SMOKE.parent))
-    from smoke import has_gptq_kernel
-
-    if not has_gptq_kernel(SERVE_PYTHON):
-        pytest.skip("vLLM's CPU build has its GPTQ kernel only for AVX-512 CPUs; this one has none "
-                    "(smoke.py says the same)")
+    smoke = smoke_module()
+    if not smoke.has_gptq_kernel(SERVE_PYTHON):
+        pytest.skip(smoke.NO_GPTQ_KERNEL)
     answer_of(serve(release[0]))
 
 

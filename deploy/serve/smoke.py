@@ -68,6 +68,8 @@ def max_lora_rank(lora: list[str]) -> int | None:
 # vLLM's CPU build ships one extension per instruction set; only the AVX-512 one has the 4-bit GPTQ matmul
 # (CPUWNA16: torch.ops._C.cpu_gemm_wna16). On an AVX2-only CPU a GPTQ model loads and then fails its first forward.
 GPTQ_KERNEL_PROBE = "import torch, vllm._custom_ops; print(hasattr(torch.ops._C, 'cpu_gemm_wna16'))"
+NO_GPTQ_KERNEL = ("this CPU has no AVX-512, and vLLM's CPU build has its GPTQ kernel (cpu_gemm_wna16) only in its "
+                  "AVX-512 extension: the GPTQ model cannot be served on this machine")
 
 
 def has_gptq_kernel(python: Path = DEFAULT_PYTHON) -> bool:
@@ -153,8 +155,7 @@ def main() -> None:
         args.model = str(Path(args.model) / latest.read_text().strip())
     no_kernel = None
     if is_gptq(args.model) and not has_gptq_kernel(args.python):
-        no_kernel = ("this CPU has no AVX-512, and vLLM's CPU build has its GPTQ kernel (cpu_gemm_wna16) only in its "
-                     "AVX-512 extension: the GPTQ model cannot be served on this machine")
+        no_kernel = NO_GPTQ_KERNEL
         if args.fallback_base:
             print(f"note: {no_kernel}; serving {args.fallback_base} with the release's adapter instead",
                   file=sys.stderr)
