@@ -171,3 +171,77 @@ def test_eval_rows_are_split_from_every_source_and_leakage_is_checked_against_al
     out.mkdir()
     with pytest.raises(prep.DataContractFailed, match=rf"same prompt as {re.escape(str(second))}:6"):
         prep.validate_dataset(cfg, out)
+
+
+@pytest.mark.no_prefect
+def test_qlora_pipeline_validate_names_the_failing_source(tmp_path, assets, tiny_model, capsys):
+    from flows.cli import main as cli
+
+    rows = arithmetic_rows()[:40]
+    rows[2]["instruction"] = 42  # line 3
+    config = mixture_config(tmp_path, assets, tiny_model, jsonl(tmp_path / "arith.jsonl", rows))
+    code = cli(["validate", "--config", str(config)])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in out + err
+    assert err.startswith("error: data contract failed: instruction-is-string in source arith"), err
+    assert "| instruction-is-string | error | FAIL | 1 | 3: 42 |" in out
+
+
+@pytest.mark.slow
+def test_a_mixture_with_a_hub_source_through_the_flow_and_the_card_lists_every_source(tiny_config, tmp_path,
+                                                                                       monkeypatch, assets):
+    """chatterbot (a local file) at 70 and the arithmetic set as a private Hub dataset file at 30: fetched at its
+    commit, validated, mixed, trained and published; the card lists both sources with weight and hash. A weight
+    change re-runs from validate (the download and both sources' contract checks are reused)."""
+    import secrets
+
+    from huggingface_hub import HfApi
+
+    from flows.pipeline import qlora_pipeline
+    from tests.hub_server import HubServer
+
+    token = "hf_" + secrets.token_hex(16)
+    server = HubServer({token: {"user": "alice", "orgs": ["acme"], "role": "write"}}, tmp_path / "hub").start()
+    try:
+        api = HfApi(endpoint=server.url, token=token)
+        api.create_repo("acme/arith", repo_type="dataset", private=True)
+        second = jsonl(tmp_path / "arith.jsonl", arithmetic_rows())
+        api.upload_file(path_or_fileobj=str(second), path_in_repo="data/arith.jsonl", repo_id="acme/arith",
+                        repo_type="dataset", commit_message="arithmetic rows")
+        commit = api.dataset_info("acme/arith").sha
+        monkeypatch.setenv("HF_TOKEN", token)
+
+        def run(chatterbot_weight: int, arith_weight: int):
+            sources = (f"data.sources=[{{path: '{assets['data'] / 'train.jsonl'}', name: chatterbot, "
+                       f"weight: {chatterbot_weight}}}, {{path: 'acme/arith@main:data/arith.jsonl', "
+                       f"weight: {arith_weight}}}]")
+            return qlora_pipeline(config=str(tiny_config), overrides=[
+                "data.train_path=null", sources, f"publish.endpoint={server.url}",
+                "gates.min_perplexity_gain=-1"])  # random weights: a few steps may not lower the perplexity
+
+        first = run(70, 30)
+        stages = {s.stage: s for s in first.stages}
+        assert not stages["fetch-dataset"].cache_hit and first.release.created
+        root = Path(load_config(tiny_config).artifacts.root)
+        mixed = {m["name"]: m for m in json.loads(
+            (root / "objects" / stages["validate"].ref.sha256 / "mixture.json").read_text())}
+        for name, weight in (("chatterbot", 0.7), ("arith", 0.3)):
+            assert abs(mixed[name]["token_share"] - weight) <= 0.01 * weight, mixed
+        assert mixed["arith"]["sha256"] == prep.source_hash(str(second))  # the fetched file is the uploaded one
+
+        card = (Path(first.release.path) / "README.md").read_text()
+        for name, weight in (("chatterbot", 70), ("arith", 30)):
+            row = next(line for line in card.splitlines() if line.startswith(f"| {name} | "))
+            assert f"| {weight} | " in row and f"`{mixed[name]['sha256']}`" in row, row
+        assert commit in card  # the Hub source's commit, in the lineage
+        record = json.loads((Path(first.release.path) / "release.json").read_text())
+        assert record["dataset_sources"]["sources.arith"]["commit"] == commit
+
+        checks = sorted((root / "index" / "check-source").iterdir())
+        reweighted = run(60, 40)
+        again = {s.stage: s for s in reweighted.stages}
+        assert again["fetch-dataset"].cache_hit and not again["validate"].cache_hit and not again["train"].cache_hit
+        assert sorted((root / "index" / "check-source").iterdir()) == checks  # no source was checked again
+        assert reweighted.release.created and reweighted.release.version == "v2"
+    finally:
+        server.stop()
