@@ -141,6 +141,14 @@ def dataset_id(cfg: StageConfig) -> str:
     return str(path) if not path.exists() else (path.name if path.is_dir() else path.resolve().parent.name)
 
 
+def dataset_ids(cfg: StageConfig) -> list[str]:
+    """The card's `datasets`: a mixture's sources each by its Hub dataset id (when fetched from one) or its name,
+    unless data.name names the whole; else the one dataset_id."""
+    if cfg.data.sources and not cfg.data.name:
+        return [(source_of_file(source.path) or {"id": source.name})["id"] for source in cfg.data.sources]
+    return [dataset_id(cfg)]
+
+
 def serve_commands(cfg: StageConfig, repo: str, tag: str, lora_rank_flag: int | None) -> str:
     """How to serve the release with each engine of release.serve_with, from its folder (or Hub repo)."""
     on_hub = hub.is_hub_target(cfg)
@@ -191,7 +199,7 @@ def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecisi
     card_data = ModelCardData(
         base_model=base_model_name(cfg), library_name="transformers", pipeline_tag="text-generation",
         tags=["qlora", "gptq", f"{cfg.quantize.bits}-bit", "qlora-pipeline",
-              *(["gguf"] if "gguf" in cfg.release.formats else [])], datasets=[dataset_name],
+              *(["gguf"] if "gguf" in cfg.release.formats else [])], datasets=dataset_ids(cfg),
         model_name=repo,
         eval_results=[EvalResult(
             task_type="text-generation", dataset_type=dataset_name, dataset_name=f"{dataset_name} (held-out rows)",
