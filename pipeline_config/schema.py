@@ -100,7 +100,7 @@ class DataConfig(Section):
         "own contract and mixed by seed to its weight, counted in tokens after the chat template (the source that "
         "runs out first sets the mixture's size; the others are subsampled, no row repeats).")
     name: str | None = Field(None, description="The dataset's name or Hub id, for the model card's `datasets`; "
-                             "unset: the dataset id of train_path, or its folder's name.")
+                             "unset: the dataset id of train_path, or its folder's name (a mixture: each source's Hub id or name).")
     eval_path: str | None = Field(None, description="Held-out rows, never trained on; unset: split off the "
                                   "training rows by seed (eval_fraction).")
     format: Literal["auto", "alpaca", "prompt-completion", "messages"] = Field(

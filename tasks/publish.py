@@ -54,6 +54,14 @@ def mixture_name(cfg: StageConfig) -> str:
     return "mixture of " + ", ".join(f"{source.name} ({source.weight:g})" for source in cfg.data.sources)
 
 
+def as_fetched(source: dict) -> dict:
+    """A mixture's source as the card shows it: a Hub dataset file by its id, commit and file, not by where the
+    fetch-dataset stage put it."""
+    if hub_source := source_of_file(source["path"]):
+        return {**source, "path": f"{hub_source['id']}@{hub_source['commit']}:{hub_source['file']}"}
+    return source
+
+
 def release_hash(parts: dict[str, StageResult]) -> str:
     return artifacts.sha256_json({name: result.ref.sha256 for name, result in sorted(parts.items())})
 
@@ -82,7 +90,7 @@ def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageR
                             (("train", source_of_file(cfg.data.train_path)),
                              ("eval", source_of_file(cfg.data.eval_path)),
                              *((f"sources.{s.name}", source_of_file(s.path)) for s in cfg.data.sources or [])) if source},
-        **({"mixture": read("data", "mixture.json")} if cfg.data.sources else {}),
+        **({"mixture": [as_fetched(source) for source in read("data", "mixture.json")]} if cfg.data.sources else {}),
         "flow_run_id": str(runtime.flow_run.id or "local"),
         "pipeline_version": package_version("qlora-pipeline"),
         "git_commit": git_commit(),

@@ -233,7 +233,7 @@ def test_a_mixture_with_a_hub_source_through_the_flow_and_the_card_lists_every_s
         for name, weight in (("chatterbot", 70), ("arith", 30)):
             row = next(line for line in card.splitlines() if line.startswith(f"| {name} | "))
             assert f"| {weight} | " in row and f"`{mixed[name]['sha256']}`" in row, row
-        assert commit in card  # the Hub source's commit, in the lineage
+        assert f"| arith | `acme/arith@{commit}:data/arith.jsonl` | 30 | " in card  # the Hub file, not the store's
         assert "datasets:\n- chatterbot\n- acme/arith\n" in card  # the Hub metadata names both
         print(card[card.index("## Data"):card.index("## Metrics")])
         record = json.loads((Path(first.release.path) / "release.json").read_text())

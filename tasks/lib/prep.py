@@ -4,7 +4,9 @@ eval split, and the validate artifact's files and reports (the validate stage's 
 `validate_dataset` is four steps: check each file (`check_file`: rows, conversations, tokens, the GX contract),
 choose the rows (`select_rows`: duplicates out first, since the leakage check and the eval split compare the
 prompts of the rows kept; the length policy last, on the tokens), write the reports, and, when every rule
-passed, write the artifact and its data fingerprint.
+passed, write the artifact and its data fingerprint. A mixture (data.sources) goes through `validate_mixture`: the
+same per-file steps for each source, its check cached by content (`check_source`), then the sources mixed in tokens
+(tasks/lib/mixture.py).
 """
 
 from __future__ import annotations
