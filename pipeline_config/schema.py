@@ -104,9 +104,10 @@ class DataConfig(Section):
     eval_path: str | None = Field(None, description="Held-out rows, never trained on; unset: split off the "
                                   "training rows by seed (eval_fraction).")
     format: Literal["auto", "alpaca", "prompt-completion", "messages"] = Field(
-        "auto", description="Row format; auto detects it from the columns.")
-    contract: str | None = Field(None, description="Great Expectations suite (JSON); unset: "
-                                 "data_contracts/<format>.json for the (detected) format.")
+        "auto", description="Row format of train_path and eval_path (a source of data.sources has its own); auto "
+        "detects it from the columns.")
+    contract: str | None = Field(None, description="Great Expectations suite (JSON) of train_path and eval_path (a "
+                                 "source has its own); unset: data_contracts/<format>.json for the (detected) format.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out when eval_path is unset.")
     max_seq_len: int = Field(256, gt=8, description="Token limit per rendered example (see length_policy).")
     length_policy: Literal["drop", "truncate", "fail"] = Field(
