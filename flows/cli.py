@@ -38,8 +38,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(report)
     if not passed:
-        failed = [line.split("|")[1].strip() for line in report.splitlines()
-                  if line.startswith("| ") and "| FAIL" in line]
+        failed, section = [], ""
+        for line in report.splitlines():
+            if line.startswith("## "):  # a mixture's sources have a section each: `## source-NAME: ...`
+                section = line[3:].split(":")[0]
+            elif line.startswith("| ") and "| FAIL" in line:
+                rule = line.split("|")[1].strip()
+                failed.append(f"{rule} in source {section.removeprefix('source-')}"
+                              if section.startswith("source-") else rule)
         print(f"error: data contract failed: {', '.join(failed)} (rules, counts and rows above)", file=sys.stderr)
     return EXIT_OK if passed else EXIT_FAILED
 

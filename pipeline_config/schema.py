@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline_config.confine import check_name, check_relative, check_revision
 
@@ -37,17 +37,77 @@ class Section(BaseModel):
         return value
 
 
+def check_hub_data_file(value: str | None, key: str) -> str | None:
+    """ORG/NAME[@REVISION]:FILE: the revision and the FILE glob stay inside the repo (and the download folder)."""
+    if value and (match := HUB_DATA_FORM.fullmatch(value)):
+        if match.group(1) is not None:
+            check_revision(match.group(1), key)
+        check_relative(match.group(2), f"{key}: FILE of ORG/NAME@REVISION:FILE")
+    return value
+
+
+def check_contract_file(value: str | None) -> str | None:
+    if value is not None and not value.endswith(".json"):
+        raise ValueError(f"{value!r}: a data contract is a Great Expectations suite, a .json file")
+    return value
+
+
+class DataSource(Section):
+    """One training source of a mixture (data.sources): its rows, checked against its own contract."""
+
+    path: str = Field(description="Training rows, in any form data.train_path takes (a file, a `datasets` folder "
+                      "or id, a Hub dataset file ORG/NAME[@REVISION]:FILE).")
+    name: str = Field(description="The source's name in reports, the mixture and the model card (a plain name); "
+                      "unset: the file's name without its suffix.")
+    format: Literal["auto", "alpaca", "prompt-completion", "messages"] = Field(
+        "auto", description="Row format of this source; auto detects it from the columns.")
+    contract: str | None = Field(None, description="Great Expectations suite (JSON) for this source; unset: "
+                                 "data_contracts/<format>.json for its (detected) format.")
+    weight: float = Field(1.0, gt=0, description="Relative share of the mixture's training tokens (counted after "
+                          "the chat template); weights are normalized to sum to 1.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def name_from_path(cls, raw: Any) -> Any:
+        """An unnamed source is named after its file (`data/faq.jsonl` -> `faq`; a Hub file by its FILE)."""
+        if isinstance(raw, dict) and raw.get("name") is None and isinstance(raw.get("path"), str):
+            stem = raw["path"].rstrip("/").rsplit(":", 1)[-1].rsplit("/", 1)[-1].split("#")[0]
+            return {**raw, "name": stem.split(".")[0] or stem}
+        return raw
+
+    @field_validator("name")
+    @classmethod
+    def name_is_plain(cls, value: str) -> str:
+        return check_name(value, "a source name (it names report files)")
+
+    @field_validator("path")
+    @classmethod
+    def hub_file_inside_its_repo(cls, value: str) -> str:
+        return check_hub_data_file(value, "data.sources[].path")
+
+    @field_validator("contract")
+    @classmethod
+    def contract_is_a_suite_file(cls, value: str | None) -> str | None:
+        return check_contract_file(value)
+
+
 class DataConfig(Section):
-    train_path: str = Field(description="Training rows: a JSONL/JSON/CSV/Parquet file, a local `datasets` folder "
-                            "or a dataset id (NAME#SPLIT picks a split).")
+    train_path: str | None = Field(None, description="Training rows: a JSONL/JSON/CSV/Parquet file, a local "
+                                   "`datasets` folder or a dataset id (NAME#SPLIT picks a split). Required unless "
+                                   "data.sources is given.")
+    sources: list[DataSource] | None = Field(
+        None, min_length=1, description="Instead of train_path: several training sources, each checked against its "
+        "own contract and mixed by seed to its weight, counted in tokens after the chat template (the source that "
+        "runs out first sets the mixture's size; the others are subsampled, no row repeats).")
     name: str | None = Field(None, description="The dataset's name or Hub id, for the model card's `datasets`; "
-                             "unset: the dataset id of train_path, or its folder's name.")
+                             "unset: the dataset id of train_path, or its folder's name (a mixture: each source's Hub id or name).")
     eval_path: str | None = Field(None, description="Held-out rows, never trained on; unset: split off the "
                                   "training rows by seed (eval_fraction).")
     format: Literal["auto", "alpaca", "prompt-completion", "messages"] = Field(
-        "auto", description="Row format; auto detects it from the columns.")
-    contract: str | None = Field(None, description="Great Expectations suite (JSON); unset: "
-                                 "data_contracts/<format>.json for the (detected) format.")
+        "auto", description="Row format of train_path and eval_path (a source of data.sources has its own); auto "
+        "detects it from the columns.")
+    contract: str | None = Field(None, description="Great Expectations suite (JSON) of train_path and eval_path (a "
+                                 "source has its own); unset: data_contracts/<format>.json for the (detected) format.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out when eval_path is unset.")
     max_seq_len: int = Field(256, gt=8, description="Token limit per rendered example (see length_policy).")
     length_policy: Literal["drop", "truncate", "fail"] = Field(
@@ -60,12 +120,20 @@ class DataConfig(Section):
     @field_validator("train_path", "eval_path")
     @classmethod
     def hub_file_inside_its_repo(cls, value: str | None, info) -> str | None:
-        """ORG/NAME[@REVISION]:FILE: the revision and the FILE glob stay inside the repo (and the download folder)."""
-        if value and (match := HUB_DATA_FORM.fullmatch(value)):
-            if match.group(1) is not None:
-                check_revision(match.group(1), f"data.{info.field_name}")
-            check_relative(match.group(2), f"data.{info.field_name}: FILE of ORG/NAME@REVISION:FILE")
-        return value
+        return check_hub_data_file(value, f"data.{info.field_name}")
+
+    @model_validator(mode="after")
+    def one_kind_of_training_data(self) -> DataConfig:
+        if self.train_path is not None and self.sources is not None:
+            raise ValueError("data.train_path and data.sources are both given: give one of them (train_path for one "
+                             "file, sources for a mixture)")
+        if self.train_path is None and self.sources is None:
+            raise ValueError("data.train_path (or data.sources): required key is missing")
+        names = [source.name for source in self.sources or []]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"data.sources: name {', '.join(twice)} is used by several sources; give each its own "
+                             "`name`")
+        return self
 
     @field_validator("chat_template")
     @classmethod
@@ -81,9 +149,7 @@ class DataConfig(Section):
     @field_validator("contract")
     @classmethod
     def contract_is_a_suite_file(cls, value: str | None) -> str | None:
-        if value is not None and not value.endswith(".json"):
-            raise ValueError(f"{value!r}: a data contract is a Great Expectations suite, a .json file")
-        return value
+        return check_contract_file(value)
 
 
 class ModelConfig(Section):

@@ -50,6 +50,18 @@ RELEASE = StageSpec(
     key_config=lambda cfg: {"repo": display_repo(cfg), "target": cfg.publish.target, "config": lineage_config(cfg)})
 
 
+def mixture_name(cfg: StageConfig) -> str:
+    return "mixture of " + ", ".join(f"{source.name} ({source.weight:g})" for source in cfg.data.sources)
+
+
+def as_fetched(source: dict) -> dict:
+    """A mixture's source as the card shows it: a Hub dataset file by its id, commit and file, not by where the
+    fetch-dataset stage put it."""
+    if hub_source := source_of_file(source["path"]):
+        return {**source, "path": f"{hub_source['id']}@{hub_source['commit']}:{hub_source['file']}"}
+    return source
+
+
 def release_hash(parts: dict[str, StageResult]) -> str:
     return artifacts.sha256_json({name: result.ref.sha256 for name, result in sorted(parts.items())})
 
@@ -72,10 +84,13 @@ def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageR
         "data_artifact": parts["data"].ref.sha256,
         "data_source_hash": data_source_hash(cfg),  # raw train/eval files (flows/sensor.py)
         "datasets": [[split, path, data_files.get(f"{split}.jsonl", {"sha256": None})]
-                     for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path))],
+                     for split, path in (("train", cfg.data.train_path or mixture_name(cfg)),
+                                         ("eval", cfg.data.eval_path))],
         "dataset_sources": {split: source for split, source in
                             (("train", source_of_file(cfg.data.train_path)),
-                             ("eval", source_of_file(cfg.data.eval_path))) if source},
+                             ("eval", source_of_file(cfg.data.eval_path)),
+                             *((f"sources.{s.name}", source_of_file(s.path)) for s in cfg.data.sources or [])) if source},
+        **({"mixture": [as_fetched(source) for source in read("data", "mixture.json")]} if cfg.data.sources else {}),
         "flow_run_id": str(runtime.flow_run.id or "local"),
         "pipeline_version": package_version("qlora-pipeline"),
         "git_commit": git_commit(),

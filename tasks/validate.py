@@ -13,6 +13,8 @@ The artifact is everything later stages need, so none of them re-tokenizes:
     fingerprint.json            data fingerprint (rows + tokenizer files + template + length policy),
                                 counts, length statistics, packing efficiency
     {train,eval}_report.json    every rule: severity, pass/fail, failing count, sample rows + lines
+                                (a mixture, data.sources: source-<name>_report.json per source, and eval)
+    mixture.json                a mixture's sources: rows, tokens, share, weight, content hash
     report.md, data_docs/*.html the same for people; GX's own data-docs page per split
 Its content hash is in every downstream cache key, so a changed tokenizer, template or length
 policy changes this artifact and re-runs everything after it.
@@ -30,38 +32,24 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
-from tasks.lib import artifacts, contracts, datarows, log
+from tasks.lib import log, prep
 from tasks.lib.artifacts import ArtifactStore
 from tasks.lib.chat import tokenizer_hash
-from tasks.lib.datarows import DataError
 from tasks.lib.prep import DataContractFailed, validate_dataset
 from tasks.lib.stage import StageConfig, StageSpec, reported, run_stage
 
 
 def cache_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    def source(path: str) -> str:
-        local = Path(path.split("#")[0]) if "#" in Path(path).name else Path(path)
-        if local.exists():
-            return artifacts.sha256_path(local)
-        if not local.suffix:  # a dataset id: key on its name and the cached copy's fingerprint
-            frame_hash = _dataset_id_hash(path)
-            return artifacts.sha256_json({"dataset": path, "fingerprint": frame_hash})
-        raise DataError(f"{path}: file not found")
-
-    inputs = {"train": source(cfg.data.train_path)}
+    """The data files and contracts by content, and the tokenizer: a mixture's sources each by name."""
+    inputs = {"train": prep.source_hash(cfg.data.train_path)} if cfg.data.train_path else {}
+    for source in cfg.data.sources or []:
+        inputs[f"source:{source.name}"] = prep.source_hash(source.path)
+        inputs[f"contract:{source.name}"] = prep.contract_hash(source.contract, f"data.sources {source.name}: contract")
     if cfg.data.eval_path:
-        inputs["eval"] = source(cfg.data.eval_path)
-    contract = Path(cfg.data.contract) if cfg.data.contract else contracts.CONTRACTS_DIR
-    if not contract.exists():
-        raise DataError(f"{contract}: contract file not found (data.contract)")
-    inputs["contract"] = artifacts.sha256_path(contract)
+        inputs["eval"] = prep.source_hash(cfg.data.eval_path)
+    inputs["contract"] = prep.contract_hash(cfg.data.contract, "data.contract")
     inputs.update(tokenizer_hash(cfg))
     return inputs
-
-
-def _dataset_id_hash(spec: str) -> str:
-    frame = datarows.load_rows(Path(spec), "auto")
-    return artifacts.sha256_json(frame.astype(str).values.tolist())
 
 
 def key_config(cfg: StageConfig) -> dict:
@@ -70,6 +58,10 @@ def key_config(cfg: StageConfig) -> dict:
     data = cfg.data.model_dump(mode="json")
     for key in ("train_path", "eval_path", "contract", "tokenizer", "chat_template"):
         data[key] = data[key] is not None
+    if data["sources"] is None:
+        del data["sources"]  # a one-file config keeps the key it had before mixtures
+    for source in data.get("sources") or []:  # name, format and weight as they are; files by content
+        source["path"], source["contract"] = True, source["contract"] is not None
     return {"data": data, "seed": cfg.seed, "responses_only": cfg.train.loss_on_responses_only,
             "pack_budget": max(cfg.train.tokens_per_step, cfg.data.max_seq_len)}
 
@@ -81,7 +73,7 @@ VALIDATE = StageSpec("validate", __name__, key_config=key_config, reads=(
 def build_validated(cfg: StageConfig, store: ArtifactStore, workdir: Path, key: str) -> None:
     logger = log.logger()
     try:
-        reports = validate_dataset(cfg, workdir)
+        reports = validate_dataset(cfg, workdir, store=store)
     except DataContractFailed as failure:
         kept = store.scratch_dir("validate-failed", key)  # the reports outlive the failed build
         shutil.rmtree(kept, ignore_errors=True)
@@ -90,13 +82,18 @@ def build_validated(cfg: StageConfig, store: ArtifactStore, workdir: Path, key: 
         raise DataContractFailed(f"{failure}\nreports: {kept}") from None
     markdown = (workdir / "report.md").read_text()
     create_markdown_artifact(key="data-contract", markdown=markdown, description="Data contract passed")
-    prep = json.loads((workdir / "fingerprint.json").read_text())
+    fingerprint = json.loads((workdir / "fingerprint.json").read_text())
     for split, report in reports.items():
         warned = [r.rule for r in report.rules if not r.success]
         logger.info("validate: %s passed (%d rows)%s", split, report.row_count,
                     f", warnings: {', '.join(warned)}" if warned else "")
     logger.info("validate: %d training examples, packing efficiency %.1f%%, fingerprint %s",
-                prep["stats"]["train"]["examples"], 100 * prep["packing"]["efficiency"], prep["fingerprint"][:12])
+                fingerprint["stats"]["train"]["examples"], 100 * fingerprint["packing"]["efficiency"],
+                fingerprint["fingerprint"][:12])
+    for source in fingerprint.get("mixture", []):
+        logger.info("validate: mixture: %s: %d rows, %d tokens, %.2f%% of the tokens (weight %g: %.2f%%), "
+                    "sha256 %s", source["name"], source["rows"], source["tokens"], 100 * source["token_share"],
+                    source["weight"], 100 * source["share"], source["sha256"][:12])
 
 
 @task(name="validate", retries=0, cache_policy=NONE)  # bad data does not get better on retry
@@ -117,7 +114,7 @@ def validate_for_cli(cfg: PipelineConfig, data: str | None, fmt: str | None,
     the config's contract belongs to the config's format."""
     updates = {}
     if data:
-        updates.update(train_path=data, eval_path=None, eval_fraction=0.0)
+        updates.update(train_path=data, sources=None, eval_path=None, eval_fraction=0.0)
     if fmt:
         updates["format"] = fmt
         if not contract_given:

@@ -1,10 +1,10 @@
 """Base models and datasets named by Hub id: resolving a revision to a commit (preflight) and downloading it.
 
 `model.base` as `ORG/NAME[@REVISION]` (the way Axolotl's `base_model:` and LLaMA-Factory's `model_name_or_path:`
-name one) and `data.train_path` / `data.eval_path` as `ORG/NAME[@REVISION]:FILE` (FILE: one file of the dataset
-repo, a glob matching exactly one). Preflight resolves each revision (branch, tag or commit; default `main`) to a
-commit sha with the token the publish step uses (`publish.token_secret`, else `HF_TOKEN`, else anonymous), so a
-wrong token or a missing repo, revision or file fails the run before any stage. The fetch stages download that
+name one) and `data.train_path` / `data.eval_path` / a mixture's `data.sources[].path` as
+`ORG/NAME[@REVISION]:FILE` (FILE: one file of the dataset repo, a glob matching exactly one). Preflight resolves
+each revision (branch, tag or commit; default `main`) to a commit sha with the token the publish step uses
+(`publish.token_secret`, else `HF_TOKEN`, else anonymous), so a wrong token or a missing repo, revision or file fails the run before any stage. The fetch stages download that
 commit into the artifact store with `hub_source.json` (id, revision, commit[, file]) beside the files, which the
 model card's lineage reads.
 
@@ -177,11 +177,19 @@ def hub_data_spec(path: str | None) -> tuple[str, str, str] | None:
     return (match.group(1), match.group(2) or "main", match.group(3)) if match else None
 
 
+def data_paths(data) -> dict[str, str]:
+    """Every data path of the config (data section) by its key: train_path, eval_path, sources.NAME (a mixture)."""
+    paths = {key: getattr(data, key) for key in SPLITS if getattr(data, key)}
+    paths.update({f"sources.{source.name}": source.path for source in data.sources or []})
+    return paths
+
+
 def resolve_revisions(cfg: PipelineConfig) -> dict[str, dict]:
-    """Preflight: {"train_path" | "eval_path": {"id", "revision", "commit", "file"}} for the Hub data paths."""
+    """Preflight: {"train_path" | "eval_path" | "sources.NAME": {"id", "revision", "commit", "file"}} for the Hub
+    data paths."""
     sources = {}
-    for key in SPLITS:
-        spec = hub_data_spec(getattr(cfg.data, key))
+    for key, path in data_paths(cfg.data).items():
+        spec = hub_data_spec(path)
         if spec is None:
             continue
         repo_id, revision, pattern = spec
@@ -211,8 +219,13 @@ def download_data_file(cfg: PipelineConfig, source: dict, out_dir: Path) -> None
 
 
 def with_data_files(cfg: PipelineConfig, files: dict[str, Path]) -> PipelineConfig:
-    """The config the stages after the fetch see: each Hub data path replaced by its downloaded file."""
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={k: str(v) for k, v in files.items()})})
+    """The config the stages after the fetch see: each Hub data path (a key of data_paths) replaced by its
+    downloaded file."""
+    update = {key: str(path) for key, path in files.items() if key in SPLITS}
+    if cfg.data.sources:
+        update["sources"] = [source.model_copy(update={"path": str(files[f"sources.{source.name}"])})
+                             if f"sources.{source.name}" in files else source for source in cfg.data.sources]
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
 
 
 def source_of_file(path: str | None) -> dict | None:

@@ -19,11 +19,14 @@ def git_commit() -> str | None:
 
 
 def data_source_hash(cfg) -> str:
-    """sha256 over the content hashes of data.train_path and data.eval_path.
+    """sha256 over the content hashes of data.train_path and data.eval_path (and a mixture's sources).
 
     A path that is not a local file or folder (a dataset id `NAME#SPLIT`) enters by its name only: its
     content is not observed, so a sensor cannot see it change (pin a revision in the id instead)."""
-    parts = {}
-    for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
-        parts[split] = None if path is None else (sha256_path(Path(path)) if Path(path).exists() else f"id:{path}")
+    def content(path: str | None) -> str | None:
+        return None if path is None else (sha256_path(Path(path)) if Path(path).exists() else f"id:{path}")
+
+    parts = {split: content(path) for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path))}
+    if cfg.data.sources:  # a one-file config keeps the hash it had before mixtures
+        parts["sources"] = {source.name: content(source.path) for source in cfg.data.sources}
     return sha256_json(parts)

@@ -38,6 +38,15 @@ Data artifact (the validated dataset, sha256): `{{ lineage.data_artifact }}`
 {% for split, path, info in lineage.datasets -%}
 | {{ split }} | `{{ path }}` | `{{ info.sha256 }}` |
 {% endfor %}
+{% if lineage.mixture -%}
+Training mixture: the sources mixed by seed to their weights, counted in tokens after the chat template.
+
+| source | path | weight | share of training tokens | rows | tokens | sha256 (source file) |
+|---|---|---|---|---|---|---|
+{% for s in lineage.mixture -%}
+| {{ s.name }} | `{{ s.path }}` | {{ "%g" | format(s.weight) }} | {{ "%.2f%%" | format(100 * s.token_share) }} | {{ s.rows }} | {{ s.tokens }} | `{{ s.sha256 }}` |
+{% endfor %}
+{% endif -%}
 ## Metrics (held-out data)
 
 | model | response perplexity | exact match |
@@ -124,10 +133,20 @@ def dataset_id(cfg: StageConfig) -> str:
     else the name of the folder the training file is in (a file name says nothing about the data)."""
     if cfg.data.name:
         return cfg.data.name
+    if cfg.data.sources:  # a mixture: its sources by name
+        return "+".join(source.name for source in cfg.data.sources)
     if fetched := source_of_file(cfg.data.train_path):
         return fetched["id"]
     path = Path(cfg.data.train_path.split("#", 1)[0])
     return str(path) if not path.exists() else (path.name if path.is_dir() else path.resolve().parent.name)
+
+
+def dataset_ids(cfg: StageConfig) -> list[str]:
+    """The card's `datasets`: a mixture's sources each by its Hub dataset id (when fetched from one) or its name,
+    unless data.name names the whole; else the one dataset_id."""
+    if cfg.data.sources and not cfg.data.name:
+        return [(source_of_file(source.path) or {"id": source.name})["id"] for source in cfg.data.sources]
+    return [dataset_id(cfg)]
 
 
 def serve_commands(cfg: StageConfig, repo: str, tag: str, lora_rank_flag: int | None) -> str:
@@ -180,7 +199,7 @@ def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecisi
     card_data = ModelCardData(
         base_model=base_model_name(cfg), library_name="transformers", pipeline_tag="text-generation",
         tags=["qlora", "gptq", f"{cfg.quantize.bits}-bit", "qlora-pipeline",
-              *(["gguf"] if "gguf" in cfg.release.formats else [])], datasets=[dataset_name],
+              *(["gguf"] if "gguf" in cfg.release.formats else [])], datasets=dataset_ids(cfg),
         model_name=repo,
         eval_results=[EvalResult(
             task_type="text-generation", dataset_type=dataset_name, dataset_name=f"{dataset_name} (held-out rows)",
@@ -189,7 +208,8 @@ def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecisi
     )
     card = ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE,
-        repo=repo, on_hub=hub.is_hub_target(cfg), base_model=card_data.base_model, train_path=cfg.data.train_path,
+        repo=repo, on_hub=hub.is_hub_target(cfg), base_model=card_data.base_model,
+        train_path=cfg.data.train_path or " + ".join(source.name for source in cfg.data.sources),
         lora_r=cfg.lora.r, bits=cfg.quantize.bits, group_size=cfg.quantize.group_size, lineage=lineage,
         models=[("base", metrics["finetune"]["base"]), ("fine-tuned (NF4 + LoRA)", metrics["finetune"]["finetuned"]),
                 ("merged", metrics["quantized"]["merged"]), ("GPTQ (published)", metrics["quantized"]["gptq"]),

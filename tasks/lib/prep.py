@@ -4,7 +4,9 @@ eval split, and the validate artifact's files and reports (the validate stage's 
 `validate_dataset` is four steps: check each file (`check_file`: rows, conversations, tokens, the GX contract),
 choose the rows (`select_rows`: duplicates out first, since the leakage check and the eval split compare the
 prompts of the rows kept; the length policy last, on the tokens), write the reports, and, when every rule
-passed, write the artifact and its data fingerprint.
+passed, write the artifact and its data fingerprint. A mixture (data.sources) goes through `validate_mixture`: the
+same per-file steps for each source, its check cached by content (`check_source`), then the sources mixed in tokens
+(tasks/lib/mixture.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline_config import PipelineConfig
-from tasks.lib import artifacts, chat, contracts, datarows, packing
+from tasks.lib import artifacts, chat, contracts, datarows, log, mixture, packing
+from tasks.lib.artifacts import ArtifactStore
 from tasks.lib.chat import load_tokenizer
 from tasks.lib.contracts import RuleResult, SampleRow, ValidationReport
 from tasks.lib.datarows import DataError
+from tasks.lib.stage import StageSpec, run_stage
 
 ROLE_ORDER = re.compile(r"^(?:system,)?user,assistant(?:,user,assistant)*$")
 
@@ -51,6 +56,7 @@ class SplitCheck:
     tokenized: chat.TokenizedSet | None = None
     validation: object = None
     keys: list[tuple[str, str, str]] = field(default_factory=list)  # _keys of each conversation
+    docs_html: Path | None = None  # GX's data-docs page of a cached check (validation is then None)
 
 
 def check_file(path: str, fmt: str, contract: str | None, tokenizer, renderer, responses_only: bool) -> SplitCheck:
@@ -169,13 +175,18 @@ class Selection:
 
 def check_leakage(train: SplitCheck, train_kept: list[int], ev: SplitCheck, eval_kept: list[int]) -> None:
     """An error for every kept eval row whose prompt a kept training row has too."""
+    check_leakage_from(((train, train_kept),), ev, eval_kept)
+
+
+def check_leakage_from(trains, ev: SplitCheck, eval_kept: list[int]) -> None:
+    """check_leakage against several training files ((check, kept positions), ...): a mixture's sources."""
     train_prompts = {}
-    for position in train_kept:
-        train_prompts.setdefault(train.keys[position][2], position)
+    for train, train_kept in trains:
+        for position in train_kept:
+            train_prompts.setdefault(train.keys[position][2], f"{train.path}:{train.lines[position]}")
     leaks = [p for p in eval_kept if ev.keys[p][2] in train_prompts]
     ev.report.add(_rule("eval-train-leakage", "error", leaks, [
-        SampleRow(line=ev.lines[p], value=f"same prompt as {train.path}:{train.lines[train_prompts[ev.keys[p][2]]]}")
-        for p in leaks[:SAMPLES]]))
+        SampleRow(line=ev.lines[p], value=f"same prompt as {train_prompts[ev.keys[p][2]]}") for p in leaks[:SAMPLES]]))
 
 
 def split_eval(train: SplitCheck, kept: list[int], seed: int, fraction: float,
@@ -218,8 +229,11 @@ def select_rows(cfg: PipelineConfig, checks: dict[str, SplitCheck], require_eval
                      eval_rows=eval_rows, stats=stats)
 
 
-def validate_dataset(cfg: PipelineConfig, out_dir: Path, require_eval: bool = True) -> dict[str, ValidationReport]:
-    """Validate, normalize, split, tokenize; write the artifact files into out_dir.
+def validate_dataset(cfg: PipelineConfig, out_dir: Path, require_eval: bool = True,
+                     store: ArtifactStore | None = None) -> dict[str, ValidationReport]:
+    """Validate, normalize, split, tokenize; write the artifact files into out_dir. With data.sources, the sources
+    are checked each against its own contract (in the store's `check-source` cache when a store is given) and mixed
+    (validate_mixture).
 
     Raises DataContractFailed (with the markdown reports) when any error-severity rule fails,
     or DataError when a file, the tokenizer or its template cannot be used at all.
@@ -227,6 +241,8 @@ def validate_dataset(cfg: PipelineConfig, out_dir: Path, require_eval: bool = Tr
     data = cfg.data
     tokenizer = load_tokenizer(cfg)
     renderer = chat.ChatRenderer(tokenizer)
+    if data.sources:
+        return validate_mixture(cfg, tokenizer, renderer, out_dir, require_eval, store)
     checks = {split: check_file(path, data.format, data.contract, tokenizer, renderer, cfg.train.loss_on_responses_only)
               for split, path in (("train", data.train_path), ("eval", data.eval_path)) if path}
     selection = select_rows(cfg, checks, require_eval)
@@ -237,7 +253,7 @@ def validate_dataset(cfg: PipelineConfig, out_dir: Path, require_eval: bool = Tr
         details = "\n".join(f"{checks[s].path}:\n{reports[s].to_markdown()}" for s in failed)
         raise DataContractFailed(f"data contract failed for {', '.join(failed)} data:\n{details}")
     examples = write_rows_and_tokens(cfg, checks["train"], selection, tokenizer, out_dir)
-    fingerprint = write_fingerprint(cfg, examples, selection, tokenizer, out_dir)
+    fingerprint = write_fingerprint(cfg, examples, selection.stats, len(selection.eval_rows), tokenizer, out_dir)
     (out_dir / "report.md").write_text(render_reports(checks, selection.stats, fingerprint))
     return reports
 
@@ -250,6 +266,8 @@ def write_reports(checks: dict[str, SplitCheck], out_dir: Path) -> dict[str, Val
         (out_dir / f"{split}_report.json").write_text(json.dumps(check.report.to_dict(), indent=1))
         if check.validation is not None:
             contracts.render_data_docs(check.validation, docs / f"{split}.html")
+        elif check.docs_html is not None and check.docs_html.is_file():
+            shutil.copyfile(check.docs_html, docs / f"{split}.html")
     return {split: check.report for split, check in checks.items()}
 
 
@@ -266,17 +284,17 @@ def write_rows_and_tokens(cfg: PipelineConfig, train: SplitCheck, selection: Sel
     return examples
 
 
-def write_fingerprint(cfg: PipelineConfig, examples: chat.TokenizedSet, selection: Selection, tokenizer,
-                      out_dir: Path) -> dict:
+def write_fingerprint(cfg: PipelineConfig, examples: chat.TokenizedSet, stats: dict[str, dict], eval_count: int,
+                      tokenizer, out_dir: Path, mixed: list[dict] | None = None) -> dict:
     """fingerprint.json: the data fingerprint (a hash of what training sees: rows, tokenizer files, chat
-    template, length policy), with the counts (added to selection.stats), token-length statistics and packing
-    efficiency."""
-    data, stats, lengths = cfg.data, selection.stats, examples.lengths
+    template, length policy), with the counts (added to stats), token-length statistics and packing
+    efficiency; a mixture's sources (mixed) as `mixture`."""
+    data, lengths = cfg.data, examples.lengths
     stats["train"].update(examples=len(examples), tokens=int(lengths.sum()), trained_tokens=int(examples.trained.sum()),
                           token_length={"min": int(lengths.min(initial=0)), "mean": float(lengths.mean()) if len(lengths) else 0.0,
                                         "p95": float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
                                         "max": int(lengths.max(initial=0))})
-    stats["eval"]["examples"] = len(selection.eval_rows)
+    stats["eval"]["examples"] = eval_count
     packed = packing.packing_efficiency(lengths, max(cfg.train.tokens_per_step, data.max_seq_len), cfg.seed)
     components = {
         "rows": artifacts.sha256_json([artifacts.sha256_file(out_dir / "train.jsonl"),
@@ -287,13 +305,16 @@ def write_fingerprint(cfg: PipelineConfig, examples: chat.TokenizedSet, selectio
         "responses_only": cfg.train.loss_on_responses_only,
     }
     fingerprint = {"fingerprint": artifacts.sha256_json(components), "components": components,
-                   "stats": stats, "packing": packed, "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token}
+                   "stats": stats, "packing": packed, "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token,
+                   **({"mixture": mixed} if mixed is not None else {})}
     (out_dir / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
     return fingerprint
 
 
 def render_reports(checks: dict[str, SplitCheck], stats: dict, fingerprint: dict | None) -> str:
     parts = [f"## {split}: `{check.path}` ({check.fmt})\n\n{check.report.to_markdown()}" for split, check in checks.items()]
+    if fingerprint and "mixture" in fingerprint:
+        parts.append(mixture_markdown(fingerprint["mixture"]))
     lines = ["## Preparation", "", "| split | " + " | ".join(
         ("rows_read", "exact_duplicates", "normalized_duplicates", "over_length", "dropped_over_length",
          "truncated", "examples")) + " |", "|---" * 8 + "|"]
@@ -308,3 +329,183 @@ def render_reports(checks: dict[str, SplitCheck], stats: dict, fingerprint: dict
                   f"Data fingerprint: `{fingerprint['fingerprint']}` (rows + tokenizer files + chat template + "
                   "length policy)."]
     return "\n".join(parts + lines) + "\n"
+
+
+# ---------------------------------------------------------------- mixtures (data.sources)
+
+# A source's own check (rows, conversations, tokens, its contract) depends on its content, its format and contract,
+# the tokenizer and template, and whether only responses are trained: keyed by those, it is reused when only the
+# mixture around it changes (a weight, another source, the length policy), so its GX suite does not run again.
+CHECK_SOURCE = StageSpec("check-source", __name__, reads=(), key_config=lambda cfg: {})
+CHECK_FILES = ("rows.jsonl", "lines.json", chat.TOKENS_FILE, "report.json", "check.json")
+
+
+def source_hash(path: str) -> str:
+    """Content hash of a data path: a file or folder by its bytes, a `datasets` id by its cached rows."""
+    local = Path(path.split("#")[0]) if "#" in Path(path).name else Path(path)
+    if local.exists():
+        return artifacts.sha256_path(local)
+    if not local.suffix:  # a dataset id: key on its name and the cached copy's rows
+        frame = datarows.load_rows(Path(path), "auto")
+        return artifacts.sha256_json({"dataset": path, "fingerprint": artifacts.sha256_json(
+            frame.astype(str).values.tolist())})
+    raise DataError(f"{path}: file not found")
+
+
+def contract_hash(contract: str | None, key: str) -> str:
+    """The named suite's hash, or (unset) the shipped suites' folder's: the detected format picks one of them."""
+    path = Path(contract) if contract else contracts.CONTRACTS_DIR
+    if not path.exists():
+        raise DataError(f"{path}: contract file not found ({key})")
+    return artifacts.sha256_path(path)
+
+
+def save_check(check: SplitCheck, folder: Path) -> None:
+    datarows.write_jsonl(folder / "rows.jsonl", check.rows)
+    (folder / "lines.json").write_text(json.dumps(check.lines))
+    check.tokenized.save(folder / chat.TOKENS_FILE)
+    (folder / "report.json").write_text(json.dumps(check.report.to_dict(), indent=1))
+    (folder / "check.json").write_text(json.dumps({"format": check.fmt}))
+    if check.validation is not None:
+        contracts.render_data_docs(check.validation, folder / "data_docs.html")
+
+
+def load_check(folder: Path, path: str) -> SplitCheck:
+    rows = datarows.read_jsonl(folder / "rows.jsonl")
+    conversations = [row["messages"] for row in rows]
+    return SplitCheck(
+        path=path, fmt=json.loads((folder / "check.json").read_text())["format"],
+        report=ValidationReport.model_validate(json.loads((folder / "report.json").read_text())),
+        lines=json.loads((folder / "lines.json").read_text()), rows=rows, conversations=conversations,
+        tokenized=chat.TokenizedSet.load(folder / chat.TOKENS_FILE), keys=[_keys(turns) for turns in conversations],
+        docs_html=folder / "data_docs.html")
+
+
+def check_source(cfg: PipelineConfig, source, tokenizer, renderer, store: ArtifactStore | None) -> SplitCheck:
+    """check_file for one source of a mixture; with a store, cached there by content (CHECK_SOURCE)."""
+    responses_only = cfg.train.loss_on_responses_only
+    if store is None:
+        return check_file(source.path, source.format, source.contract, tokenizer, renderer, responses_only)
+    inputs = {"rows": source_hash(source.path), "format": source.format,
+              "contract": contract_hash(source.contract, f"data.sources {source.name}: contract"),
+              "responses_only": str(responses_only), **chat.tokenizer_hash(cfg)}
+
+    def build(_view, workdir: Path, _key: str) -> None:
+        save_check(check_file(source.path, source.format, source.contract, tokenizer, renderer, responses_only),
+                   workdir)
+
+    result = run_stage(CHECK_SOURCE, store, cfg, inputs=inputs, build=build, name=CHECK_SOURCE.name)
+    log.logger().info("validate: source %s: contract check %s", source.name,
+                      "reused (same content, contract and tokenizer)" if result.cache_hit else "run")
+    return load_check(store.local_path(result.ref), source.path)
+
+
+def concat_tokens(sets: list[chat.TokenizedSet]) -> chat.TokenizedSet:
+    ids = np.concatenate([s.ids for s in sets]) if sets else np.zeros(0, np.int32)
+    trained = np.concatenate([s.trained for s in sets]) if sets else np.zeros(0, bool)
+    offsets = np.zeros(sum(len(s) for s in sets) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate([s.lengths for s in sets]) if sets else [], out=offsets[1:])
+    return chat.TokenizedSet(ids, trained, offsets)
+
+
+SUMMED_STATS = ("rows_read", "exact_duplicates", "normalized_duplicates", "over_length", "dropped_over_length",
+                "truncated")
+
+
+def validate_mixture(cfg: PipelineConfig, tokenizer, renderer, out_dir: Path, require_eval: bool,
+                     store: ArtifactStore | None) -> dict[str, ValidationReport]:
+    """data.sources: each source checked against its own contract (its report is `source-<name>`), de-duplicated,
+    split (held-out rows by seed when data.eval_path is unset), held to the length policy, and the sources mixed by
+    seed to their weights, counted in tokens (tasks/lib/mixture.py). The mixture's rows, per source (rows, tokens,
+    share, weight, content hash), are in fingerprint.json and mixture.json."""
+    data, sources = cfg.data, {f"source-{s.name}": s for s in cfg.data.sources}
+    checks = {split: check_source(cfg, source, tokenizer, renderer, store) for split, source in sources.items()}
+    if data.eval_path:
+        checks["eval"] = check_file(data.eval_path, data.format, data.contract, tokenizer, renderer,
+                                    cfg.train.loss_on_responses_only)
+    kept, stats = {}, {}
+    for split, check in checks.items():
+        kept[split], stats[split] = deduplicate(check, data.max_duplicate_rate)
+        stats[split].update(rows_read=check.report.row_count, format=check.fmt)
+    if data.eval_path:
+        check_leakage_from([(checks[split], kept[split]) for split in sources], checks["eval"], kept["eval"])
+        eval_positions, length_stats = apply_length_policy(checks["eval"], kept["eval"], data.max_seq_len,
+                                                           data.length_policy, tokens=False)
+        stats["eval"].update(length_stats)
+        eval_rows = [checks["eval"].rows[p] for p in eval_positions]
+    else:
+        eval_rows = []
+        for split in sources:
+            kept[split], held, _ = split_eval(checks[split], kept[split], cfg.seed, data.eval_fraction, False)
+            stats[split]["held_out"] = len(held)
+            eval_rows += [checks[split].rows[p] for p in held]
+        if require_eval and not eval_rows:
+            checks[next(iter(sources))].report.add(_rule("eval-split-not-empty", "error", [None], [],
+                                                         observed=f"eval_fraction {data.eval_fraction}"))
+        stats["eval"] = {"rows_read": 0, "format": "mixture", "split_from_train": len(eval_rows),
+                         "eval_fraction": data.eval_fraction, "seed": cfg.seed}
+    truncate = data.max_seq_len if data.length_policy == "truncate" else None
+    examples, positions = {}, {}
+    for split in sources:
+        positions[split], length_stats = apply_length_policy(checks[split], kept[split], data.max_seq_len,
+                                                             data.length_policy)
+        stats[split].update(length_stats)
+        examples[split] = checks[split].tokenized.select(np.asarray(positions[split], dtype=np.int64), truncate)
+        checks[split].report.add(_rule("source-has-examples", "error", [] if len(examples[split]) else [None], [],
+                                       observed=f"{len(examples[split])} training examples"))
+    reports = write_reports(checks, out_dir)
+    failed = [split for split, report in reports.items() if not report.passed]
+    if failed:
+        (out_dir / "report.md").write_text(render_reports(checks, stats, None))
+        details = "\n".join(f"{_describe_split(split, checks[split])}:\n{reports[split].to_markdown()}"
+                            for split in failed)
+        raise DataContractFailed(f"data contract failed for {', '.join(_describe_split(s, checks[s]) for s in failed)}:"
+                                 f"\n{details}")
+    taken = mixture.mix_by_tokens({split: examples[split].lengths for split in sources},
+                                  {split: source.weight for split, source in sources.items()}, cfg.seed)
+    order = mixture.interleave({split: len(taken[split]) for split in sources}, cfg.seed)
+    start = dict(zip(sources, np.cumsum([0] + [len(taken[split]) for split in sources])))
+    tokens = concat_tokens([examples[split].select(taken[split]) for split in sources])
+    tokens = tokens.select(np.asarray([start[split] + i for split, i in order], dtype=np.int64))
+    datarows.write_jsonl(out_dir / "train.jsonl", [checks[split].rows[positions[split][taken[split][i]]]
+                                                   for split, i in order])
+    datarows.write_jsonl(out_dir / "eval.jsonl", eval_rows)
+    tokens.save(out_dir / chat.TOKENS_FILE)
+    tokenizer.save_pretrained(out_dir / chat.TOKENIZER_DIR)
+    mixed = mixture_report(sources, checks, examples, taken)
+    (out_dir / "mixture.json").write_text(json.dumps(mixed, indent=1))
+    for split in sources:
+        stats[split]["examples"] = len(taken[split])
+    stats["train"] = {"format": "mixture", **{key: sum(stats[split].get(key, 0) for split in sources)
+                                              for key in SUMMED_STATS}}
+    fingerprint = write_fingerprint(cfg, tokens, stats, len(eval_rows), tokenizer, out_dir, mixed)
+    (out_dir / "report.md").write_text(render_reports(checks, stats, fingerprint))
+    return reports
+
+
+def _describe_split(split: str, check: SplitCheck) -> str:
+    return f"source {split.removeprefix('source-')} ({check.path})" if split.startswith("source-") else \
+        f"{split} data ({check.path})"
+
+
+def mixture_report(sources: dict, checks: dict[str, SplitCheck], examples: dict[str, chat.TokenizedSet],
+                   taken: dict[str, np.ndarray]) -> list[dict]:
+    """Per source: what it was (name, path, content hash, format), what it was asked for (weight, share) and what
+    it gave (rows and tokens taken, their share of the mixture's tokens, and how many it had)."""
+    share = mixture.shares({split: source.weight for split, source in sources.items()})
+    lengths = {split: examples[split].lengths[taken[split]] for split in sources}
+    total = sum(int(x.sum()) for x in lengths.values())
+    return [{"name": source.name, "path": source.path, "sha256": source_hash(source.path), "format": checks[split].fmt,
+             "weight": source.weight, "share": share[split], "rows": len(taken[split]),
+             "tokens": int(lengths[split].sum()), "token_share": int(lengths[split].sum()) / max(1, total),
+             "available_rows": len(examples[split]), "available_tokens": int(examples[split].lengths.sum())}
+            for split, source in sources.items()]
+
+
+def mixture_markdown(mixed: list[dict]) -> str:
+    lines = ["## Mixture (training tokens after the chat template, mixed by seed)", "",
+             "| source | weight | target share | rows | tokens | token share | of available rows | sha256 |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {m['name']} | {m['weight']:g} | {m['share']:.1%} | {m['rows']} | {m['tokens']} | "
+              f"{m['token_share']:.2%} | {m['available_rows']} | `{m['sha256'][:16]}` |" for m in mixed]
+    return "\n".join(lines) + "\n"
