@@ -17,7 +17,7 @@ from conftest import REPO, write_config
 from safetensors.torch import load_file
 
 from pipeline_config import ConfigError, load_config
-from tasks.lib import chat, checkpoints, metrics, modeling, packing, trainer
+from tasks.lib import chat, checkpoints, metrics, model_card, modeling, packing, trainer
 from tests.reference import read_events
 
 STEPS = 8
@@ -113,6 +113,9 @@ def test_a_run_with_epochs_trains_whole_passes_over_the_data(config_file, valida
     assert sum(first) == sum(second) == int(examples.lengths.sum())
     assert result["history"][2 * per_epoch - 1]["epoch"] == pytest.approx(2.0)
     assert result["kept"] == {"adapter": "last", "step": result["steps"], "held_out_loss": None}
+    assert model_card.training_line(result) == (
+        f"{result['steps']} optimizer steps ({result['epochs']:.2f} epochs, {result['tokens_seen']:,} tokens seen); "
+        f"adapter of step {result['steps']} sealed (train.keep: last)")
 
 
 @pytest.mark.slow
@@ -123,6 +126,8 @@ def test_keep_best_seals_the_best_step_not_the_last(config_file, validated_data,
     best_step = min(losses, key=losses.get)
     assert result["kept"] == {"adapter": "best", "step": best_step, "held_out_loss": losses[best_step]}
     assert best_step != STEPS and losses[STEPS] > losses[best_step]
+    assert model_card.training_line(result).endswith(
+        f"adapter of step {best_step} sealed (train.keep: best, held-out loss {losses[best_step]:.4f})")
 
     # The sealed adapter is that step's: evaluation's own loaders score it at the loss recorded then.
     cfg = load_config(config_file)
@@ -152,6 +157,7 @@ def test_early_stopping_ends_the_run_patience_evaluations_after_the_best(config_
     # Up to where it stopped, the same steps as the run without early stopping, and the same best.
     assert losses == pytest.approx({s: v for s, v in held_out_losses(uninterrupted).items() if s in losses})
     assert best_step == uninterrupted["kept"]["step"]
+    assert f"; stopped early, of {STEPS} planned)" in model_card.training_line(result)
 
 
 def trainer_process(config: Path, data_dir: Path, out: Path, scratch: Path) -> subprocess.Popen:
