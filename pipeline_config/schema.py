@@ -138,8 +138,8 @@ class TrainConfig(Section):
         "statistics), and the steps are epochs x that, rounded up. Each epoch is packed and shuffled anew by seed.")
     eval_every: int | None = Field(
         None, gt=0, description="Held-out response loss every this many steps (and at the last), on "
-        "eval_examples held-out rows scored as evaluation scores them; unset: off (each evaluation costs about "
-        "as much as a training step of as many tokens).")
+        "eval_examples held-out rows scored as evaluation scores them; unset: off (on the CPU one evaluation of 32 "
+        "rows costs more than a training step; the README has the numbers).")
     eval_examples: int = Field(32, gt=0, description="Held-out rows scored during training (with eval_every): a "
                                "fixed subset, chosen by seed.")
     early_stopping: EarlyStoppingConfig | None = Field(
