@@ -23,6 +23,7 @@ from tasks.fetch_dataset import fetch_dataset_task, fetched_file
 from tasks.gate import gate_task, serving_gate_task
 from tasks.lib.artifacts import ArtifactStore, verification_stats
 from tasks.lib.hub_sources import with_base_folder, with_data_files
+from tasks.lib.model_card import training_line
 from tasks.lib.modeling import quiet_transformers
 from tasks.lib.registry import Release
 from tasks.lib.stage import StageResult
@@ -86,17 +87,19 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
     stages = [*([fetched] if fetched else []), *fetched_data.values(), data, adapter, evaluation, finetune_gate,
               merged, merge_gate, quantized, *([gguf] if gguf else []), quantized_evaluation,
               *([published_evaluation] if published_evaluation else []), quantized_gate, serving_gate]
-    serving = json.loads((ArtifactStore(cfg.artifacts.root).local_path(serving_gate.ref) / "serving.json").read_text())
+    store = ArtifactStore(cfg.artifacts.root)
+    serving = json.loads((store.local_path(serving_gate.ref) / "serving.json").read_text())
+    trained = json.loads((store.local_path(adapter.ref) / "train_metrics.json").read_text())
     summarize(stages, release, [f"{f['engine']}: {f['problem']}" for f in serving["findings"]
                                 if f["severity"] == "note" and f["setting"] != "-"],
-              {k: v - verified_before[k] for k, v in verification_stats().items()})
+              {k: v - verified_before[k] for k, v in verification_stats().items()}, training_line(trained))
     return PipelineResult(release=release, stages=stages)
 
 
 def summarize(stages: list[StageResult], release: Release, serving_notes: list[str] = (),
-              verified: dict[str, float] | None = None) -> None:
-    """The run summary: every stage's cache status, seconds and artifact, what the serving engines said, and
-    what checking the store's objects against their manifests cost this run (objects it sealed itself are not
+              verified: dict[str, float] | None = None, training: str | None = None) -> None:
+    """The run summary: every stage's cache status, seconds and artifact, what training did (steps, epochs,
+    tokens seen, the sealed step), what the serving engines said, and what checking the store's objects against their manifests cost this run (objects it sealed itself are not
     hashed again): the number the README's verification cost is measured from."""
     rows = [{"stage": s.stage, "cache": "hit" if s.cache_hit else "built", "seconds": round(s.seconds, 1),
              "artifact": s.ref.uri} for s in stages]
@@ -107,6 +110,8 @@ def summarize(stages: list[StageResult], release: Release, serving_notes: list[s
     lines = ["stage".ljust(width) + "  cache     seconds  artifact"]
     lines += [r["stage"].ljust(width) + f"  {r['cache']:<8} {r['seconds']:>8.1f}  {r['artifact']}" for r in rows]
     lines.append("total".ljust(width) + f"  {'':<8} {sum(r['seconds'] for r in rows):>8.1f}")
+    if training:
+        lines.append(f"train: {training}")
     lines += [f"serving: {note}" for note in serving_notes]
     if verified is not None:
         lines.append(f"artifacts read back and hashed against their manifests: {verified['objects']:.0f} "

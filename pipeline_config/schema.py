@@ -183,8 +183,37 @@ class LoraConfig(Section):
         "updates round away; for memory-bound runs with large r.")
 
 
+# Optimizer steps when neither train.max_steps nor train.epochs is given.
+DEFAULT_MAX_STEPS = 30
+
+
+class EarlyStoppingConfig(Section):
+    patience: int = Field(3, gt=0, description="Held-out evaluations in a row without an improvement that end "
+                          "training.")
+    min_delta: float = Field(0.0, ge=0, description="An improvement is a held-out loss below the best so far by "
+                             "more than this.")
+
+
 class TrainConfig(Section):
-    max_steps: int = Field(30, gt=0)
+    max_steps: int | None = Field(
+        None, gt=0, description=f"Optimizer steps; unset: {DEFAULT_MAX_STEPS}, or as many as train.epochs takes. "
+        "Give max_steps or epochs, not both.")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the validated training examples instead of max_steps: a step is one "
+        "packed row of tokens_per_step tokens, so an epoch is the validate artifact's pack count (its packing "
+        "statistics), and the steps are epochs x that, rounded up. Each epoch is packed and shuffled anew by seed.")
+    eval_every: int | None = Field(
+        None, gt=0, description="Held-out response loss every this many steps (and at the last), on "
+        "eval_examples held-out rows scored as evaluation scores them; unset: off (on the CPU one evaluation of 32 "
+        "rows costs more than a training step; the README has the numbers).")
+    eval_examples: int = Field(32, gt=0, description="Held-out rows scored during training (with eval_every): a "
+                               "fixed subset, chosen by seed.")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="With eval_every: {patience, min_delta}: stop when the held-out loss has not improved "
+        "for patience evaluations in a row.")
+    keep: Literal["best", "last"] | None = Field(
+        None, description="The adapter the stage seals: the step with the best held-out loss, or the last step; "
+        "unset: best with eval_every, else last.")
     tokens_per_step: int = Field(512, gt=0, description="Real (non-padding) tokens per optimizer step, over all "
                                  "processes together: one packed row of examples.")
     micro_batch_tokens: int = Field(
@@ -218,6 +247,24 @@ class TrainConfig(Section):
         1, gt=0, description=">1: the train stage runs the trainer under `accelerate launch` with this many "
         "processes (one per GPU; on the CPU, gloo processes), each holding the whole 4-bit model and taking a "
         "share of every step (data parallel, deploy/accelerate/ddp.yaml).")
+
+    @model_validator(mode="after")
+    def one_length_and_evaluation_for_what_needs_it(self) -> TrainConfig:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(f"train.max_steps ({self.max_steps}) and train.epochs ({self.epochs:g}): give one of "
+                             "them, not both (set the other to null)")
+        if self.eval_every is None:
+            if self.keep == "best":
+                raise ValueError("train.keep: best needs the held-out loss during training: set train.eval_every")
+            if self.early_stopping is not None:
+                raise ValueError("train.early_stopping needs the held-out loss during training: set "
+                                 "train.eval_every")
+        return self
+
+    @property
+    def kept_adapter(self) -> Literal["best", "last"]:
+        """train.keep as resolved: best when the held-out loss is measured during training, else last."""
+        return self.keep or ("best" if self.eval_every is not None else "last")
 
 
 class LmEvalConfig(Section):

@@ -117,7 +117,8 @@ def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageR
         (workdir / "serving.json").write_text(json.dumps(serving, indent=1))
     (workdir / "metrics.json").write_text(json.dumps(
         {**metrics, "gates": {k: [d.model_dump() for d in v] for k, v in gates.items()}}, indent=1))
-    (workdir / "README.md").write_text(model_card(cfg, metrics, gates, lineage, serving))
+    (workdir / "README.md").write_text(model_card(cfg, metrics, gates, lineage, serving,
+                                                  read("adapter", "train_metrics.json")))
     (workdir / RELEASE_FILE).write_text(json.dumps(lineage, indent=1))
 
 

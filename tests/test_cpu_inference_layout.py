@@ -9,6 +9,7 @@ such a CPU and records every repacking. The first test shows the hazard is real 
 the others cannot pass for want of it."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -95,6 +96,25 @@ def test_guard_fails_the_train_stage_on_a_repacked_layer(avx512bf16_cpu, tiny_tr
         trainer.train_adapter(tiny_train_config, validated_data(tiny_train_config), adapter, tmp_path / "scratch")
     assert avx512bf16_cpu  # the probe did repack: the guard, not luck, stopped the step
     assert not (adapter / "adapter_model.safetensors").exists()
+
+
+def test_held_out_loss_during_training_keeps_the_layout_and_checks_it(avx512bf16_cpu, tiny_train_config,
+                                                                    validated_data, monkeypatch):
+    """train.eval_every's held-out loss is an eval-mode forward without grad on the model being trained: it leaves
+    the 4-bit layout alone, hands the model back in training mode, and fails at once on a repacked layer."""
+    cfg = tiny_train_config
+    data_dir = validated_data(cfg)
+    tokenizer, _, _ = chat.load_training_data(data_dir)
+    examples, _ = trainer.held_out_examples(cfg, data_dir, tokenizer)
+    model = trainer.build_model(cfg, "cpu")
+    assert math.isfinite(trainer.held_out_loss(model, examples, cfg.seed, "cpu", ranks.Ranks()))
+    assert avx512bf16_cpu == [] and model.training
+
+    monkeypatch.setattr(modeling, "keep_4bit_layout", lambda model: None)
+    unguarded = trainer.build_model(cfg, "cpu")
+    with pytest.raises(trainer.InferenceLayoutError, match=r"4-bit layer\(s\), first .*proj"):
+        trainer.held_out_loss(unguarded, examples, cfg.seed, "cpu", ranks.Ranks())
+    assert avx512bf16_cpu  # it did repack: the check, not luck, caught it
 
 
 def lora_gradients(model, batch) -> dict[str, torch.Tensor]:

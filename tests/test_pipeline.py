@@ -47,6 +47,8 @@ def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
     assert [d["gate"] for d in metrics["gates"]["merge"]] == ["merge-fidelity"]
     card = (version_dir / "README.md").read_text()
     assert card.startswith("---\n") and "base_model: tiny-llama" in card and "gptq-perplexity-increase" in card
+    assert f"{cfg.train.max_steps} optimizer steps (" in card  # the training line: steps, epochs, tokens seen
+    assert f"adapter of step {cfg.train.max_steps} sealed (train.keep: last)" in card
 
     # The published GPTQ model loads through transformers and generates.
     from tasks.lib.gptq import load_quantized

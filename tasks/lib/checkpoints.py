@@ -1,6 +1,7 @@
 """Training's resumable state: what a checkpoint holds, where it is kept, and how a run resumes from it.
 
-Checkpoints (adapter, optimizer, scheduler, RNG, step, history) go to a scratch folder keyed by the
+Checkpoints (adapter, optimizer, scheduler, RNG, step, history, and the best held-out step so far with its
+adapter weights) go to a scratch folder keyed by the
 train stage's cache key, so a retry or a re-run after a crash resumes instead of starting over. With a
 remote artifact store (s3://...) each checkpoint is also uploaded to the store's scratch area, so a
 re-run on another worker, with an empty local disk, resumes too.
@@ -153,9 +154,17 @@ class Checkpoints:
                 fs.rm(remote_file)
 
 
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter's weights as they are now: CPU copies, which later optimizer steps leave alone."""
+    from peft import get_peft_model_state_dict
+
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in get_peft_model_state_dict(model).items()}
+
+
 def checkpoint_state(model, optimizer, scheduler, step: int, history: list[dict], probe_before: float,
-                     ranks: Ranks) -> dict | None:
-    """Everything a resumed run needs, on rank 0 (None elsewhere)."""
+                     ranks: Ranks, best: dict | None = None) -> dict | None:
+    """Everything a resumed run needs, on rank 0 (None elsewhere). best: the best held-out step so far (the
+    trainer's BestStep as data, its adapter weights included), so a resumed run seals the same adapter."""
     from peft import get_peft_model_state_dict
 
     if not ranks.main:
@@ -164,6 +173,7 @@ def checkpoint_state(model, optimizer, scheduler, step: int, history: list[dict]
         "step": step,
         "probe_loss_before": probe_before,
         "adapter": get_peft_model_state_dict(model),
+        "best": best,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
@@ -173,8 +183,8 @@ def checkpoint_state(model, optimizer, scheduler, step: int, history: list[dict]
 
 
 def save_checkpoint(checkpoints: Checkpoints, model, optimizer, scheduler, step: int, history: list[dict],
-                    probe_before: float, ranks: Ranks = Ranks()) -> None:
-    state = checkpoint_state(model, optimizer, scheduler, step, history, probe_before, ranks)
+                    probe_before: float, ranks: Ranks = Ranks(), best: dict | None = None) -> None:
+    state = checkpoint_state(model, optimizer, scheduler, step, history, probe_before, ranks, best)
     if state is not None:
         checkpoints.save(state)
     barrier(ranks)  # no process runs ahead of a checkpoint it might have to resume from

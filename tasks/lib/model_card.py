@@ -99,6 +99,10 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
 
 ## Training configuration
 
+{% if trained -%}
+{{ trained }}.
+
+{% endif -%}
 ```yaml
 {{ training }}
 ```
@@ -190,11 +194,25 @@ def serving_rows(serving: dict) -> list[dict]:
     return rows
 
 
+def training_line(trained: dict) -> str:
+    """What training did, from the adapter's train_metrics.json: steps, epochs, tokens seen, an early stop, and
+    the step whose adapter was sealed (with its held-out loss when that was measured during training)."""
+    line = f"{trained['steps']} optimizer steps ({trained['epochs']:.2f} epochs, {trained['tokens_seen']:,} tokens seen"
+    if trained["stopped_early"]:
+        line += f"; stopped early, of {trained['planned_steps']} planned"
+    kept = trained["kept"]
+    line += f"); adapter of step {kept['step']} sealed (train.keep: {kept['adapter']}"
+    if kept["held_out_loss"] is not None:
+        line += f", held-out loss {kept['held_out_loss']:.4f}"
+    return line + ")"
+
+
 def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecision]], lineage: dict,
-               serving: dict | None = None) -> str:
+               serving: dict | None = None, trained: dict | None = None) -> str:
     """The release's README.md: Hub metadata built by huggingface_hub (ModelCardData, with the GPTQ model's
     held-out perplexity as its eval result), the body from CARD_TEMPLATE. serving: the serving gate's
-    serving.json (engines, their verdicts and notes), for the card's Serving section."""
+    serving.json (engines, their verdicts and notes), for the card's Serving section. trained: the adapter's
+    train_metrics.json, for the training line (training_line)."""
     repo, dataset_name = display_repo(cfg), dataset_id(cfg)
     card_data = ModelCardData(
         base_model=base_model_name(cfg), library_name="transformers", pipeline_tag="text-generation",
@@ -225,6 +243,7 @@ def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecisi
         training=yaml.safe_dump({k: lineage["config"][k] for k in ("lora", "train", "merge", "quantize")},
                                 sort_keys=False).strip(),
         lineage_json=json.dumps(lineage, indent=1),
+        trained=training_line(trained) if trained else "",
     )
     return card.content + "\n"
 

@@ -14,6 +14,10 @@ off on the CPU, where the tests run the same code without them: chunked cross-en
 Liger kernels (`kernels`), torch.compile (`compile`), selective checkpointing (`checkpoint_every_n_layers`),
 varlen attention (`attention`).
 
+How long it runs: train.max_steps, or train.epochs passes over the validated data's packs. Which adapter it seals:
+the last step's, or (train.keep: best) the step with the lowest held-out loss, measured every train.eval_every
+steps on a seeded subset of the held-out rows, which can also stop the run early (train.early_stopping).
+
 Rank 0 alone writes checkpoints, TensorBoard events and the adapter; all ranks resume from the same checkpoint.
 """
 
@@ -22,15 +26,25 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline_config import ConfigError
-from tasks.lib import chat, log, modeling, packing
-from tasks.lib.checkpoints import Checkpoints, fetch_checkpoint, restore_adapter, restore_training, save_checkpoint
+from pipeline_config.schema import DEFAULT_MAX_STEPS
+from tasks.lib import chat, datarows, log, metrics, modeling, packing
+from tasks.lib.checkpoints import (
+    Checkpoints,
+    adapter_state,
+    fetch_checkpoint,
+    restore_adapter,
+    restore_training,
+    save_checkpoint,
+)
 from tasks.lib.packing import Pack, count_targets, micro_batches
 from tasks.lib.ranks import Ranks, all_reduce_sum, barrier, join_ranks, ranks_from_env, seed_everything, sum_gradients
 from tasks.lib.stage import StageConfig
@@ -271,8 +285,108 @@ def optimizer_step(model, optimizer, scheduler, params: list[torch.nn.Parameter]
             "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """How long training runs: `steps` optimizer steps of one pack each; `packs_per_epoch` packs are one pass
+    over the training examples."""
+
+    steps: int
+    packs_per_epoch: int
+
+    def epochs(self, steps: int) -> float:
+        return steps / self.packs_per_epoch
+
+
+def packs_per_epoch(dataset_dir: Path, examples: chat.TokenizedSet, budget: int, seed: int) -> int:
+    """Packs in one pass over the examples: the validate artifact's packing statistics, counted for the same
+    pack budget (validate keys on it); counted here when they were not (an artifact made for another budget).
+    Best-fit decreasing places the examples longest first, so every epoch's seed gives the same count."""
+    packed = json.loads((dataset_dir / "fingerprint.json").read_text()).get("packing", {})
+    if packed.get("token_budget") == budget and packed.get("real_tokens") == int(examples.lengths.sum()):
+        return int(packed["packs"])
+    return len(packing.plan_packs(examples.lengths, budget, seed))
+
+
+def plan_steps(cfg: StageConfig, dataset_dir: Path, examples: chat.TokenizedSet, budget: int) -> StepPlan:
+    """train.max_steps, or train.epochs passes over the packs rounded up to whole steps (round() first: 0.1 x 30
+    is 3.0000000000000004 in floats, which is 3 steps, not 4)."""
+    per_epoch = packs_per_epoch(dataset_dir, examples, budget, cfg.seed)
+    if cfg.train.epochs is None:
+        return StepPlan(cfg.train.max_steps or DEFAULT_MAX_STEPS, per_epoch)
+    return StepPlan(max(1, math.ceil(round(cfg.train.epochs * per_epoch, 6))), per_epoch)
+
+
+def held_out_examples(cfg: StageConfig, dataset_dir: Path, tokenizer) -> tuple[list[chat.TokenizedExample], int]:
+    """train.eval_examples of the validate artifact's held-out rows, chosen by seed (the same rows at every
+    evaluation and in a resumed run), tokenized as evaluation tokenizes them: loss on the responses only; rows
+    over data.max_seq_len are left out and counted (the second value)."""
+    path = dataset_dir / "eval.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"train.eval_every: the validate artifact {dataset_dir} has no held-out rows (eval.jsonl)")
+    rows = datarows.read_jsonl(path)
+    chosen = sorted(random.Random(cfg.seed).sample(range(len(rows)), min(cfg.train.eval_examples, len(rows))))
+    examples, dropped = chat.tokenize_rows(tokenizer, [rows[i] for i in chosen], cfg.data.max_seq_len)
+    if not examples:
+        raise ConfigError(f"train.eval_examples: none of the {len(chosen)} held-out rows chosen is within "
+                          f"data.max_seq_len ({cfg.data.max_seq_len} tokens)")
+    return examples, dropped
+
+
+def held_out_loss(model, examples: list[chat.TokenizedExample], seed: int, device: str, ranks: Ranks) -> float:
+    """Mean response NLL of the held-out examples on the model being trained, scored as evaluation scores a model
+    (metrics.packed_perplexity: padding-free packs, fp32 cross-entropy, deterministic kernels). Eval mode without
+    grad is the forward that repacks 4-bit weights on AVX512-BF16 CPUs: kept off by load_base_4bit and checked
+    right after. The RNGs training draws from are restored, so evaluating changes no training step; every rank
+    takes rank 0's value, so all of them stop at the same step."""
+    python_rng = random.getstate()
+    on_cuda = torch.device(device).type == "cuda"
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[torch.device(device).index or 0] if on_cuda else []), \
+                metrics.deterministic(seed):
+            loss = math.log(metrics.packed_perplexity(model, examples))
+    finally:
+        model.train()
+        random.setstate(python_rng)
+    refuse_inference_layout(model)
+    shared = torch.tensor(loss if ranks.main else 0.0, dtype=torch.float64, device=device)
+    return float(all_reduce_sum(shared, ranks))
+
+
+@dataclass
+class BestStep:
+    """The best held-out loss so far and its step. An evaluation improves on it when its loss is lower by more
+    than min_delta; `stale` counts the evaluations since the last that did. adapter: that step's adapter weights
+    (CPU copies), kept when the best step's adapter is the one to seal."""
+
+    step: int | None = None
+    loss: float | None = None
+    stale: int = 0
+    adapter: dict[str, torch.Tensor] | None = None
+
+    def record(self, step: int, loss: float, min_delta: float, model, keep_weights: bool) -> None:
+        if self.loss is None or loss < self.loss - min_delta:
+            self.step, self.loss, self.stale = step, loss, 0
+            self.adapter = adapter_state(model) if keep_weights else None
+        else:
+            self.stale += 1
+
+    def as_state(self) -> dict:
+        """For the checkpoint (tensors and JSON data only)."""
+        return {"step": self.step, "loss": self.loss, "stale": self.stale, "adapter": self.adapter}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> BestStep:
+        return cls(**state) if state else cls()
+
+
+def should_evaluate(cfg: StageConfig, step: int, last_step: int) -> bool:
+    return cfg.train.eval_every is not None and (step % cfg.train.eval_every == 0 or step == last_step)
+
+
 SCALARS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
-           "grad_norm": "train/grad_norm"}
+           "grad_norm": "train/grad_norm", "epoch": "train/epoch"}
+EVAL_SCALARS = {"eval_loss": "eval/held_out_loss"}  # the steps train.eval_every evaluates
 
 
 def open_tensorboard(out_dir: Path, history: list[dict]):
@@ -289,7 +403,7 @@ def open_tensorboard(out_dir: Path, history: list[dict]):
 
 
 def log_scalars(writer, entry: dict) -> None:
-    for key, tag in SCALARS.items():
+    for key, tag in (SCALARS | EVAL_SCALARS).items():
         if key in entry:
             writer.add_scalar(tag, entry[key], entry["step"])
 
@@ -319,6 +433,16 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
     budget = max(cfg.train.tokens_per_step, cfg.data.max_seq_len)
     say = logger.info if ranks.main else (lambda *args: None)
     say("train: %d examples (%d over %d tokens dropped)", len(examples), dropped, cfg.data.max_seq_len)
+    plan = plan_steps(cfg, dataset_dir, examples, budget)
+    say("train: %d steps of one %d-token pack: %.2f epochs of %d packs", plan.steps, budget,
+        plan.epochs(plan.steps), plan.packs_per_epoch)
+    held_out = None
+    if cfg.train.eval_every:
+        held_out, left_out = held_out_examples(cfg, dataset_dir, tokenizer)
+        say("train: held-out loss every %d steps on %d held-out rows (%d over %d tokens left out)",
+            cfg.train.eval_every, len(held_out), left_out, cfg.data.max_seq_len)
+    stopping = cfg.train.early_stopping
+    keep_best = cfg.train.kept_adapter == "best"
 
     model = build_model(cfg, device)
     state = fetch_checkpoint(checkpoints, ranks)
@@ -326,13 +450,14 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
         restore_adapter(model, state)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, trainable)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, plan.steps))
 
     probe = list(itertools.islice(packing.pack_stream(examples, budget, cfg.seed), PROBE_PACKS))
-    step, history = 0, []
+    step, history, best = 0, [], BestStep()
     if state is not None:
         step, history, probe_before = restore_training(state, optimizer, scheduler)
-        say("train: resumed from checkpoint at step %d of %d (%s)", step, cfg.train.max_steps,
+        best = BestStep.from_state(state.get("best"))
+        say("train: resumed from checkpoint at step %d of %d (%s)", step, plan.steps,
             checkpoints.remote or checkpoints.local_dir)
     else:
         probe_before = probe_loss(model, probe, device)
@@ -341,49 +466,76 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
 
     model.train()
     report_progress = log.progress_reporter("train: optimizer steps done") if ranks.main else (lambda f: None)
-    start, tokens_seen = time.perf_counter(), 0
-    packs = packing.pack_stream(examples, budget, cfg.seed)
+    start, tokens_this_run, stopped_early = time.perf_counter(), 0, False
+    packs = packing.pack_stream(examples, budget, cfg.seed)  # epoch after epoch, each packed by seed + epoch
     for _ in range(step):  # resume: skip the packs already trained on (packing is deterministic)
         next(packs)
-    while step < cfg.train.max_steps:
+    while step < plan.steps:
         step += 1
         entry = optimizer_step(model, optimizer, scheduler, trainable, next(packs), cfg, ranks, device, step)
-        tokens_seen += entry["tokens"]
+        entry["epoch"] = plan.epochs(step)
+        tokens_this_run += entry["tokens"]
+        if held_out is not None and should_evaluate(cfg, step, plan.steps):
+            entry["eval_loss"] = held_out_loss(model, held_out, cfg.seed, device, ranks)
+            best.record(step, entry["eval_loss"], stopping.min_delta if stopping else 0.0, model, keep_best)
+            say("train: step %d held-out loss %.4f (best %.4f at step %d)", step, entry["eval_loss"], best.loss,
+                best.step)
+            stopped_early = stopping is not None and best.stale >= stopping.patience and step < plan.steps
         history.append(entry)
         if writer is not None:
             log_scalars(writer, entry)
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+        if step % cfg.train.log_every == 0 or step == plan.steps or stopped_early:
             elapsed = time.perf_counter() - start
-            eta = (cfg.train.max_steps - step) * elapsed / (step - resumed_from)
+            eta = (plan.steps - step) * elapsed / (step - resumed_from)
             say("train: step %d/%d loss %.4f %.0f tokens/s grad norm %.3f eta %.0f s",
-                step, cfg.train.max_steps, entry["loss"], tokens_seen / elapsed, entry["grad_norm"], eta)
-            report_progress(step / cfg.train.max_steps)
+                step, plan.steps, entry["loss"], tokens_this_run / elapsed, entry["grad_norm"], eta)
+            report_progress(step / plan.steps)
             if writer is not None:
                 writer.flush()
-        if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
-            save_checkpoint(checkpoints, model, optimizer, scheduler, step, history, probe_before, ranks)
+        if stopped_early:
+            say("train: stopping early at step %d of %d: the held-out loss has not improved by more than %g in %d "
+                "evaluations (best %.4f at step %d)", step, plan.steps, stopping.min_delta, stopping.patience,
+                best.loss, best.step)
+            break
+        if step % cfg.train.checkpoint_every == 0 and step < plan.steps:
+            save_checkpoint(checkpoints, model, optimizer, scheduler, step, history, probe_before, ranks,
+                            best.as_state())
 
-    probe_after = probe_loss(model, probe, device)
+    kept_step = best.step if keep_best else step
+    if kept_step != step:
+        restore_adapter(model, {"adapter": best.adapter})
+        say("train: sealing the adapter of step %d (held-out loss %.4f, the best), not the last step's (%d)",
+            kept_step, best.loss, step)
+    probe_after = probe_loss(model, probe, device)  # of the adapter sealed
     save_adapter(model, out_dir, ranks)
     if not ranks.main:
         barrier(ranks)
         return {}
     writer.close()
     tokenizer.save_pretrained(out_dir)
-    metrics = {
+    losses = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    record = {
         "examples": len(examples),
         "dropped_over_length": dropped,
         "steps": step,
+        "planned_steps": plan.steps,
+        "packs_per_epoch": plan.packs_per_epoch,
+        "epochs": plan.epochs(step),
+        "tokens_seen": sum(h["tokens"] for h in history),
         "resumed_from_step": resumed_from,
         "probe_loss_before": probe_before,
         "probe_loss_after": probe_after,
+        "held_out": {"examples": len(held_out), "every": cfg.train.eval_every,
+                     "losses": [{"step": s, "loss": v} for s, v in losses.items()]} if held_out else None,
+        "stopped_early": stopped_early,
+        "kept": {"adapter": cfg.train.kept_adapter, "step": kept_step, "held_out_loss": losses.get(kept_step)},
         "history": history,
         "device": device,
         "processes": ranks.world,
     }
-    (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out_dir / "train_metrics.json").write_text(json.dumps(record, indent=1))
     barrier(ranks)  # the files are complete before any process exits
-    return metrics
+    return record
 
 
 def save_adapter(model, out_dir: Path, ranks: Ranks) -> None:
