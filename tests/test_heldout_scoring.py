@@ -195,7 +195,7 @@ def test_model_card_shows_rouge_l_and_the_heldout_row_counts(tiny_config):
     lineage = {"pipeline_version": "0", "flow_run_id": "local", "data_artifact": "d" * 64, "datasets": [],
                "release_hash": "r" * 64, "git_commit": "g", "approval": {"decision": "approved", "by": "gates"},
                "config": view.key_data()}
-    gates = {"finetune": finetune_gates(cfg.gates, metrics_by_stage["finetune"])}
+    gates = {"finetune": finetune_gates(GatesConfig(), metrics_by_stage["finetune"])}
     card = model_card(view, metrics_by_stage, gates, lineage)
     assert "| model | response perplexity | exact match | ROUGE-L | held-out rows: scored / asked" in card
     assert "| fine-tuned (NF4 + LoRA) | 9.000 | 0.000 | 0.222 | 63 / 64 (1 dropped, 0 truncated) |" in card
