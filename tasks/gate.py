@@ -107,9 +107,10 @@ def merge_gates(gates: GatesConfig, fidelity: dict) -> list[GateDecision]:
 
 
 def quantized_gates(gates: GatesConfig, results: dict, published: dict | None = None) -> list[GateDecision]:
-    """Gates on the GPTQ model (and each GGUF file): it must stay close to the merged model it was made from, and
-    must not regress against the release currently published at the target. `published` is the evaluate-published
-    stage's metrics.json: that release's GPTQ model scored by the same code on this run's held-out data."""
+    """Gates on the GPTQ model (and each GGUF file): it must have been scored on enough of the held-out rows, must
+    stay close to the merged model it was made from, and must not regress against the release currently published
+    at the target. `published` is the evaluate-published stage's metrics.json: that release's GPTQ model scored by
+    the same code on this run's held-out data."""
     merged, gptq = results["merged"]["perplexity"], results["gptq"]["perplexity"]
     decisions = [
         scored_share(gates, "gptq", results["gptq"]),
