@@ -279,8 +279,9 @@ class LmEvalConfig(Section):
 
 
 class EvalConfig(Section):
-    max_examples: int = Field(64, gt=0, description="Held-out examples scored for perplexity.")
-    exact_match_examples: int = Field(24, ge=0, description="Held-out examples answered greedily.")
+    max_examples: int = Field(64, gt=0, description="Held-out rows scored for perplexity (the first N), each up to "
+                              "data.max_seq_len tokens under data.length_policy, as in training.")
+    exact_match_examples: int = Field(24, ge=0, description="Held-out rows answered greedily (exact match, ROUGE-L).")
     max_new_tokens: int = Field(24, gt=0)
     batch_size: int = Field(16, gt=0, description="Prompts generated together (greedy answers).")
     regression_path: str | None = Field(
@@ -299,6 +300,17 @@ class GatesConfig(Section):
         0.05, description="Fine-tuned perplexity must be below base perplexity by at least this fraction."
     )
     min_exact_match: float = Field(0.0, ge=0, le=1, description="Fine-tuned exact match must be at least this.")
+    min_scored_share: float = Field(
+        0.9, ge=0, le=1, description="The fine-tuned and GPTQ models must have been scored on at least this share "
+        "of the held-out rows asked for (eval.max_examples); data.length_policy drops rows over data.max_seq_len. "
+        "The perplexity gates decide on the rows scored: with more than a tenth dropped they would decide on the "
+        "short rows, a subset that is not the held-out data (the embedded default scores 63 of 64).")
+    min_rouge_l: float | None = Field(
+        None, ge=0, le=1, description="Fine-tuned ROUGE-L (F-measure of the greedy answers against the references, "
+        "eval.exact_match_examples rows) must be at least this; null turns the gate off.")
+    max_rouge_l_drop_vs_base: float | None = Field(
+        None, ge=0, le=1, description="Fine-tuned ROUGE-L may be below the base model's by at most this (absolute); "
+        "null turns the gate off.")
     max_merge_logit_diff: float = Field(
         1e-2, gt=0, description="The merged model's logits may differ from the trained model's (NF4 base + "
         "adapter) by at most this, max absolute over the merge stage's fidelity prompts (fidelity.json)."

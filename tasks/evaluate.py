@@ -15,8 +15,11 @@ from tasks.lib import gguf_export, modeling, scoring
 from tasks.lib.artifacts import ArtifactStore, sha256_path
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
 
-EVALUATE = StageSpec("evaluate", __name__, reads=("seed", "device", "model", "eval"))
-EVALUATE_QUANTIZED = StageSpec("evaluate-quantized", __name__, reads=("seed", "device", "model.compute_dtype", "eval"))
+# The held-out rows are scored under training's length limit and policy (data.max_seq_len, data.length_policy).
+HELDOUT_LENGTH = ("data.max_seq_len", "data.length_policy")
+EVALUATE = StageSpec("evaluate", __name__, reads=("seed", "device", "model", "eval", *HELDOUT_LENGTH))
+EVALUATE_QUANTIZED = StageSpec("evaluate-quantized", __name__,
+                               reads=("seed", "device", "model.compute_dtype", "eval", *HELDOUT_LENGTH))
 
 
 def score_finetune(cfg: StageConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:

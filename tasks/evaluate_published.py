@@ -16,9 +16,10 @@ from tasks.lib.artifacts import ArtifactStore, sha256_json
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
 
 # publish is read to download the release (its token and endpoint); the release's identity, not how it was
-# reached, is in the key.
+# reached, is in the key. The held-out rows are scored under training's length limit and policy (data.*).
 EVALUATE_PUBLISHED = StageSpec(
-    "evaluate-published", __name__, reads=("seed", "device", "eval", "publish"),
+    "evaluate-published", __name__,
+    reads=("seed", "device", "eval", "data.max_seq_len", "data.length_policy", "publish"),
     key_config=lambda cfg: {k: v for k, v in cfg.key_data().items() if k != "publish"})
 
 

@@ -44,11 +44,35 @@ def skip(gate: str, metric: str, comparison: str, reason: str) -> GateDecision:
                         passed=True, skipped=reason)
 
 
+def scored_share(gates: GatesConfig, name: str, scores: dict) -> GateDecision:
+    """The share of the held-out rows asked for that `name` was scored on (the rest dropped for length)."""
+    rows = scores["heldout_rows"]
+    return check("min-scored-share", f"{name}.heldout_rows.scored_share", rows["scored"] / rows["asked"], ">=",
+                 gates.min_scored_share)
+
+
+def rouge_l_gates(gates: GatesConfig, base: dict, tuned: dict) -> list[GateDecision]:
+    """The fine-tuned model's ROUGE-L on its greedy answers: at least gates.min_rouge_l, and not more than
+    gates.max_rouge_l_drop_vs_base below the base model's; each gate off when its threshold is null."""
+    metric, no_answers = "finetuned.rouge_l", "no greedy answers (eval.exact_match_examples is 0)"
+    decisions = []
+    if gates.min_rouge_l is not None:
+        decisions.append(check("min-rouge-l", metric, tuned["rouge_l"], ">=", gates.min_rouge_l,
+                               baseline=base["rouge_l"]) if "rouge_l" in tuned
+                         else skip("min-rouge-l", metric, ">=", no_answers))
+    if gates.max_rouge_l_drop_vs_base is not None:
+        decisions.append(check("rouge-l-vs-base", metric, tuned["rouge_l"], ">=",
+                               base["rouge_l"] - gates.max_rouge_l_drop_vs_base, baseline=base["rouge_l"])
+                         if "rouge_l" in tuned else skip("rouge-l-vs-base", metric, ">=", no_answers))
+    return decisions
+
+
 def finetune_gates(gates: GatesConfig, results: dict) -> list[GateDecision]:
-    """Gates on the trained model: absolute quality, improvement over the base model, and the optional
-    general-text regression set and structured-output rate."""
+    """Gates on the trained model: the share of held-out rows it was scored on, absolute quality, improvement
+    over the base model, ROUGE-L, and the optional general-text regression set and structured-output rate."""
     base, tuned = results["base"], results["finetuned"]
     decisions = [
+        scored_share(gates, "finetuned", tuned),
         check("max-perplexity", "finetuned.perplexity", tuned["perplexity"], "<=", gates.max_perplexity),
         check("improves-on-base", "finetuned.perplexity", tuned["perplexity"], "<=",
               base["perplexity"] * (1 - gates.min_perplexity_gain), baseline=base["perplexity"]),
@@ -56,6 +80,7 @@ def finetune_gates(gates: GatesConfig, results: dict) -> list[GateDecision]:
     if "exact_match" in tuned:
         decisions.append(check("min-exact-match", "finetuned.exact_match", tuned["exact_match"], ">=",
                                gates.min_exact_match, baseline=base.get("exact_match")))
+    decisions += rouge_l_gates(gates, base, tuned)
     if gates.max_regression_set_increase is not None:
         gate, metric = "regression-set-increase", "finetuned.regression_perplexity"
         if "regression_perplexity" in tuned and "regression_perplexity" in base:
@@ -82,11 +107,13 @@ def merge_gates(gates: GatesConfig, fidelity: dict) -> list[GateDecision]:
 
 
 def quantized_gates(gates: GatesConfig, results: dict, published: dict | None = None) -> list[GateDecision]:
-    """Gates on the GPTQ model (and each GGUF file): it must stay close to the merged model it was made from, and
-    must not regress against the release currently published at the target. `published` is the evaluate-published
-    stage's metrics.json: that release's GPTQ model scored by the same code on this run's held-out data."""
+    """Gates on the GPTQ model (and each GGUF file): it must have been scored on enough of the held-out rows, must
+    stay close to the merged model it was made from, and must not regress against the release currently published
+    at the target. `published` is the evaluate-published stage's metrics.json: that release's GPTQ model scored by
+    the same code on this run's held-out data."""
     merged, gptq = results["merged"]["perplexity"], results["gptq"]["perplexity"]
     decisions = [
+        scored_share(gates, "gptq", results["gptq"]),
         check("gptq-perplexity-increase", "gptq.perplexity", gptq, "<=",
               merged * (1 + gates.max_quantized_perplexity_increase), baseline=merged),
     ]

@@ -65,7 +65,8 @@ def test_the_whole_pipeline_runs_on_each_family(family, assets, tmp_path):
         lora={"r": 4, "alpha": 8},
         train={"max_steps": 3, "tokens_per_step": 256, "learning_rate": 1e-3, "warmup_steps": 0, "log_every": 1},
         eval={"max_examples": 16, "exact_match_examples": 2, "max_new_tokens": 4},
-        gates={"max_perplexity": 1e9, "min_perplexity_gain": -1.0, "max_quantized_perplexity_increase": 1.0},
+        gates={"max_perplexity": 1e9, "min_perplexity_gain": -1.0, "max_quantized_perplexity_increase": 1.0,
+               "min_scored_share": 0.75},  # 13 of the first 16 held-out rows fit in max_seq_len 128
         # The quantize defaults for every family, Phi-3 included: no act-order across groups, which Phi-3's fused
         # gate_up_proj could not take (preflight says so: the last test) and vLLM refuses.
         quantize={"calibration_examples": 8, "calibration_seq_len": 64},

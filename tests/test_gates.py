@@ -21,6 +21,7 @@ from tasks.lib.decisions import GateDecision, decisions_markdown
 from tasks.lib.registry import current_release, fetch_release_model
 from tasks.lib.stage import StageResult
 
+ALL_ROWS = {"heldout_rows": {"asked": 16, "scored": 16, "dropped": 0, "truncated": 0}}  # what evaluation records
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
           "required": ["answer"]}
 
@@ -49,8 +50,8 @@ def test_json_valid_rate_on_hand_written_answers(tmp_path):
 
 
 def test_json_valid_rate_gate():
-    results = {"base": {"perplexity": 10.0, "json_valid_rate": 0.1},
-               "finetuned": {"perplexity": 9.0, "json_valid_rate": 0.5}}
+    results = {"base": {"perplexity": 10.0, "json_valid_rate": 0.1, **ALL_ROWS},
+               "finetuned": {"perplexity": 9.0, "json_valid_rate": 0.5, **ALL_ROWS}}
     gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.5), results)
                 if d.gate == "min-json-valid-rate")
     assert gate.passed and gate.value == 0.5 and gate.baseline == 0.1 and gate.comparison == ">="
@@ -58,7 +59,7 @@ def test_json_valid_rate_gate():
                 if d.gate == "min-json-valid-rate")
     assert not gate.passed
     # Configured but eval.json_schema unset: recorded as skipped, not as a pass on a made-up number.
-    no_schema = {"base": {"perplexity": 10.0}, "finetuned": {"perplexity": 9.0}}
+    no_schema = {"base": {"perplexity": 10.0, **ALL_ROWS}, "finetuned": {"perplexity": 9.0, **ALL_ROWS}}
     gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.6), no_schema)
                 if d.gate == "min-json-valid-rate")
     assert gate.skipped and gate.value is None
@@ -68,15 +69,15 @@ def test_json_valid_rate_gate():
 
 # -- general-text regression set --------------------------------------------------------------------
 def test_regression_set_gate():
-    results = {"base": {"perplexity": 10.0, "regression_perplexity": 20.0},
-               "finetuned": {"perplexity": 9.0, "regression_perplexity": 21.0}}
+    results = {"base": {"perplexity": 10.0, "regression_perplexity": 20.0, **ALL_ROWS},
+               "finetuned": {"perplexity": 9.0, "regression_perplexity": 21.0, **ALL_ROWS}}
     gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.10), results)
                 if d.gate == "regression-set-increase")
     assert gate.passed and gate.baseline == 20.0 and gate.threshold == pytest.approx(22.0)
     gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.01), results)
                 if d.gate == "regression-set-increase")
     assert not gate.passed and gate.metric == "finetuned.regression_perplexity"
-    no_set = {"base": {"perplexity": 10.0}, "finetuned": {"perplexity": 9.0}}
+    no_set = {"base": {"perplexity": 10.0, **ALL_ROWS}, "finetuned": {"perplexity": 9.0, **ALL_ROWS}}
     gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.01), no_set)
                 if d.gate == "regression-set-increase")
     assert gate.passed and gate.skipped == "no regression set (eval.regression_path unset)"
@@ -139,7 +140,10 @@ def test_evaluation_is_deterministic_and_timed(tiny_config, eval_inputs, tmp_pat
     assert first == second  # exactly, every float and every generated answer
     for model in ("base", "finetuned"):
         scores = first[model]
-        assert {"perplexity", "regression_perplexity", "exact_match", "json_valid_rate", "samples"} <= scores.keys()
+        assert {"perplexity", "regression_perplexity", "exact_match", "rouge_l", "json_valid_rate",
+                "samples"} <= scores.keys()
+        # 3 of the first 16 held-out rows are over tiny_config's data.max_seq_len (128) and data.length_policy drops.
+        assert scores["heldout_rows"] == {"asked": 16, "scored": 13, "dropped": 3, "truncated": 0}
         assert scores["regression_perplexity"] > 1 and scores["json_valid_rate"] == 0.0  # random weights
     assert first["base"]["regression_perplexity"] != first["finetuned"]["regression_perplexity"]
 
@@ -195,14 +199,16 @@ def registry_snapshot(cfg) -> dict[str, bytes]:
 
 def test_regression_gate_against_the_rescored_published_release(tiny_config):
     cfg = load_config(tiny_config, ["gates.max_regression=0.05"])
-    evaluation = store_metrics(cfg, {"merged": {"perplexity": 100.0}, "gptq": {"perplexity": 104.0},
+    evaluation = store_metrics(cfg, {"merged": {"perplexity": 100.0, **ALL_ROWS},
+                                     "gptq": {"perplexity": 104.0, **ALL_ROWS},
                                      "timing": {"merged": 1.0, "gptq": 1.0}}, "evaluate-quantized")
 
     # Nothing published: the regression gate is recorded as skipped, the others decide.
     first = gate_task.fn(cfg, "quantized", evaluation, None).result()
     gates = json.loads((ArtifactStore(cfg.artifacts.root).local_path(first.ref) / "gates.json").read_text())
     assert [(g["gate"], g["passed"], g["skipped"]) for g in gates] == [
-        ("gptq-perplexity-increase", True, None), ("no-regression-vs-published", True, "no published release")]
+        ("min-scored-share", True, None), ("gptq-perplexity-increase", True, None),
+        ("no-regression-vs-published", True, "no published release")]
 
     # The published release, re-scored on this run's data, is much better: the gate fails, naming it.
     better = store_metrics(cfg, {"version": "tiny-release/v1", "release_hash": "a" * 64,
@@ -216,14 +222,14 @@ def test_regression_gate_against_the_rescored_published_release(tiny_config):
                                 "published": {"perplexity": 100.0}}, "evaluate-published")
     passed = gate_task.fn(cfg, "quantized", evaluation, close).result()
     assert not passed.cache_hit and passed.ref != first.ref
-    decision = json.loads((ArtifactStore(cfg.artifacts.root).local_path(passed.ref) / "gates.json").read_text())[1]
+    decision = json.loads((ArtifactStore(cfg.artifacts.root).local_path(passed.ref) / "gates.json").read_text())[2]
     assert decision["passed"] and decision["baseline"] == 100.0 and decision["reference"] == "published tiny-release/v2"
     assert gate_task.fn(cfg, "quantized", evaluation, close).result().cache_hit
 
     # gates.max_regression: null turns the gate off.
     off = load_config(tiny_config, ["gates.max_regression=null"])
-    assert [d.gate for d in quantized_gates(off.gates, {"merged": {"perplexity": 1.0}, "gptq": {"perplexity": 1.0}},
-                                            None)] == ["gptq-perplexity-increase"]
+    scores = {"merged": {"perplexity": 1.0, **ALL_ROWS}, "gptq": {"perplexity": 1.0, **ALL_ROWS}}
+    assert [d.gate for d in quantized_gates(off.gates, scores, None)] == ["min-scored-share", "gptq-perplexity-increase"]
 
 
 def test_current_release_skips_the_release_made_from_the_model_being_gated(tiny_config):

@@ -49,6 +49,14 @@ def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
     assert card.startswith("---\n") and "base_model: tiny-llama" in card and "gptq-perplexity-increase" in card
     assert f"{cfg.train.max_steps} optimizer steps (" in card  # the training line: steps, epochs, tokens seen
     assert f"adapter of step {cfg.train.max_steps} sealed (train.keep: last)" in card
+    # Every scored model's held-out rows (13 of the first 16 fit in max_seq_len 128) and ROUGE-L, in metrics and card.
+    assert all(metrics[stage][name]["heldout_rows"] == {"asked": 16, "scored": 13, "dropped": 3, "truncated": 0}
+               and 0 <= metrics[stage][name]["rouge_l"] <= 1
+               for stage, names in (("finetune", ("base", "finetuned")), ("quantized", ("merged", "gptq")))
+               for name in names)
+    assert "| ROUGE-L |" in card and card.count("| 13 / 16 (3 dropped, 0 truncated) |") == 4
+    assert "min-scored-share" in {d["gate"] for d in metrics["gates"]["finetune"]} & \
+        {d["gate"] for d in metrics["gates"]["quantized"]}
 
     # The published GPTQ model loads through transformers and generates.
     from tasks.lib.gptq import load_quantized

@@ -9,8 +9,10 @@ import re
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tasks.lib import chat, datarows, packing
@@ -66,10 +68,46 @@ def packed_perplexity(model, examples: list[chat.TokenizedExample], pack_tokens:
     return math.exp(total_nll / max(1, total_tokens))
 
 
-def response_perplexity(model, tokenizer, rows: list[dict], *, max_len: int = 512) -> float:
-    """exp(mean NLL) over the response tokens of held-out examples (prompt tokens are not scored)."""
-    examples, _ = chat.tokenize_rows(tokenizer, rows, max_len, responses_only=True)
-    return packed_perplexity(model, examples)
+@dataclass
+class HeldOut:
+    """The held-out rows as scored: their examples, and how many of the rows asked for were scored whole,
+    truncated (scored too) or dropped, under data.max_seq_len and data.length_policy."""
+
+    examples: list[chat.TokenizedExample]
+    asked: int
+    dropped: int
+    truncated: int
+
+    def counts(self) -> dict[str, int]:
+        return {"asked": self.asked, "scored": len(self.examples), "dropped": self.dropped,
+                "truncated": self.truncated}
+
+
+def heldout_examples(tokenizer, rows: list[dict], max_len: int, length_policy: str) -> HeldOut:
+    """Tokenize held-out rows under training's length policy (tasks/lib/prep.py): a row over max_len tokens is
+    dropped, truncated to max_len (and dropped if no response token is left: nothing to score) or an error."""
+    if length_policy not in ("drop", "truncate", "fail"):
+        raise ValueError(f"data.length_policy: {length_policy!r} is not drop, truncate or fail")
+    tokenized = chat.tokenize_conversations(tokenizer, [datarows.row_messages(row) for row in rows])
+    over = np.flatnonzero(tokenized.lengths > max_len)
+    if len(over) and length_policy == "fail":
+        raise ValueError(f"data.length_policy=fail: {len(over)} of {len(rows)} held-out rows are longer than "
+                         f"data.max_seq_len={max_len} tokens (the longest: {int(tokenized.lengths.max())})")
+    if length_policy == "truncate":
+        cut = tokenized.select(np.arange(len(tokenized)), max_len)
+        # Position 0 predicts nothing: a cut row needs a response token after it to be scored.
+        empty = {int(i) for i in over if not cut.trained[cut.offsets[i] + 1: cut.offsets[i + 1]].any()}
+        return HeldOut([cut.example(i) for i in range(len(cut)) if i not in empty], len(rows),
+                       dropped=len(empty), truncated=len(over) - len(empty))
+    keep = np.flatnonzero(tokenized.lengths <= max_len)
+    return HeldOut([tokenized.example(int(i)) for i in keep], len(rows), dropped=len(over), truncated=0)
+
+
+def response_perplexity(model, tokenizer, rows: list[dict], *, max_len: int = 512,
+                        length_policy: str = "fail") -> float:
+    """exp(mean NLL) over the response tokens of held-out examples (prompt tokens are not scored). A row longer
+    than max_len is an error unless length_policy says to drop or truncate it (heldout_examples)."""
+    return packed_perplexity(model, heldout_examples(tokenizer, rows, max_len, length_policy).examples)
 
 
 def normalize_answer(text: str) -> str:
@@ -101,6 +139,19 @@ def exact_match(answers: list[str], rows: list[dict]) -> float:
         return 0.0
     hits = sum(normalize_answer(a) == normalize_answer(datarows.reference_answer(r)) for a, r in zip(answers, rows))
     return hits / len(rows)
+
+
+def rouge_l(answers: list[str], rows: list[dict]) -> float:
+    """Mean ROUGE-L F-measure (rouge-score: longest common subsequence of words, lowercased, punctuation removed,
+    no stemming) of the answers against the reference answers: credit for free-text answers that exact match
+    scores 0. rouge-score's tokenizer keeps only a-z and 0-9, so text in other scripts scores 0."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    if not rows:
+        return 0.0
+    scorer = RougeScorer(["rougeL"])
+    return sum(scorer.score(datarows.reference_answer(row), answer)["rougeL"].fmeasure
+               for answer, row in zip(answers, rows)) / len(rows)
 
 
 def read_texts(path: str | Path) -> list[str]:

@@ -49,10 +49,12 @@ Training mixture: the sources mixed by seed to their weights, counted in tokens 
 {% endif -%}
 ## Metrics (held-out data)
 
-| model | response perplexity | exact match |
-|---|---|---|
+| model | response perplexity | exact match | ROUGE-L | held-out rows: scored / asked (dropped, truncated) |
+|---|---|---|---|---|
 {% for name, m in models -%}
-| {{ name }} | {{ "%.3f" | format(m.perplexity) }} |{{ " %.3f" | format(m.exact_match) if "exact_match" in m }} |
+| {{ name }} | {{ "%.3f" | format(m.perplexity) }} |{{ " %.3f" | format(m.exact_match) if "exact_match" in m }} \
+|{{ " %.3f" | format(m.rouge_l) if "rouge_l" in m }} | {{ m.heldout_rows.scored }} / {{ m.heldout_rows.asked }} \
+({{ m.heldout_rows.dropped }} dropped, {{ m.heldout_rows.truncated }} truncated) |
 {% endfor %}
 {{ gate_tables }}
 {% if serving -%}

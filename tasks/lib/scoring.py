@@ -14,21 +14,22 @@ from tasks.lib.stage import StageConfig
 SAMPLE_COUNT = 4  # generations kept for the report and model card
 
 
-def score_model(cfg: StageConfig, model, tokenizer, rows: list[dict],
+def score_model(cfg: StageConfig, model, tokenizer, rows: list[dict], heldout: metrics.HeldOut,
                 regression_texts: list[str] | None = None, schema: dict | None = None) -> dict:
-    """Every metric of one model, under one deterministic setting: held-out response perplexity,
-    then exact match and, with eval.json_schema, the JSON-valid rate of the greedy
-    answers; with a regression set, its plain-text perplexity."""
+    """Every metric of one model, under one deterministic setting: response perplexity on the held-out
+    examples (`heldout_rows`: how many of the rows asked for were scored, dropped, truncated), then exact
+    match, ROUGE-L and, with eval.json_schema, the JSON-valid rate of the greedy answers to the first rows;
+    with a regression set, its plain-text perplexity."""
     model.eval()
-    scored = rows[: cfg.eval.max_examples]
     with metrics.deterministic(cfg.seed):
-        result = {"perplexity": metrics.response_perplexity(model, tokenizer, scored)}
+        result = {"perplexity": metrics.packed_perplexity(model, heldout.examples), "heldout_rows": heldout.counts()}
         if regression_texts:
             result["regression_perplexity"] = metrics.text_perplexity(model, tokenizer, regression_texts)
         if cfg.eval.exact_match_examples:
             asked = rows[: cfg.eval.exact_match_examples]
             answers = metrics.greedy_answers(model, tokenizer, asked, cfg.eval.max_new_tokens, cfg.eval.batch_size)
             result["exact_match"] = metrics.exact_match(answers, asked)
+            result["rouge_l"] = metrics.rouge_l(answers, asked)
             if schema is not None:
                 result["json_valid_rate"] = metrics.json_valid_rate(answers, schema)
             result["samples"] = [
@@ -45,16 +46,33 @@ def score_model(cfg: StageConfig, model, tokenizer, rows: list[dict],
 
 
 def load_and_score(timing: dict, name: str, load, cfg: StageConfig, tokenizer, rows: list[dict],
-                   texts: list[str] | None = None, schema: dict | None = None) -> dict:
+                   heldout: metrics.HeldOut, texts: list[str] | None = None, schema: dict | None = None) -> dict:
     """Load one model, score it, free it; timing[name] = wall seconds of all three."""
     start = time.perf_counter()
     model = load()
-    result = score_model(cfg, model, tokenizer, rows, texts, schema)
+    result = score_model(cfg, model, tokenizer, rows, heldout, texts, schema)
     del model
     modeling.free_memory()
     timing[name] = round(time.perf_counter() - start, 3)
     log.logger().info("evaluate: %s loaded and scored in %.1f s", name, timing[name])
     return result
+
+
+def heldout_rows(cfg: StageConfig, tokenizer, rows: list[dict]) -> metrics.HeldOut:
+    """The first eval.max_examples held-out rows as every model scores them: up to data.max_seq_len tokens under
+    data.length_policy, as training. None left to score is an error here, before any model is loaded."""
+    heldout = metrics.heldout_examples(tokenizer, rows[: cfg.eval.max_examples], cfg.data.max_seq_len,
+                                       cfg.data.length_policy)
+    if not heldout.examples:
+        raise ValueError(f"no held-out row to score: all {heldout.asked} are longer than data.max_seq_len="
+                         f"{cfg.data.max_seq_len} tokens, and data.length_policy={cfg.data.length_policy} drops them "
+                         "(truncate drops a row cut before its response)" if heldout.asked else
+                         "no held-out row to score: the validate artifact's eval.jsonl is empty")
+    if heldout.dropped or heldout.truncated:
+        log.logger().info("evaluate: %d of %d held-out rows over data.max_seq_len=%d tokens: %d dropped, %d truncated",
+                          heldout.dropped + heldout.truncated, heldout.asked, cfg.data.max_seq_len, heldout.dropped,
+                          heldout.truncated)
+    return heldout
 
 
 def regression_texts(cfg: StageConfig) -> list[str] | None:
@@ -88,12 +106,13 @@ def score_models(cfg: StageConfig, data_dir: Path, tokenizer_dir: Path, models: 
     regression_set: also score eval.regression_path (base and fine-tuned only)."""
     tokenizer = modeling.load_tokenizer(tokenizer_dir)
     rows = datarows.read_jsonl(data_dir / "eval.jsonl")
+    heldout = heldout_rows(cfg, tokenizer, rows)
     texts = regression_texts(cfg) if regression_set else None
     schema = json_schema(cfg)
     timing: dict[str, float] = {}
     results = dict(header or {})
     for name, load in models.items():
-        results[name] = load_and_score(timing, name, load, cfg, tokenizer, rows, texts, schema)
+        results[name] = load_and_score(timing, name, load, cfg, tokenizer, rows, heldout, texts, schema)
     results["timing"] = timing
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
     _log(results)
