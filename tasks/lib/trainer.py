@@ -99,13 +99,7 @@ def build_model(cfg: StageConfig, device: str):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                               every_n_layers=cfg.train.checkpoint_every_n_layers)
         model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    lora = LoraConfig(**cfg.lora.peft_kwargs(), task_type="CAUSAL_LM")
     wanted = adapter_dtype(cfg)
     # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); ask for what lora.dtype says.
     model = get_peft_model(model, lora, autocast_adapter_dtype=wanted == torch.float32)
