@@ -170,13 +170,6 @@ class LoraConfig(Section):
                              f"{self.r}")
         return self
 
-    def peft_kwargs(self) -> dict[str, Any]:
-        """The arguments of peft's LoraConfig these settings make: what training builds and what
-        adapter_config.json then holds (the serving rules read the same at preflight)."""
-        return {"r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-                "target_modules": self.target_modules, "use_rslora": self.use_rslora, "use_dora": self.use_dora,
-                "init_lora_weights": True if self.init == "default" else self.init}
-
 
 class TrainConfig(Section):
     max_steps: int = Field(30, gt=0)

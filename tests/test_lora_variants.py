@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from pipeline_config import ConfigError, load_config
 from tasks.lib import datarows, modeling, nf4_merge, serving
 from tasks.lib.hub_sources import check_config
+from tasks.lib.lora_settings import peft_kwargs
 from tests import reference
 
 pytestmark = pytest.mark.no_prefect
@@ -44,10 +45,10 @@ def test_inits_that_do_not_train_on_a_4bit_base_are_refused_at_config_load(init,
 
 def test_the_variants_are_the_arguments_peft_is_given():
     cfg = load_config(None, ["lora.use_rslora=true", "lora.use_dora=true", "lora.init=olora"])
-    assert cfg.lora.peft_kwargs() == {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear",
+    assert peft_kwargs(cfg.lora) == {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear",
                                       "use_rslora": True, "use_dora": True, "init_lora_weights": "olora"}
     assert load_config(None, ["lora.init=true"]).lora.init == "default"
-    assert load_config(None, []).lora.peft_kwargs()["init_lora_weights"] is True
+    assert peft_kwargs(load_config(None, []).lora)["init_lora_weights"] is True
     with pytest.raises(ConfigError, match="lora.init: orthogonal needs an even lora.r"):
         load_config(None, ["lora.init=orthogonal", "lora.r=5"])
 

@@ -20,6 +20,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from tasks.lib.lora_settings import peft_kwargs
+
 ENGINES = ("vllm", "vllm-lora", "transformers", "llama.cpp", "ollama")
 # What the rules below were read from, and what the project's tests load releases with (tests/serve_env.py).
 CHECKED_AGAINST = ("vLLM 0.32-0.34 (GPTQ config, Marlin and LoRA rules), llama.cpp's converter at "
@@ -211,8 +213,8 @@ def check_gguf(engine: str, formats: list[str], gguf_types: list[str], where: st
 
 def lora_plan(lora) -> dict:
     """The adapter_config.json fields the LoRA settings will produce: the arguments training gives peft's
-    LoraConfig (`LoraConfig.peft_kwargs`, which peft writes as they are), and what the pipeline never sets."""
-    return {**lora.peft_kwargs(), "lora_bias": False, "modules_to_save": None}
+    LoraConfig (which peft writes as they are), and what the pipeline never sets."""
+    return {**peft_kwargs(lora), "lora_bias": False, "modules_to_save": None}
 
 
 def check_plan(release, quantize, lora, model_config: dict) -> list[Finding]:

@@ -31,6 +31,7 @@ import torch
 from pipeline_config import ConfigError
 from tasks.lib import chat, log, modeling, packing
 from tasks.lib.checkpoints import Checkpoints, fetch_checkpoint, restore_adapter, restore_training, save_checkpoint
+from tasks.lib.lora_settings import peft_kwargs
 from tasks.lib.packing import Pack, count_targets, micro_batches
 from tasks.lib.ranks import Ranks, all_reduce_sum, barrier, join_ranks, ranks_from_env, seed_everything, sum_gradients
 from tasks.lib.stage import StageConfig
@@ -99,7 +100,7 @@ def build_model(cfg: StageConfig, device: str):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                               every_n_layers=cfg.train.checkpoint_every_n_layers)
         model.enable_input_require_grads()
-    lora = LoraConfig(**cfg.lora.peft_kwargs(), task_type="CAUSAL_LM")
+    lora = LoraConfig(**peft_kwargs(cfg.lora), task_type="CAUSAL_LM")
     wanted = adapter_dtype(cfg)
     # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); ask for what lora.dtype says.
     model = get_peft_model(model, lora, autocast_adapter_dtype=wanted == torch.float32)
