@@ -100,9 +100,11 @@ def main() -> None:
             fidelity = json.loads((store.local_path(merged.ref) / "fidelity.json").read_text())
         results = json.loads((store.local_path(evaluation.ref) / "metrics.json").read_text())
         trained = json.loads((store.local_path(adapter.ref) / "train_metrics.json").read_text())
-        rows.append((name, " ".join(VARIANTS[name]) or "(defaults)", results["base"]["perplexity"],
-                     results["finetuned"]["perplexity"], tokens_per_second(trained["history"]), train_seconds,
-                     adapter.cache_hit, fidelity))
+        rows.append({"name": name, "settings": " ".join(VARIANTS[name]) or "(defaults)",
+                     "base": results["base"]["perplexity"], "tuned": results["finetuned"]["perplexity"],
+                     "tok_s": tokens_per_second(trained["history"]), "seconds": train_seconds,
+                     "cached": adapter.cache_hit, "fidelity": fidelity})
+        print("row done:", table_row(rows[-1], {}), flush=True)  # a long run's rows, as they come
     side_by_side = side_by_side_tokens_per_second(configs, store.local_path(data.ref), args.rounds) \
         if args.rounds else {}
 
@@ -112,12 +114,16 @@ def main() -> None:
           + (" fwd+bwd tok/s, side by side |" if side_by_side else "")
           + ("" if args.no_merge else " merged vs trained, max logit diff |"))
     print("|---|---|---:|---:|---:|---:|---:|" + ("---:|" if side_by_side else "") + ("" if args.no_merge else "---:|"))
-    for name, settings, base, tuned, tok_s, seconds, cached, fidelity in rows:
-        merge = "" if fidelity is None else f" {fidelity['max_abs_logit_diff']:.1e} |"
-        paired = f" {side_by_side[name]:.0f} |" if side_by_side else ""
-        print(f"| {name} | `{settings}` | {base:.3f} | {tuned:.3f} | {tuned / base - 1:+.1%} | {tok_s:.0f} | "
-              f"{seconds:.0f}{' (cached)' if cached else ''} |{paired}{merge}")
+    for row in rows:
+        print(table_row(row, side_by_side))
 
+
+def table_row(row: dict, side_by_side: dict[str, float]) -> str:
+    paired = f" {side_by_side[row['name']]:.0f} |" if side_by_side else ""
+    merge = "" if row["fidelity"] is None else f" {row['fidelity']['max_abs_logit_diff']:.1e} |"
+    return (f"| {row['name']} | `{row['settings']}` | {row['base']:.3f} | {row['tuned']:.3f} | "
+            f"{row['tuned'] / row['base'] - 1:+.1%} | {row['tok_s']:.0f} | {row['seconds']:.0f}"
+            f"{' (cached)' if row['cached'] else ''} |{paired}{merge}")
 
 if __name__ == "__main__":
     main()
