@@ -171,6 +171,28 @@ class ModelConfig(Section):
         return value
 
 
+# peft 0.21's init_lora_weights values that train on this pipeline's 4-bit base, and why the others do not.
+# peft checks a weight's dtype before an SVD init; the NF4 weights here are packed into float storage
+# (bnb_4bit_quant_storage = the compute dtype), so that check passes and the init would decompose packed bytes.
+LORA_INITS = ("default", "gaussian", "orthogonal", "olora")
+REFUSED_LORA_INITS = {
+    "pissa": "PiSSA decomposes the full-precision weight and replaces it with the residual, which peft does only "
+             "on a float weight (QLoRA with PiSSA quantizes a residual model made beforehand); on this pipeline's "
+             "NF4 base it would decompose the packed 4-bit bytes (peft fails: linalg.svd on non-finite values). "
+             "olora is the PiSSA-family init peft runs on a 4-bit weight (it dequantizes, decomposes and "
+             "re-quantizes)",
+    "corda": "CorDA needs peft's preprocess_corda pass over data on a full-precision model and, like PiSSA, "
+             "replaces the weight with a residual, which peft does only on a float weight, not on an NF4 one",
+    "loftq": "LoftQ quantizes the full-precision base itself (peft: 'you should not pass a quantized model'); "
+             "this pipeline loads the base already in NF4",
+    "eva": "EVA needs peft's initialize_lora_eva_weights pass over training activations, which the trainer does "
+           "not run; without it EVA is the default init",
+    "lora_ga": "LoRA-GA needs peft's preprocess_loraga gradient pass, which the trainer does not run; without "
+               "it peft falls back to the default init",
+    "mica": "MiCA takes the SVD of the base weight, which peft does only on a float weight, not on an NF4 one",
+}
+
+
 class LoraConfig(Section):
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
@@ -181,6 +203,38 @@ class LoraConfig(Section):
         "also under a bf16 base): updates of lr-size register on every weight; the LoRA matmuls run in fp32 "
         "(TF32 on a GPU). bfloat16: half the adapter and optimizer memory and bf16 LoRA matmuls, but small "
         "updates round away; for memory-bound runs with large r.")
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: the adapter is scaled by alpha/sqrt(r) "
+                             "instead of alpha/r (peft use_rslora). vLLM serves it.")
+    use_dora: bool = Field(False, description="DoRA: a trained magnitude per output row on top of LoRA's direction "
+                           "(peft use_dora; slower steps: the 4-bit weight is dequantized for its norm). Merges; "
+                           "vLLM does not serve it as an adapter (vllm-lora).")
+    init: bool | str = Field(
+        "default", description="peft init_lora_weights: default (true; B = 0), gaussian, orthogonal (even r), or "
+        "olora (QR of the dequantized NF4 weight; the base becomes the re-quantized residual: merges, but "
+        "vllm-lora refuses it). pissa, corda, loftq, eva, lora_ga, mica and false are refused (see "
+        "REFUSED_LORA_INITS).")
+
+    @field_validator("init")
+    @classmethod
+    def init_trains_on_a_4bit_base(cls, value: bool | str) -> str:
+        if value is True:
+            return "default"
+        if value is False:
+            raise ValueError("false starts training from random, non-zero A and B (peft: for debugging), so the "
+                             "model before training is not the base; use default")
+        family = next((name for name in REFUSED_LORA_INITS if value == name or value.startswith(f"{name}_")), None)
+        if family:
+            raise ValueError(f"{value!r} does not work on a 4-bit base: {REFUSED_LORA_INITS[family]}")
+        if value not in LORA_INITS:
+            raise ValueError(f"{value!r} is not one of {', '.join(LORA_INITS)}")
+        return value
+
+    @model_validator(mode="after")
+    def orthogonal_needs_an_even_rank(self) -> LoraConfig:
+        if self.init == "orthogonal" and self.r % 2:
+            raise ValueError(f"lora.init: orthogonal needs an even lora.r (peft splits the rank in halves), not "
+                             f"{self.r}")
+        return self
 
 
 # Optimizer steps when neither train.max_steps nor train.epochs is given.

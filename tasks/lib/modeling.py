@@ -135,16 +135,39 @@ def load_finetuned(base_path: str | Path, adapter_path: str | Path, compute_dtyp
     dequantized NF4 values in plain fp32 layers: the same function up to float rounding, and on the
     CPU several times faster for generation, where bitsandbytes dequantizes every weight for every
     token. "auto" picks bnb on a GPU and dequantized on the CPU.
+
+    Either way the adapter is attached to the 4-bit base, as in training: an init that changes the base
+    (lora.init: olora) re-quantizes its residual there, and the dequantized layers hold those values.
     """
     from peft import PeftModel
 
     if kernel == "auto":
         kernel = "bnb" if device == "cuda" else "dequantized"
-    if kernel == "bnb":
-        base = load_base_4bit(base_path, compute_dtype, device)
-    else:
-        base = load_dequantized_base(base_path, compute_dtype, device)
-    return PeftModel.from_pretrained(base, str(adapter_path))
+    model = PeftModel.from_pretrained(load_base_4bit(base_path, compute_dtype, device), str(adapter_path))
+    if kernel == "dequantized":
+        dequantize_4bit_layers(model, compute_dtype)
+    return model
+
+
+@torch.no_grad()
+def dequantize_4bit_layers(model, dtype: torch.dtype) -> None:
+    """Every bitsandbytes 4-bit layer replaced, in place, by a plain Linear holding its dequantized weight."""
+    import bitsandbytes as bnb
+
+    for name, module in linear_4bit_layers(model):
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                 dtype=dtype, device=module.weight.device)
+        linear.weight.copy_(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state))
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+        linear.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    # A plain model now: transformers refuses .to() on a model it still thinks is quantized.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.hf_quantizer = None
+    base.is_quantized = False
+    base.config.quantization_config = None
 
 
 def load_gptq(path: str | Path, device: str, kernel: str = "auto"):

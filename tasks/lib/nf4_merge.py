@@ -17,8 +17,14 @@ Streamed (`stream_merge`): the base checkpoint is read one tensor at a time (saf
 tensor merged on `device` (the GPU when there is one) and written straight into its place in the output shard,
 whose header is computed up front from the shapes (`shard_plan`, `write_safetensors`). Peak memory is the largest
 tensor and its working copies (NF4 roundtrip, fp32 sum), never a full copy of the model, in fp32 or otherwise.
-Non-linear tensors (embeddings, norms) are copied as they are, cast to `merge.dtype`. Adapter features whose merge
-is not W + s·BA on linear weights (DoRA, biases, modules_to_save, ...) are refused (`read_adapter`).
+Non-linear tensors (embeddings, norms) are copied as they are, cast to `merge.dtype`.
+
+LoRA variants (`lora.use_rslora`, `lora.use_dora`, `lora.init`) merge as peft merges them, into the weight the adapter
+was trained against: rsLoRA is only its scaling s = alpha/sqrt(r); DoRA scales each output row of W + s·BA by its
+trained magnitude over the row's norm (`lora_magnitude_vector`); OLoRA trained against a base peft changed at
+init, the NF4 weight's QR residual dequant(NF4(W)) - s·Q_r·R_r, re-quantized to NF4 (`olora_residual`), which the
+merge recomputes the same way before adding the trained s·BA. Adapter features whose merge is none of these
+(biases, modules_to_save, base-changing inits other than OLoRA, ...) are refused (`read_adapter`).
 
 `fidelity_check` then compares the merged model's logits with the trained model's on a few held-out prompts: the
 NF4 base plus the adapter, on bitsandbytes' kernels on a GPU and, on the CPU, as the exact fp32 values of the same
@@ -64,18 +70,24 @@ TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 # Adapter features whose merge is not W + s·BA on linear weights; merging them as if it were would
 # silently publish a different model, so they are refused.
 UNSUPPORTED_ADAPTER_SETTINGS = {
-    "use_dora": False, "lora_bias": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+    "lora_bias": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
     "trainable_token_indices": None, "target_parameters": None, "layer_replication": None,
 }
 
 
+# init_lora_weights values the merge reproduces: those that leave the base as it is, and OLoRA (olora_residual).
+MERGEABLE_INITS = (True, "gaussian", "orthogonal", "olora")
+
+
 @dataclass(frozen=True)
 class LoraDelta:
-    """One LoRA pair: the base weight gains scaling · B @ A."""
+    """One LoRA pair: the base weight gains scaling · B @ A (DoRA: then each row is rescaled to its magnitude)."""
 
     lora_a: str  # tensor names in the adapter file
     lora_b: str
     scaling: float
+    magnitude: str | None = None  # DoRA's lora_magnitude_vector
+    olora_rank: int = 0  # OLoRA: the base is the residual of the rank's QR factors
 
 
 def read_adapter(adapter_dir: Path) -> dict[str, LoraDelta]:
@@ -86,14 +98,20 @@ def read_adapter(adapter_dir: Path) -> dict[str, LoraDelta]:
     for key, plain in UNSUPPORTED_ADAPTER_SETTINGS.items():
         if config.get(key, plain) not in (plain, [], {}):
             raise NotImplementedError(f"merge: adapters with {key}={config[key]!r} are not supported")
+    init = config.get("init_lora_weights", True)
+    if init not in MERGEABLE_INITS:
+        raise NotImplementedError(f"merge: adapters with init_lora_weights={init!r} are not supported (the merge "
+                                  f"reproduces the bases of {', '.join(map(repr, MERGEABLE_INITS))})")
+    dora = bool(config.get("use_dora"))
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as f:
         shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118 (not a dict)
 
     deltas = {}
     for name, shape in shapes.items():
         if not name.endswith(".lora_A.weight"):
-            if not name.endswith(".lora_B.weight"):
-                raise NotImplementedError(f"merge: adapter tensor {name} is not a LoRA A/B matrix")
+            if not name.endswith(".lora_B.weight") and not (dora and name.endswith(".lora_magnitude_vector")):
+                raise NotImplementedError(f"merge: adapter tensor {name} is not a LoRA A/B matrix"
+                                          + (" or a DoRA magnitude" if dora else ""))
             continue
         module = name.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
         # As peft does: rank and alpha per module from rank_pattern/alpha_pattern, else the global ones.
@@ -102,7 +120,11 @@ def read_adapter(adapter_dir: Path) -> dict[str, LoraDelta]:
         alpha = config.get("alpha_pattern", {}).get(get_pattern_key(config.get("alpha_pattern", {}).keys(), module),
                                                     config["lora_alpha"])
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        deltas[f"{module}.weight"] = LoraDelta(name, name.replace(".lora_A.", ".lora_B."), scaling)
+        magnitude = name.replace(".lora_A.weight", ".lora_magnitude_vector") if dora else None
+        if magnitude is not None and magnitude not in shapes:
+            raise ValueError(f"merge: a DoRA adapter without the magnitude of {module} ({magnitude})")
+        deltas[f"{module}.weight"] = LoraDelta(name, name.replace(".lora_A.", ".lora_B."), scaling, magnitude,
+                                               rank if init == "olora" else 0)
     return deltas
 
 
@@ -152,6 +174,16 @@ def nf4_roundtrip(weight: torch.Tensor, dtype: torch.dtype, device: str) -> torc
         quant_type=settings.bnb_4bit_quant_type, quant_storage=settings.bnb_4bit_quant_storage,
     ).to(device)
     return bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+
+
+@torch.no_grad()
+def olora_residual(weight: torch.Tensor, rank: int, scaling: float) -> torch.Tensor:
+    """The base weight OLoRA left in training, as peft's olora_init makes it (same operations, same order): the
+    first `rank` QR factors of the weight, scaled, taken off it. `weight` is fp32 and is changed in place."""
+    q, r = torch.linalg.qr(weight)
+    lora_b, lora_a = q[:, :rank].contiguous(), r[:rank].contiguous()
+    weight -= scaling * lora_b @ lora_a
+    return weight
 
 
 def training_dtype(cfg: PipelineConfig, adapter_dir: Path) -> torch.dtype:
@@ -226,13 +258,23 @@ def merged_tensor(name: str, stored: torch.Tensor, adapter, deltas: dict[str, Lo
         weight = stored.to(device, torch.float32)
     else:
         return stored
-    if name in deltas:
-        delta = deltas[name]
-        lora_a = adapter.get_tensor(delta.lora_a).to(device, torch.float32)
-        lora_b = adapter.get_tensor(delta.lora_b).to(device, torch.float32)
-        # The same operations, in the same order, as peft's get_delta_weight + merge.
-        weight += (lora_b @ lora_a) * delta.scaling
-    return weight
+    if name not in deltas:
+        return weight
+    delta = deltas[name]
+    if delta.olora_rank:
+        weight = olora_residual(weight, delta.olora_rank, delta.scaling)
+        if mode == "dequantize" and name in nf4_names:  # peft re-quantizes the residual, from fp32
+            weight = nf4_roundtrip(weight, torch.float32, device)
+    lora_a = adapter.get_tensor(delta.lora_a).to(device, torch.float32)
+    lora_b = adapter.get_tensor(delta.lora_b).to(device, torch.float32)
+    # The same operations, in the same order, as peft's get_delta_weight + merge (DoRA: merge_safe).
+    update = (lora_b @ lora_a) * delta.scaling
+    if delta.magnitude is None:
+        weight += update
+        return weight
+    magnitude = adapter.get_tensor(delta.magnitude).to(device, torch.float32)
+    weight_norm = torch.linalg.norm(weight + update, dim=1)
+    return (magnitude / weight_norm).view(-1, 1) * (weight + update)
 
 
 def stream_merge(base_path: str | Path, adapter_dir: Path, out_dir: Path, *, mode: str = "dequantize",

@@ -20,6 +20,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from tasks.lib.lora_settings import peft_kwargs
+
 ENGINES = ("vllm", "vllm-lora", "transformers", "llama.cpp", "ollama")
 # What the rules below were read from, and what the project's tests load releases with (tests/serve_env.py).
 CHECKED_AGAINST = ("vLLM 0.32-0.34 (GPTQ config, Marlin and LoRA rules), llama.cpp's converter at "
@@ -171,8 +173,8 @@ def check_adapter(engine: str, adapter_config: dict, where: str = "lora.") -> li
         error("r", f"rank {max(ranks)} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})",
               f"set lora.r <= {VLLM_MAX_LORA_RANKS[-1]}")
     if adapter_config.get("use_dora"):
-        error("use_dora", "vLLM does not serve DoRA adapters", "serve the merged model, or drop vllm-lora from "
-              "release.serve_with")
+        error("use_dora", "vLLM does not serve DoRA adapters", "set lora.use_dora: false, or drop vllm-lora from "
+              "release.serve_with (the merged and GPTQ models carry DoRA's training)")
     if adapter_config.get("lora_bias"):
         error("lora_bias", "vLLM does not serve LoRA bias", "turn lora_bias off")
     if adapter_config.get("modules_to_save"):
@@ -181,7 +183,8 @@ def check_adapter(engine: str, adapter_config: dict, where: str = "lora.") -> li
     init = adapter_config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() not in VLLM_LORA_STRING_INITS:
         error("init", f"vLLM refuses init_lora_weights={init!r} (PiSSA, OLoRA, CorDA and LoftQ change the base "
-              "weights)", "use a plain init (true, gaussian), or serve the merged model")
+              "weights)", "use a plain lora.init (default, gaussian, orthogonal), or drop vllm-lora from "
+              "release.serve_with (the merged and GPTQ models carry the changed base)")
     if not found:
         found.append(Finding(engine, "note", "--max-lora-rank",
                              f"--max-lora-rank {max_lora_rank(max(ranks))} (rank {max(ranks)})"))
@@ -209,9 +212,9 @@ def check_gguf(engine: str, formats: list[str], gguf_types: list[str], where: st
 
 
 def lora_plan(lora) -> dict:
-    """The adapter_config.json fields the LoRA settings will produce (peft writes them so)."""
-    return {"r": lora.r, "use_dora": getattr(lora, "use_dora", False), "init_lora_weights":
-            getattr(lora, "init", True), "lora_bias": False, "modules_to_save": None}
+    """The adapter_config.json fields the LoRA settings will produce: the arguments training gives peft's
+    LoraConfig (which peft writes as they are), and what the pipeline never sets."""
+    return {**peft_kwargs(lora), "lora_bias": False, "modules_to_save": None}
 
 
 def check_plan(release, quantize, lora, model_config: dict) -> list[Finding]:

@@ -45,6 +45,7 @@ from tasks.lib.checkpoints import (
     restore_training,
     save_checkpoint,
 )
+from tasks.lib.lora_settings import peft_kwargs
 from tasks.lib.packing import Pack, count_targets, micro_batches
 from tasks.lib.ranks import Ranks, all_reduce_sum, barrier, join_ranks, ranks_from_env, seed_everything, sum_gradients
 from tasks.lib.stage import StageConfig
@@ -113,13 +114,7 @@ def build_model(cfg: StageConfig, device: str):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                               every_n_layers=cfg.train.checkpoint_every_n_layers)
         model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    lora = LoraConfig(**peft_kwargs(cfg.lora), task_type="CAUSAL_LM")
     wanted = adapter_dtype(cfg)
     # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); ask for what lora.dtype says.
     model = get_peft_model(model, lora, autocast_adapter_dtype=wanted == torch.float32)
