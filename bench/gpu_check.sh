@@ -34,7 +34,8 @@ CARRY_TRAIN=(bitsandbytes pydantic  # the 4-bit base; pipeline_config
 CARRY_QUANTIZE=(bitsandbytes pydantic gptqmodel)  # NF4 round trip of the merge; gptqmodel (Triton kernel)
 CARRY_PIPELINE=(prefect great-expectations pydantic bitsandbytes gptqmodel
                 optimum                # transformers loads the GPTQ checkpoint through it (evaluate-quantized)
-                datasets jsonschema tensorboardX)
+                datasets jsonschema tensorboardX
+                rouge-score)           # ROUGE-L of the greedy answers (evaluate)
 # Not carried: lm-eval (8.7 MiB; only with eval.lm_eval), gguf and chatterbot-corpus (prepare-assets runs
 # here: the pipeline part carries its outputs, weights left out), s3fs/boto3 (artifacts.root: s3://).
 ASSETS=${ASSETS:-.qlora/assets}
