@@ -69,7 +69,7 @@ def main() -> None:
     from pipeline_config import load_config
     from pipeline_config.schema import PipelineConfig
     from tasks import quantize
-    from tasks.lib import datarows, gptq, metrics, modeling, serving
+    from tasks.lib import datarows, gptq, metrics, modeling, release_models, serving
     from tasks.lib.artifacts import ArtifactRef, ArtifactStore
     from tests import reference
 
@@ -125,7 +125,7 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 problems = [f for f in serving.check_gptq("vllm", result["quantization_config"], model_config)
                             if f.severity == "error"]
-                report(name, seed, perplexity(modeling.load_gptq(out, "cpu")), seconds,
+                report(name, seed, perplexity(release_models.load_gptq(out, "cpu")), seconds,
                        "yes" if not problems else "no: " + "; ".join(f.problem for f in problems))
 
     print(f"\nGPTQ recipes on the embedded default (merged {merged:.4f}; held-out response perplexity, "

@@ -11,14 +11,15 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
-from tasks.lib import gguf_export, modeling, scoring
+from tasks.lib import gguf_export, modeling, release_models, scoring
 from tasks.lib.artifacts import ArtifactStore, sha256_path
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
 
 # The held-out rows are scored under training's length limit and policy (data.max_seq_len, data.length_policy).
 HELDOUT_LENGTH = ("data.max_seq_len", "data.length_policy")
-EVALUATE = StageSpec("evaluate", __name__, reads=("seed", "device", "model", "eval", *HELDOUT_LENGTH))
-EVALUATE_QUANTIZED = StageSpec("evaluate-quantized", __name__,
+EVALUATE = StageSpec("evaluate", __name__, reads=("seed", "device", "model.compute_dtype", "eval", *HELDOUT_LENGTH),
+                     uses=("model.base",), reports=(scoring.TIMING,))
+EVALUATE_QUANTIZED = StageSpec("evaluate-quantized", __name__, reports=(scoring.TIMING,),
                                reads=("seed", "device", "model.compute_dtype", "eval", *HELDOUT_LENGTH))
 
 
@@ -39,10 +40,10 @@ def score_quantized(cfg: StageConfig, data_dir: Path, merged_dir: Path, gptq_dir
     device = modeling.resolve_device(cfg.device)
     dtype = modeling.resolve_dtype(cfg.model.compute_dtype, device)
     models = {"merged": lambda: modeling.load_full(merged_dir, dtype, device),
-              "gptq": lambda: modeling.load_gptq(gptq_dir, device)}
+              "gptq": lambda: release_models.load_gptq(gptq_dir, device)}
     if gguf_dir is not None:
         files = json.loads((gguf_dir / gguf_export.RECORD).read_text())["files"]
-        models |= {f"gguf-{gguf_type}": functools.partial(modeling.load_gguf, gguf_dir / entry["file"], dtype, device)
+        models |= {f"gguf-{gguf_type}": functools.partial(release_models.load_gguf, gguf_dir / entry["file"], dtype, device)
                    for gguf_type, entry in files.items()}
     return scoring.score_models(cfg, data_dir, gptq_dir, models, out_dir)
 
@@ -52,7 +53,7 @@ def evaluate_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult):
     store = ArtifactStore(cfg.artifacts.root)
     return reported(run_stage(
         EVALUATE, store, cfg,
-        inputs={"data": data.ref.sha256, "adapter": adapter.ref.sha256,
+        inputs={"data": data.ref.payload, "adapter": adapter.ref.payload,
                 "base_model": sha256_path(Path(cfg.model.base)), **scoring.extra_inputs(cfg)},
         build=lambda view, workdir, key: score_finetune(
             view, store.local_path(data.ref), store.local_path(adapter.ref), workdir),
@@ -65,8 +66,8 @@ def evaluate_quantized_task(cfg: PipelineConfig, data: StageResult, merged: Stag
     store = ArtifactStore(cfg.artifacts.root)
     return reported(run_stage(
         EVALUATE_QUANTIZED, store, cfg,
-        inputs={"data": data.ref.sha256, "merged": merged.ref.sha256, "gptq": quantized.ref.sha256,
-                **({"gguf": gguf.ref.sha256} if gguf else {}), **scoring.extra_inputs(cfg)},
+        inputs={"data": data.ref.payload, "merged": merged.ref.payload, "gptq": quantized.ref.payload,
+                **({"gguf": gguf.ref.payload} if gguf else {}), **scoring.extra_inputs(cfg)},
         build=lambda view, workdir, key: score_quantized(
             view, *(store.local_path(r.ref) for r in (data, merged, quantized)), workdir,
             store.local_path(gguf.ref) if gguf else None),

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
-from tasks.lib import log, modeling, registry, scoring
+from tasks.lib import log, modeling, registry, release_models, scoring
 from tasks.lib.artifacts import ArtifactStore, sha256_json
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
 
@@ -28,7 +28,7 @@ def score_published(cfg: StageConfig, data_dir: Path, release: dict, out_dir: Pa
     with tempfile.TemporaryDirectory(prefix="qlora-published-") as download:
         model_dir = registry.fetch_release_model(cfg, release, Path(download))
         return scoring.score_models(cfg, data_dir, model_dir, {
-            "published": lambda: modeling.load_gptq(model_dir, device),
+            "published": lambda: release_models.load_gptq(model_dir, device),
         }, out_dir, header={"version": release["version"], "release_hash": release["release_hash"]})
 
 
@@ -39,14 +39,14 @@ def evaluate_published_task(cfg: PipelineConfig, data: StageResult, quantized: S
         return None
     # Looked up before the cache: a new publish at the target is a new input. A release built from this
     # run's own GPTQ artifact is not its baseline (see registry.current_release).
-    release = registry.current_release(cfg, exclude_model=quantized.ref.sha256)
+    release = registry.current_release(cfg, exclude_model=quantized.ref.payload)
     if release is None:
         log.logger().info("evaluate-published: nothing published at the target yet")
         return None
     store = ArtifactStore(cfg.artifacts.root)
     return reported(run_stage(
         EVALUATE_PUBLISHED, store, cfg,
-        inputs={"data": data.ref.sha256, "published": sha256_json(
+        inputs={"data": data.ref.payload, "published": sha256_json(
             {k: release[k] for k in ("target", "version", "release_hash")}), **scoring.extra_inputs(cfg)},
         build=lambda view, workdir, key: score_published(view, store.local_path(data.ref), release, workdir),
     ))

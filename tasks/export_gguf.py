@@ -47,6 +47,6 @@ def export_gguf(cfg: StageConfig, merged_dir: Path, out_dir: Path) -> dict:
 def export_gguf_task(cfg: PipelineConfig, merged: StageResult):
     store = ArtifactStore(cfg.artifacts.root)
     return reported(run_stage(
-        EXPORT_GGUF, store, cfg, inputs={"merged": merged.ref.sha256},
+        EXPORT_GGUF, store, cfg, inputs={"merged": merged.ref.payload},
         build=lambda view, workdir, key: export_gguf(view, store.local_path(merged.ref), workdir),
     ))

@@ -197,7 +197,7 @@ def gate_task(cfg: PipelineConfig, name: GateSet, evaluation: StageResult, publi
     store = ArtifactStore(cfg.artifacts.root)
     return reported(run_stage(
         GATE, store, cfg, name=f"gate-{name}",
-        inputs={"metrics": evaluation.ref.sha256, "published": published.ref.sha256 if published else "none"},
+        inputs={"metrics": evaluation.ref.payload, "published": published.ref.payload if published else "none"},
         build=lambda view, workdir, key: apply_gates(name, view.gates, store.local_path(evaluation.ref), workdir,
                                                      store.local_path(published.ref) if published else None),
     ))
@@ -211,7 +211,7 @@ def serving_gate_task(cfg: PipelineConfig, quantized: StageResult, adapter: Stag
     store = ArtifactStore(cfg.artifacts.root)
     return reported(run_stage(
         SERVING_GATE, store, cfg,
-        inputs={"gptq": quantized.ref.sha256, "adapter": adapter.ref.sha256, "gguf": gguf.ref.sha256 if gguf else "none"},
+        inputs={"gptq": quantized.ref.payload, "adapter": adapter.ref.payload, "gguf": gguf.ref.payload if gguf else "none"},
         build=lambda view, workdir, key: check_serving(
             view.release, store.local_path(quantized.ref), store.local_path(adapter.ref),
             store.local_path(gguf.ref) if gguf else None, workdir),

@@ -42,9 +42,12 @@ from tasks.lib.artifacts import ArtifactStore, sha256_path
 from tasks.lib.nf4_merge import FIDELITY_PROMPTS, fidelity_check, save_model_files, stream_merge, training_dtype
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
 
+TIMING = "timing.json"
+
 # model.compute_dtype decides the dtype the base was NF4-quantized from in training; device decides where the
 # merge and the fidelity check run (and so their float rounding).
-MERGE = StageSpec("merge", __name__, reads=("device", "merge", "model.base", "model.compute_dtype"))
+MERGE = StageSpec("merge", __name__, reads=("device", "merge", "model.compute_dtype"), uses=("model.base",),
+                  reports=(TIMING,))
 
 
 def merge_model(cfg: StageConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
@@ -55,7 +58,10 @@ def merge_model(cfg: StageConfig, data_dir: Path, adapter_dir: Path, out_dir: Pa
     save_model_files(cfg.model.base, adapter_dir, out_dir, dtype)
     rows = datarows.read_jsonl(data_dir / "eval.jsonl")[:FIDELITY_PROMPTS]
     fidelity = {**report, **fidelity_check(cfg, adapter_dir, out_dir, rows, nf4_dtype, device)}
-    (out_dir / "fidelity.json").write_text(json.dumps(fidelity, indent=1))
+    # The wall time goes beside, not into, fidelity.json: a rebuilt merge with the same weights must have the same
+    # payload, or GPTQ would run again.
+    (out_dir / "fidelity.json").write_text(json.dumps({k: v for k, v in fidelity.items() if k != "seconds"}, indent=1))
+    (out_dir / TIMING).write_text(json.dumps({"seconds": fidelity["seconds"]}))
     log.logger().info("merge: %s merge streamed in %.1f s, max |logit diff| vs trained model %.4g",
                       cfg.merge.mode, report["seconds"], fidelity["max_abs_logit_diff"])
     return fidelity
@@ -66,7 +72,7 @@ def merge_task(cfg: PipelineConfig, data: StageResult, adapter: StageResult):
     store = ArtifactStore(cfg.artifacts.root)
     return reported(run_stage(
         MERGE, store, cfg,
-        inputs={"adapter": adapter.ref.sha256, "data": data.ref.sha256,
+        inputs={"adapter": adapter.ref.payload, "data": data.ref.payload,
                 "base_model": sha256_path(Path(cfg.model.base))},
         build=lambda view, workdir, key: merge_model(
             view, store.local_path(data.ref), store.local_path(adapter.ref), workdir),

@@ -63,7 +63,9 @@ def as_fetched(source: dict) -> dict:
 
 
 def release_hash(parts: dict[str, StageResult]) -> str:
-    return artifacts.sha256_json({name: result.ref.sha256 for name, result in sorted(parts.items())})
+    """The release's identity: its parts' payloads. A rebuild that changes only reports (a report page, a wall
+    time) rebuilds the bundle, whose copies of the reports change, but is the same release: publish finds it."""
+    return artifacts.sha256_json({name: result.ref.payload for name, result in sorted(parts.items())})
 
 
 def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageResult], review: dict | None,

@@ -21,7 +21,9 @@ from tasks.lib.artifacts import ArtifactStore, sha256_json
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
 
 # device: fp16 on a GPU, fp32 on the CPU, and a different kernel: a different artifact.
-QUANTIZE = StageSpec("quantize", __name__, reads=("seed", "device", "quantize"))
+# quantization.json (timings, the modules' GPTQ losses) and gptqmodel's quant_log.csv are for people and the card.
+QUANTIZE = StageSpec("quantize", __name__, reads=("seed", "device", "quantize"),
+                     reports=("quantization.json", "quant_log.csv"))
 
 
 def calibration_texts(tokenizer, rows: list[dict], count: int, seed: int) -> list[str]:
@@ -55,7 +57,7 @@ def quantize_task(cfg: PipelineConfig, data: StageResult, merged: StageResult):
     store = ArtifactStore(cfg.artifacts.root)
     return reported(run_stage(
         QUANTIZE, store, cfg,
-        inputs={"merged": merged.ref.sha256, "data": data.ref.sha256},
+        inputs={"merged": merged.ref.payload, "data": data.ref.payload},
         build=lambda view, workdir, key: quantize_model(
             view, store.local_path(data.ref), store.local_path(merged.ref), workdir),
     ))

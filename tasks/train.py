@@ -31,7 +31,10 @@ from tasks.lib.checkpoints import Checkpoints
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
 from tasks.lib.trainer import train_adapter
 
-TRAIN = StageSpec("train", __name__, reads=("seed", "device", "model", "lora", "train", "data.max_seq_len"))
+# model.base is keyed by content (inputs), model.name is the card's; log_every and TensorBoard change no weight.
+TRAIN = StageSpec("train", __name__, reads=("seed", "device", "model.compute_dtype", "lora", "train", "data.max_seq_len"),
+                  uses=("model.base", "train.log_every"),
+                  reports=("README.md", "tensorboard/*", "train_metrics.json"))
 ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "accelerate" / "ddp.yaml"
 STEP_LINE = re.compile(r"train: step (\d+)/(\d+)")
 
@@ -107,7 +110,7 @@ def train_task(cfg: PipelineConfig, data: StageResult):
         config_file = write_resolved_config(cfg, Path(tmp) / "config.yaml") if cfg.train.num_processes > 1 else None
         return reported(run_stage(
             TRAIN, store, cfg,
-            inputs={"data": data.ref.sha256, "base_model": sha256_path(Path(cfg.model.base))},
+            inputs={"data": data.ref.payload, "base_model": sha256_path(Path(cfg.model.base))},
             build=lambda view, workdir, key: build_adapter(view, store, data, workdir, key, config_file),
         ))
 

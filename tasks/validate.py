@@ -58,6 +58,7 @@ def key_config(cfg: StageConfig) -> dict:
     data = cfg.data.model_dump(mode="json")
     for key in ("train_path", "eval_path", "contract", "tokenizer", "chat_template"):
         data[key] = data[key] is not None
+    del data["name"]  # the card's dataset name, which only the release reads
     if data["sources"] is None:
         del data["sources"]  # a one-file config keeps the key it had before mixtures
     for source in data.get("sources") or []:  # name, format and weight as they are; files by content
@@ -67,7 +68,8 @@ def key_config(cfg: StageConfig) -> dict:
 
 
 VALIDATE = StageSpec("validate", __name__, key_config=key_config, reads=(
-    "seed", "data", "model.base", "train.loss_on_responses_only", "train.tokens_per_step"))
+    "seed", "data", "model.base", "train.loss_on_responses_only", "train.tokens_per_step"),
+    reports=("report.md", "*_report.json", "data_docs/*"))
 
 
 def build_validated(cfg: StageConfig, store: ArtifactStore, workdir: Path, key: str) -> None:

@@ -53,7 +53,7 @@ def build_tiny(family: str, tokenizer_dir: Path, out: Path) -> Path:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_whole_pipeline_runs_on_each_family(family, assets, tmp_path):
     from flows.pipeline import qlora_pipeline
-    from tasks.lib import datarows, metrics, modeling
+    from tasks.lib import datarows, metrics, modeling, release_models
     from tasks.lib.artifacts import ArtifactStore
 
     base = build_tiny(family, assets["model"], tmp_path / family)
@@ -87,8 +87,8 @@ def test_the_whole_pipeline_runs_on_each_family(family, assets, tmp_path):
     tokenizer = modeling.load_tokenizer(release)
     rows = datarows.read_jsonl(assets["data"] / "eval.jsonl")[:8]
     with metrics.deterministic(0):
-        packed = metrics.response_perplexity(modeling.load_gptq(release, "cpu", kernel="packed").eval(), tokenizer, rows)
-        dequantized = metrics.response_perplexity(modeling.load_gptq(release, "cpu").eval(), tokenizer, rows)
+        packed = metrics.response_perplexity(release_models.load_gptq(release, "cpu", kernel="packed").eval(), tokenizer, rows)
+        dequantized = metrics.response_perplexity(release_models.load_gptq(release, "cpu").eval(), tokenizer, rows)
     print(f"\n| {family} | published | merge max logit diff {fidelity['max_abs_logit_diff']:.2e} | GPTQ packed "
           f"{packed:.3f} vs dequantized {dequantized:.3f} | {seconds:.0f} s |")
     assert packed == pytest.approx(dequantized, rel=0.01)

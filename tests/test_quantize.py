@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tasks import quantize
-from tasks.lib import datarows, metrics, modeling, nf4_merge
+from tasks.lib import datarows, metrics, modeling, nf4_merge, release_models
 from tests import reference
 
 
@@ -39,7 +39,7 @@ def test_gptq_keeps_most_of_what_round_to_nearest_loses(embedded_adapter, valida
     tokenizer = modeling.load_tokenizer(merged_dir)
     rows = datarows.read_jsonl(data_dir / "eval.jsonl")[: cfg.eval.max_examples]
     merged_ppl = held_out_perplexity(cfg, modeling.load_full(merged_dir, torch.float32, "cpu"), tokenizer, rows)
-    gptq_ppl = held_out_perplexity(cfg, modeling.load_gptq(gptq_dir, "cpu"), tokenizer, rows)
+    gptq_ppl = held_out_perplexity(cfg, release_models.load_gptq(gptq_dir, "cpu"), tokenizer, rows)
     rtn = reference.rtn_quantize_dequantize(modeling.load_full(merged_dir, torch.float32, "cpu"), q.bits, q.group_size,
                                        q.sym)
     rtn_ppl = held_out_perplexity(cfg, rtn, tokenizer, rows)
@@ -52,7 +52,7 @@ def test_gptq_keeps_most_of_what_round_to_nearest_loses(embedded_adapter, valida
 
     # The evaluation scores GPTQ on dequantized weights on the CPU; users load the checkpoint through
     # transformers with gptqmodel's packed int4 kernel. Same model either way (act-order g_idx included).
-    packed = held_out_perplexity(cfg, modeling.load_gptq(gptq_dir, "cpu", kernel="packed"), tokenizer, rows[:16])
-    dequantized = held_out_perplexity(cfg, modeling.load_gptq(gptq_dir, "cpu"), tokenizer, rows[:16])
+    packed = held_out_perplexity(cfg, release_models.load_gptq(gptq_dir, "cpu", kernel="packed"), tokenizer, rows[:16])
+    dequantized = held_out_perplexity(cfg, release_models.load_gptq(gptq_dir, "cpu"), tokenizer, rows[:16])
     print(f"GPTQ on 16 rows: packed kernel {packed:.4f}, dequantized {dequantized:.4f}")
     assert packed == pytest.approx(dequantized, rel=0.01)

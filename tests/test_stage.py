@@ -23,7 +23,15 @@ from tasks import (
 )
 from tasks.lib import stage
 from tasks.lib.artifacts import ArtifactStore
-from tasks.lib.stage import StageConfig, StageSpec, UndeclaredConfigRead, code_hash, modules_reached, run_stage
+from tasks.lib.stage import (
+    StageConfig,
+    StageSpec,
+    UndeclaredConfigRead,
+    code_hash,
+    modules_reached,
+    run_stage,
+    stage_key,
+)
 
 pytestmark = pytest.mark.no_prefect  # no flow or task runs: no Prefect server
 
@@ -66,6 +74,43 @@ def test_the_key_holds_the_declared_config_and_nothing_else(tmp_path):
     assert run_stage(spec, store, undeclared, inputs={}, build=build).cache_hit
     declared = load_config(None, [f"artifacts.root={tmp_path / 'store'}", "train.max_steps=7"])
     assert run_stage(spec, store, declared, inputs={}, build=build).ref != first.ref
+
+
+def stage_keys(*overrides: str) -> dict[str, str]:
+    """Every stage's key under the embedded default with these overrides, for the same inputs."""
+    cfg = load_config(None, list(overrides))
+    return {spec.name: stage_key(spec, StageConfig(cfg, spec.reads, spec.name, unkeyed=spec.uses), {})
+            for spec in SPECS}
+
+
+def changed_keys(*overrides: str) -> set[str]:
+    before, after = stage_keys(), stage_keys(*overrides)
+    return {name for name in before if before[name] != after[name]}
+
+
+def test_card_text_paths_and_logging_are_not_in_any_build_key(tmp_path):
+    # The card's names and the base's folder (keyed by content in `inputs`) reach the release bundle only.
+    assert changed_keys("model.name=renamed-base", "data.name=renamed-data") == {"release"}
+    assert changed_keys(f"model.base={tmp_path / 'moved'}") == {"release"}
+    assert changed_keys("train.log_every=1") == {"release"}  # logging: the bundle records the config
+    assert "train" in changed_keys("train.learning_rate=0.001")
+
+
+def test_device_enters_keys_resolved(monkeypatch):
+    """`device: auto` is `cpu` here and `cuda:sm_90` on an H100/H200: a GPU worker sharing the store does not
+    reuse what the CPU built, and two GPU generations do not share kernels' results."""
+    import torch
+
+    on_cpu = stage_keys()
+    assert stage_keys("device=cpu") == on_cpu  # auto resolves to what is here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    on_gpu = stage_keys()
+    assert on_gpu == stage_keys("device=cuda")
+    assert {n for n in on_cpu if on_cpu[n] != on_gpu[n]} == {
+        "train", "evaluate", "evaluate-quantized", "evaluate-published", "merge", "quantize", "release"}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert stage_keys()["quantize"] != on_gpu["quantize"]
 
 
 def test_a_build_may_not_capture_the_whole_config(tmp_path):
@@ -118,6 +163,27 @@ def test_stages_reach_their_libraries_and_not_each_other():
         reached = modules_reached(spec.module)
         assert not [m for m in reached if m.startswith("tasks.") and not m.startswith("tasks.lib")
                     and m != spec.module], (spec.name, reached)
+
+
+# What each stage's code hash covers (besides tasks.lib.{artifacts,log,stage}, which every stage reaches). A new
+# import that widens a stage's reach shows here: an edit to a module a stage does not run must not re-run it.
+REACHED = {
+    "tasks.validate": "chat contracts datarows mixture modeling packing prep ranks",
+    "tasks.train": "chat checkpoints datarows lora_settings metrics modeling packing ranks trainer",
+    "tasks.evaluate": "chat datarows gguf_export gptq lora_settings metrics modeling packing ranks release_models "
+                      "scoring serving",
+    "tasks.merge": "datarows modeling nf4_merge",
+    "tasks.quantize": "datarows gptq modeling",
+    "tasks.export_gguf": "gguf_export lora_settings modeling serving",
+}
+
+
+@pytest.mark.parametrize("module", sorted(REACHED))
+def test_each_stage_reaches_exactly_the_libraries_it_runs(module):
+    reached = {m.removeprefix("tasks.lib.") for m in modules_reached(module)} - {module, "tasks.lib"}
+    assert reached - {"artifacts", "log", "stage"} == set(REACHED[module].split()), sorted(reached)
+    if module in ("tasks.validate", "tasks.train", "tasks.merge"):  # they never load a quantized model
+        assert not {"gptq", "release_models"} & reached
 
 
 def test_a_cache_hit_is_reported_to_prefect_as_cached(tmp_path):

@@ -7,7 +7,11 @@ Layout under the store root (a local folder or any fsspec URL such as s3://bucke
     tmp/<uuid>/                     work in progress; never read by a later run
 
 An artifact's sha256 is the hash of its manifest (sorted relative paths with each file's
-sha256), so the address is a function of the content alone. An object is written under
+sha256), so the address is a function of the content alone. Its payload hash is the same hash over the
+files a later stage reads, leaving out the ones its stage declares reports (`StageSpec.reports`: report
+pages, TensorBoard events, timings). Later stages key on the payload hash, so a rebuild that changes only a
+report (a reworded template, a GX upgrade, another wall time) gives the same payload and re-runs nothing
+after it: Bazel's and Nix's early cutoff. An object is written under
 tmp/ and renamed into objects/ only when complete, and a cache entry is written after
 that, so a crash can leave junk in tmp/ but never a half artifact that a later run trusts.
 
@@ -27,8 +31,8 @@ Stages pass `ArtifactRef`s (URI + sha256), never tensors or datasets.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline_config.confine import PathEscape, check_relative
 
@@ -55,6 +59,15 @@ class ArtifactRef(BaseModel):
     uri: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     kind: str
+    # The hash of the files that are not reports (see the module docstring); what later stages key on. An
+    # entry written before payloads existed has none: its full hash stands in.
+    payload: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+
+    @model_validator(mode="after")
+    def full_hash_without_reports(self) -> ArtifactRef:
+        if not self.payload:
+            self.payload = self.sha256
+        return self
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.sha256[:12]}"
@@ -66,6 +79,16 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def is_report(rel: str, reports: tuple[str, ...]) -> bool:
+    """Whether a file (its path in the artifact) matches one of a stage's report patterns (fnmatch globs)."""
+    return any(fnmatch.fnmatchcase(rel, pattern) for pattern in reports)
+
+
+def payload_hash(files: dict[str, Any], reports: tuple[str, ...]) -> str:
+    """The hash of a manifest's file list without the reports: what later stages key on."""
+    return sha256_json({rel: entry for rel, entry in files.items() if not is_report(rel, reports)})
 
 
 def sha256_tree(folder: Path) -> tuple[str, dict[str, Any]]:
@@ -97,13 +120,6 @@ def sha256_path(path: Path) -> str:
     return _path_hashes[signature]
 
 
-def code_hash(*objects: Any) -> str:
-    """Hash of the source files of the given modules (or of the modules defining the given functions):
-    a stage lists the modules it runs, so a change there, and only there, invalidates its cache."""
-    sources = sorted({inspect.getsourcefile(obj) for obj in objects})
-    return sha256_json({Path(s).name: sha256_file(Path(s)) for s in sources})
-
-
 class ArtifactStore:
     def __init__(self, root: str, local_cache: str | Path | None = None):
         self.root = root.rstrip("/")
@@ -128,10 +144,12 @@ class ArtifactStore:
         path.mkdir(parents=True)
         return path
 
-    def put(self, workdir: Path, kind: str) -> ArtifactRef:
-        """Seal a finished work folder into an immutable object and return its reference."""
+    def put(self, workdir: Path, kind: str, reports: tuple[str, ...] = ()) -> ArtifactRef:
+        """Seal a finished work folder into an immutable object and return its reference. reports: the
+        patterns of the files later stages do not read (left out of the payload hash)."""
         digest, manifest = sha256_tree(workdir)
-        manifest.update(kind=kind, sha256=digest)
+        payload = payload_hash(manifest["files"], reports)
+        manifest.update(kind=kind, sha256=digest, payload=payload, reports=list(reports))
         (workdir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         target = f"{self.base}/objects/{digest}"
         if self.is_local:
@@ -151,7 +169,7 @@ class ArtifactStore:
                     self.fs.put_file(str(workdir / rel), f"{target}/{rel}")
                 self.fs.put_file(str(workdir / MANIFEST), f"{target}/{MANIFEST}")
             self._keep_in_cache(workdir, digest)  # the next stage reads it from here, no download
-        return ArtifactRef(uri=f"{self.root}/objects/{digest}", sha256=digest, kind=kind)
+        return ArtifactRef(uri=f"{self.root}/objects/{digest}", sha256=digest, kind=kind, payload=payload)
 
     def exists(self, ref: ArtifactRef) -> bool:
         return self.fs.exists(f"{self._path(ref)}/{MANIFEST}")

@@ -278,8 +278,10 @@ def publish_files(cfg: PipelineConfig, repo_id: str, files: dict[str, Path], rec
 
 
 def made_from(record: dict) -> str | None:
-    """The GPTQ artifact a release record (release.json) was built from."""
-    return (record.get("artifacts", {}).get("gptq") or {}).get("sha256")
+    """The GPTQ model a release record (release.json) was built from: its artifact's payload (the weights and
+    config, not the quantization log), so a rebuilt GPTQ artifact of the same model is recognised."""
+    gptq = record.get("artifacts", {}).get("gptq") or {}
+    return gptq.get("payload") or gptq.get("sha256")
 
 
 def latest_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dict | None:

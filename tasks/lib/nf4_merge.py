@@ -188,9 +188,9 @@ def olora_residual(weight: torch.Tensor, rank: int, scaling: float) -> torch.Ten
 
 def training_dtype(cfg: PipelineConfig, adapter_dir: Path) -> torch.dtype:
     """The dtype training loaded the base in (bnb quantized from it): resolved on the device the
-    adapter was trained on, which train_metrics.json records."""
-    metrics_file = Path(adapter_dir) / "train_metrics.json"
-    trained_on = json.loads(metrics_file.read_text()).get("device") if metrics_file.is_file() else None
+    adapter was trained on, which the adapter's trained_on.json records."""
+    record = Path(adapter_dir) / "trained_on.json"
+    trained_on = json.loads(record.read_text()).get("device") if record.is_file() else None
     device = trained_on or modeling.resolve_device(cfg.device)
     return modeling.resolve_dtype(cfg.model.compute_dtype, torch.device(device).type)
 

@@ -13,6 +13,8 @@ from tasks.lib.stage import StageConfig
 
 SAMPLE_COUNT = 4  # generations kept for the report and model card
 
+TIMING = "timing.json"  # wall seconds per model: a report, not in the payload later stages key on
+
 
 def score_model(cfg: StageConfig, model, tokenizer, rows: list[dict], heldout: metrics.HeldOut,
                 regression_texts: list[str] | None = None, schema: dict | None = None) -> dict:
@@ -102,7 +104,8 @@ def score_models(cfg: StageConfig, data_dir: Path, tokenizer_dir: Path, models: 
                  out_dir: Path, *, regression_set: bool = False, header: dict | None = None) -> dict:
     """Load, score and free each model of `models` (name -> loader) in turn, on the validate artifact's
     held-out rows, rendered with the tokenizer in tokenizer_dir; metrics.json in out_dir holds
-    {**header, name: scores..., "timing": wall seconds per model (the only non-deterministic field)}.
+    {**header, name: scores...}, and timing.json the wall seconds per model (a report: later stages key on
+    metrics.json alone). Returns metrics.json's content with "timing" added.
     regression_set: also score eval.regression_path (base and fine-tuned only)."""
     tokenizer = modeling.load_tokenizer(tokenizer_dir)
     rows = datarows.read_jsonl(data_dir / "eval.jsonl")
@@ -113,8 +116,9 @@ def score_models(cfg: StageConfig, data_dir: Path, tokenizer_dir: Path, models: 
     results = dict(header or {})
     for name, load in models.items():
         results[name] = load_and_score(timing, name, load, cfg, tokenizer, rows, heldout, texts, schema)
-    results["timing"] = timing
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
+    (out_dir / TIMING).write_text(json.dumps(timing, indent=1))
+    results["timing"] = timing
     _log(results)
     return results
 

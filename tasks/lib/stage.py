@@ -1,9 +1,14 @@
 """What every stage task shares: its cache spec, the cache lookup, building into a fresh folder, sealing.
 
-A stage's cache key is made of exactly what its build can see:
+A stage's cache key is made of exactly what changes its output:
 - the config paths its `StageSpec` declares (`reads`); the build is handed a `StageConfig` holding
-  those and nothing else, so reading an undeclared key fails loudly instead of leaving the key stale;
-- the hashes of its input artifacts and files (`inputs`, computed by the task);
+  those and nothing else, so reading an undeclared key fails loudly instead of leaving the key stale.
+  `device` enters resolved (`cpu`, or `cuda` and the GPU's compute capability): `auto` builds different
+  artifacts on different workers;
+- paths it `uses` without their values changing the output: a file keyed by its content in `inputs`
+  (`model.base`), or logging (`train.log_every`); the build can read them, the key does not hold them;
+- the payload hashes of its input artifacts (their files minus reports: early cutoff, see
+  `tasks/lib/artifacts.py`) and the content hashes of its input files (`inputs`, computed by the task);
 - its code: the task module and every project module it imports, followed transitively, compared as
   syntax trees without docstrings, so a comment or docstring edit re-runs nothing.
 
@@ -43,12 +48,18 @@ class StageSpec:
     """name: the stage (and its cache index folder); module: the task module whose code, with everything
     it imports from the project, is hashed; reads: the config paths the build may read, a section
     ("train"), one key of one ("train.tokens_per_step") or a top-level key ("seed", "device").
-    key_config: how the read values enter the key, when not as they are (validate keys data files by content)."""
+    uses: config paths the build may read that are not in the key (a path keyed by content in `inputs`,
+    a logging setting); a path inside a section in `reads` is taken out of that section's key.
+    key_config: how the read values enter the key, when not as they are (validate keys data files by content).
+    reports: fnmatch patterns of the files the build writes that no later stage reads (reports, timings,
+    TensorBoard events): left out of the payload hash later stages key on."""
 
     name: str
     module: str
     reads: tuple[str, ...]
     key_config: Callable[[StageConfig], Any] | None = None
+    uses: tuple[str, ...] = ()
+    reports: tuple[str, ...] = ()
 
 
 class StageConfig:
@@ -57,7 +68,10 @@ class StageConfig:
     Whole sections come back as their typed pydantic objects (`cfg.train` is a TrainConfig); a section
     declared key by key comes back as a view of those keys."""
 
-    def __init__(self, config: BaseModel, reads: Iterable[str], stage: str, prefix: str = ""):
+    def __init__(self, config: BaseModel, reads: Iterable[str], stage: str, prefix: str = "",
+                 unkeyed: Iterable[str] = ()):
+        object.__setattr__(self, "_unkeyed", tuple(unkeyed))
+        reads = [*reads, *unkeyed]
         tree: dict[str, Any] = {}
         for path in reads:
             node = tree
@@ -92,14 +106,38 @@ class StageConfig:
         return _paths(self._tree)
 
     def key_data(self) -> dict[str, Any]:
-        """The declared values as JSON data: what enters the cache key."""
+        """The declared values as JSON data, without the unkeyed ones: what enters the cache key."""
         data = {}
         for path in self.paths():
+            if path in self._unkeyed:
+                continue
             value: Any = self._config
             for part in path.split("."):
                 value = getattr(value, part)
             data[path] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            if path == "device":
+                data[path] = device_key(value)
+            for unkeyed in self._unkeyed:  # a logging key inside a section read whole
+                if unkeyed.startswith(path + "."):
+                    node = data[path]
+                    *parents, leaf = unkeyed[len(path) + 1:].split(".")
+                    for part in parents:
+                        node = node[part]
+                    node.pop(leaf, None)
         return data
+
+
+def device_key(device: str) -> str:
+    """The device as it enters keys: `auto` resolved on this worker, and a GPU with its compute capability
+    (kernels, and so results, differ between GPU generations)."""
+    import torch  # noqa: PLC0415 (stage.py is imported where torch is not needed)
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"cuda:sm_{major}{minor}"
+    return device
 
 
 def _paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
@@ -139,16 +177,15 @@ def run_stage(
     name = name or spec.name
     log = logger()
     start = time.perf_counter()
-    view = StageConfig(config, spec.reads, name)
-    key_config = spec.key_config(view) if spec.key_config else view.key_data()
-    key = cache_key(name, code_hash(spec.module), key_config, inputs)
+    view = StageConfig(config, spec.reads, name, unkeyed=spec.uses)
+    key = stage_key(spec, view, inputs, name)
     if (ref := store.lookup(name, key)) is not None:
         log.info("%s: cache hit (key %s) -> %s", name, key[:12], ref.uri)
         return StageResult(stage=name, ref=ref, cache_hit=True, seconds=time.perf_counter() - start)
     workdir = store.new_workdir()
     try:
         build(view, workdir, key)
-        ref = store.put(workdir, kind=name)
+        ref = store.put(workdir, kind=name, reports=spec.reports)
     except OSError as exc:
         shutil.rmtree(workdir, ignore_errors=True)
         if exc.errno in NO_SPACE:  # the build's own files count too: a stage's output is written into the store
@@ -164,6 +201,12 @@ def run_stage(
     seconds = time.perf_counter() - start
     log.info("%s: built %s in %.1f s", name, ref.uri, seconds)
     return StageResult(stage=name, ref=ref, cache_hit=False, seconds=seconds)
+
+
+def stage_key(spec: StageSpec, view: StageConfig, inputs: dict[str, str], name: str | None = None) -> str:
+    """The cache key of a stage: its keyed config, its code hash and its inputs' hashes."""
+    key_config = spec.key_config(view) if spec.key_config else view.key_data()
+    return cache_key(name or spec.name, code_hash(spec.module), key_config, inputs)
 
 
 def reported(result: StageResult) -> State:

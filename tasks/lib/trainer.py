@@ -55,6 +55,7 @@ from tasks.lib.stage import StageConfig
 PROBE_PACKS = 4
 
 
+TRAINED_ON = "trained_on.json"  # the device training ran on: the merge quantizes the base as training did
 TENSORBOARD_DIR = "tensorboard"  # event files, inside the adapter artifact
 
 
@@ -529,11 +530,20 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
         "processes": ranks.world,
     }
     (out_dir / "train_metrics.json").write_text(json.dumps(record, indent=1))
+    # train_metrics.json is a report (its history holds wall times); what the merge reads is payload.
+    (out_dir / TRAINED_ON).write_text(json.dumps({"device": device}))
     barrier(ranks)  # the files are complete before any process exits
     return record
 
 
 def save_adapter(model, out_dir: Path, ranks: Ranks) -> None:
-    """adapter_model.safetensors + adapter_config.json, written by rank 0."""
+    """adapter_model.safetensors + adapter_config.json, written by rank 0. peft writes target_modules from a set,
+    in an order that changes with each process's string hashing: sorted here, so the same adapter is the same
+    bytes and a retrain that changes nothing re-runs nothing after it."""
     if ranks.main:
         model.save_pretrained(out_dir)
+        config_file = out_dir / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
