@@ -29,7 +29,7 @@ from tasks.lib.registry import Release
 from tasks.lib.stage import StageResult
 from tasks.merge import merge_task
 from tasks.preflight import preflight_task
-from tasks.publish import publish_task
+from tasks.publish import publish_task, release_hash
 from tasks.quantize import quantize_task
 from tasks.train import train_task
 from tasks.validate import validate_task
@@ -76,13 +76,15 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
         published_evaluation = published.result() if published else None
         quantized_gate = gate_task(cfg, "quantized", quantized_evaluation, published_evaluation).result()
         serving_gate = serving_gate_task(cfg, quantized, adapter, gguf).result()  # the engines it is for load it
-        review = await_approval(cfg.approval.timeout_s) if cfg.approval.required else None
-        release = publish_task(cfg, {
+        parts = {
             "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,
             "merged": merged, "gate_merge": merge_gate, "gptq": quantized, **({"gguf": gguf} if gguf else {}),
             "quantized_evaluation": quantized_evaluation, "gate_quantized": quantized_gate,
             "gate_serving": serving_gate,
-        }, review)
+        }
+        # The approval names the release it approves: the hash of the parts' payloads, known before the wait.
+        review = await_approval(cfg.approval.timeout_s, release_hash(parts)) if cfg.approval.required else None
+        release = publish_task(cfg, parts, review)
 
     stages = [*([fetched] if fetched else []), *fetched_data.values(), data, adapter, evaluation, finetune_gate,
               merged, merge_gate, quantized, *([gguf] if gguf else []), quantized_evaluation,

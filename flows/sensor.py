@@ -1,8 +1,10 @@
 """`qlora-data-sensor`: start the pipeline when its data source changed since the latest release.
 
 Scheduled every 15 minutes (deploy/prefect.yaml, `qlora-data-sensor/every-15-min`). Each tick hashes
-the configured train/eval files (tasks/lib/lineage.py) and compares that with `data_source_hash`
-in the release currently published at publish.target (tasks/lib/registry.py: the local registry or the Hub). It starts `qlora-pipeline/on-demand` (without waiting for
+what the configured data paths name (tasks/lib/lineage.py: a local file by its content, a Hub dataset file
+`ORG/NAME@REVISION:FILE` by the commit the revision resolves to now, so a push to the branch is seen without
+a download) and compares that with `data_source_hash` in the release currently published at publish.target
+(tasks/lib/registry.py: the local registry or the Hub). It starts `qlora-pipeline/on-demand` (without waiting for
 it) only when they differ and no run for this source_hash exists yet, so a slow training run is not
 started again on every tick and a run that failed a gate is not retried on unchanged data. A crashed or
 cancelled run is started again (training resumes from its checkpoint).

@@ -37,7 +37,7 @@ from tasks.lib.artifacts import ArtifactRef, ArtifactStore, sha256_json
 from tasks.lib.decisions import GATE_SETS, GateDecision
 from tasks.lib.hub_sources import base_model_name, source_of, source_of_file
 from tasks.lib.lineage import data_source_hash, git_commit
-from tasks.lib.model_card import display_repo, extra_card, lineage_config, model_card
+from tasks.lib.model_card import as_hub_file, display_repo, extra_card, lineage_config, model_card
 from tasks.lib.registry import RELEASE_FILE, Release, publish_local
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, run_stage
 
@@ -54,14 +54,6 @@ def mixture_name(cfg: StageConfig) -> str:
     return "mixture of " + ", ".join(f"{source.name} ({source.weight:g})" for source in cfg.data.sources)
 
 
-def as_fetched(source: dict) -> dict:
-    """A mixture's source as the card shows it: a Hub dataset file by its id, commit and file, not by where the
-    fetch-dataset stage put it."""
-    if hub_source := source_of_file(source["path"]):
-        return {**source, "path": f"{hub_source['id']}@{hub_source['commit']}:{hub_source['file']}"}
-    return source
-
-
 def release_hash(parts: dict[str, StageResult]) -> str:
     """The release's identity: its parts' payloads. A rebuild that changes only reports (a report page, a wall
     time) rebuilds the bundle, whose copies of the reports change, but is the same release: publish finds it."""
@@ -71,6 +63,9 @@ def release_hash(parts: dict[str, StageResult]) -> str:
 def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageResult], review: dict | None,
                  workdir: Path) -> None:
     digest = release_hash(parts)
+    if review and review["release_hash"] != digest:  # flows/approval.py keys the decision by the release
+        raise RuntimeError(f"the approval by {review['reviewer']} is for release {review['release_hash'][:16]}, "
+                           f"not {digest[:16]}: nothing is published")
 
     def read(name: str, file: str):
         return json.loads((store.local_path(parts[name].ref) / file).read_text())
@@ -84,15 +79,16 @@ def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageR
     lineage = {
         "release_hash": digest,
         "data_artifact": parts["data"].ref.sha256,
-        "data_source_hash": data_source_hash(cfg),  # raw train/eval files (flows/sensor.py)
+        "data_source_hash": data_source_hash(cfg),  # what the data paths name (flows/sensor.py compares it)
         "datasets": [[split, path, data_files.get(f"{split}.jsonl", {"sha256": None})]
-                     for split, path in (("train", cfg.data.train_path or mixture_name(cfg)),
-                                         ("eval", cfg.data.eval_path))],
+                     for split, path in (("train", as_hub_file(cfg.data.train_path) or mixture_name(cfg)),
+                                         ("eval", as_hub_file(cfg.data.eval_path)))],
         "dataset_sources": {split: source for split, source in
                             (("train", source_of_file(cfg.data.train_path)),
                              ("eval", source_of_file(cfg.data.eval_path)),
                              *((f"sources.{s.name}", source_of_file(s.path)) for s in cfg.data.sources or [])) if source},
-        **({"mixture": [as_fetched(source) for source in read("data", "mixture.json")]} if cfg.data.sources else {}),
+        **({"mixture": [{**source, "path": as_hub_file(source["path"])}  # the Hub file, not the store's copy
+                        for source in read("data", "mixture.json")]} if cfg.data.sources else {}),
         "flow_run_id": str(runtime.flow_run.id or "local"),
         "pipeline_version": package_version("qlora-pipeline"),
         "git_commit": git_commit(),
@@ -104,6 +100,8 @@ def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageR
             "gates": {name: {"artifact": parts[f"gate_{name}"].ref.sha256, "passed": all(d.passed for d in ds)}
                       for name, ds in gates.items()},
             "at": review["decided_at"] if review else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            # The release the reviewer approved: always this one (a changed input makes the run wait again).
+            **({"release_hash": review["release_hash"]} if review else {}),
         },
         "artifacts": {name: result.ref.model_dump() for name, result in parts.items()},
         "config": lineage_config(cfg),

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = StageConfig(load_config(args.config, args.set), TRAIN.reads, TRAIN.name)
+        cfg = TRAIN.view(load_config(args.config, args.set))
         train_adapter(cfg, Path(args.data_dir), out, Checkpoints(Path(args.scratch_dir), args.scratch_remote))
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -124,7 +124,7 @@ def validate_for_cli(cfg: PipelineConfig, data: str | None, fmt: str | None,
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=updates)})
     with tempfile.TemporaryDirectory(prefix="qlora-validate-") as tmp:
         try:
-            validate_dataset(StageConfig(cfg, VALIDATE.reads, VALIDATE.name), Path(tmp), require_eval=not data)
+            validate_dataset(VALIDATE.view(cfg), Path(tmp), require_eval=not data)
         except DataContractFailed as failure:
             return False, (Path(tmp) / "report.md").read_text() if (Path(tmp) / "report.md").exists() else str(failure)
         return True, (Path(tmp) / "report.md").read_text()

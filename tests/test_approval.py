@@ -2,6 +2,7 @@
 `qlora-pipeline approve|reject RUN_ID` resumes it through the Prefect API."""
 
 import json
+import logging
 import re
 import subprocess
 import time
@@ -73,3 +74,50 @@ def test_approve_publishes_with_the_reviewer_and_reject_publishes_nothing(worker
     # A run that is not waiting cannot be approved: exit 1 with the reason.
     late = decide("approve", run_id, "--reviewer", "carol")
     assert late.returncode == 1 and "not waiting for approval" in late.stderr
+
+
+def run_warnings(run_id: str) -> str:
+    """The run's warnings and errors as the Prefect server keeps them (its pages hold at most 200 lines)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)]),
+                                          level=LogFilterLevel(ge_=logging.WARNING)), limit=200)
+    return "\n".join(entry.message for entry in logs)
+
+
+@pytest.mark.slow
+def test_an_approval_covers_only_the_release_the_reviewer_saw(worker, tiny_config, tmp_path):
+    """Approve, then edit the training data before the resumed run re-executes: it builds another release,
+    which the approval does not cover, so it waits again and says why; nothing is published under the old one."""
+    registry = Path(yaml.safe_load(tiny_config.read_text())["publish"]["registry"]) / "tiny-release"
+    train = tmp_path / "train.jsonl"
+    train.write_text(Path(yaml.safe_load(tiny_config.read_text())["data"]["train_path"]).read_text())
+
+    run_id = start_run(tiny_config, [f"data.train_path={train}"])
+    first_wait = wait_for(run_id, lambda s: s.is_paused() or s.is_final())
+    assert first_wait.is_paused(), first_wait.message
+    rows = train.read_text().splitlines()
+    row = json.loads(rows[0])
+    row["output"] += " (edited while the run waited)"
+    train.write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")  # a data file edited in place
+
+    approved = decide("approve", run_id, "--reviewer", "alice")
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    # The resumed run re-executes, rebuilds from the edited data and waits for a decision on that release.
+    again = wait_for(run_id, lambda s: s.is_final() or (s.is_paused() and s.state_details.pause_key
+                                                           != first_wait.state_details.pause_key))
+    assert again.is_paused(), again.message
+    assert not registry.exists() or not list(registry.glob("v*"))  # nothing published under the old approval
+    assert "an input changed since" in run_warnings(run_id)
+
+    approved = decide("approve", run_id, "--reviewer", "bob", "--comment", "the edited data")
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    final = wait_for(run_id, lambda s: s.is_final())
+    assert final.is_completed(), final.message
+    release = json.loads((registry / "v1" / "release.json").read_text())
+    assert release["approval"]["by"] == "bob" and release["approval"]["release_hash"] == release["release_hash"]
+    assert again.state_details.pause_key.endswith(release["release_hash"][:32])
+    assert release["release_hash"][:32] not in first_wait.state_details.pause_key
+    assert f"approved release `{release['release_hash']}`" in (registry / "v1" / "README.md").read_text()

@@ -198,6 +198,7 @@ def test_a_mixture_with_a_hub_source_through_the_flow_and_the_card_lists_every_s
     from huggingface_hub import HfApi
 
     from flows.pipeline import qlora_pipeline
+    from tasks.lib.lineage import data_source_hash
     from tests.hub_server import HubServer
 
     token = "hf_" + secrets.token_hex(16)
@@ -211,13 +212,15 @@ def test_a_mixture_with_a_hub_source_through_the_flow_and_the_card_lists_every_s
         commit = api.dataset_info("acme/arith").sha
         monkeypatch.setenv("HF_TOKEN", token)
 
-        def run(chatterbot_weight: int, arith_weight: int):
+        def overrides(chatterbot_weight: int, arith_weight: int) -> list[str]:
             sources = (f"data.sources=[{{path: '{assets['data'] / 'train.jsonl'}', name: chatterbot, "
                        f"weight: {chatterbot_weight}}}, {{path: 'acme/arith@main:data/arith.jsonl', "
                        f"weight: {arith_weight}}}]")
-            return qlora_pipeline(config=str(tiny_config), overrides=[
-                "data.train_path=null", sources, f"publish.endpoint={server.url}",
-                "gates.min_perplexity_gain=-1"])  # random weights: a few steps may not lower the perplexity
+            return ["data.train_path=null", sources, f"publish.endpoint={server.url}",
+                    "gates.min_perplexity_gain=-1"]  # random weights: a few steps may not lower the perplexity
+
+        def run(chatterbot_weight: int, arith_weight: int):
+            return qlora_pipeline(config=str(tiny_config), overrides=overrides(chatterbot_weight, arith_weight))
 
         first = run(70, 30)
         stages = {s.stage: s for s in first.stages}
@@ -238,6 +241,10 @@ def test_a_mixture_with_a_hub_source_through_the_flow_and_the_card_lists_every_s
         print(card[card.index("## Data"):card.index("## Metrics")])
         record = json.loads((Path(first.release.path) / "release.json").read_text())
         assert record["dataset_sources"]["sources.arith"]["commit"] == commit
+        # The data sensor, reading the user's config (a Hub id, not the fetched file), fingerprints the same data,
+        # and the recorded config names the Hub file, not where this worker's store keeps it.
+        assert record["data_source_hash"] == data_source_hash(load_config(tiny_config, overrides(70, 30)))
+        assert record["config"]["data"]["sources"][1]["path"] == f"acme/arith@{commit}:data/arith.jsonl"
 
         checks = sorted((root / "index" / "check-source").iterdir())
         reweighted = run(60, 40)

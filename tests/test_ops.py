@@ -175,6 +175,64 @@ def test_sensor_starts_the_pipeline_once_for_changed_data_and_never_for_unchange
                 client.delete_flow_run(run_id)
 
 
+def test_sensor_sees_a_new_commit_of_a_hub_data_file(deployed, ops_config, tmp_path, monkeypatch):
+    """data.train_path names a file of a private Hub dataset at `main` (tests/hub_server.py). The release records
+    the fingerprint of the file the fetch downloaded; the sensor, from the user's config, resolves `main` to its
+    commit: the same fingerprint, so it waits; a push to `main` makes a new commit, and the next tick starts a run."""
+    import secrets
+
+    from huggingface_hub import HfApi
+    from prefect.client.orchestration import get_client
+
+    from flows.sensor import qlora_data_sensor
+    from pipeline_config import load_config
+    from tasks.lib.hub_sources import download_data_file, resolve_revisions, with_data_files
+    from tasks.lib.lineage import data_source_hash
+    from tests.hub_server import HubServer
+
+    token = "hf_" + secrets.token_hex(16)
+    server = HubServer({token: {"user": "alice", "orgs": ["acme"], "role": "write"}}, tmp_path / "hub").start()
+    started = []
+    try:
+        api = HfApi(endpoint=server.url, token=token)
+        api.create_repo("acme/chat", repo_type="dataset", private=True)
+        train = load_config(ops_config).data.train_path
+        api.upload_file(path_or_fileobj=train, path_in_repo="data/train.jsonl", repo_id="acme/chat",
+                        repo_type="dataset", commit_message="first rows")
+        monkeypatch.setenv("HF_TOKEN", token)  # what the README tells a user with a private dataset to set
+        overrides = ["data.train_path=acme/chat@main:data/train.jsonl", f"publish.endpoint={server.url}"]
+        cfg = load_config(ops_config, overrides)
+
+        # What publish records: the fingerprint of the config the stages after the fetch see.
+        source = resolve_revisions(cfg)["train_path"]
+        download_data_file(cfg, source, tmp_path / "fetched")
+        fetched = with_data_files(cfg, {"train_path": tmp_path / "fetched" / "data" / "train.jsonl"})
+        fake_release(cfg, "v1", data_source_hash(fetched))
+
+        before = {r.id for r in pipeline_runs()}
+        unchanged = qlora_data_sensor(config=str(ops_config), overrides=overrides)
+        assert unchanged.action == "unchanged", unchanged
+        assert {r.id for r in pipeline_runs()} == before
+
+        rows = Path(train).read_text() + json.dumps(
+            {"instruction": "What is a commit?", "input": "", "output": "A snapshot of a repository."}) + "\n"
+        api.upload_file(path_or_fileobj=rows.encode(), path_in_repo="data/train.jsonl", repo_id="acme/chat",
+                        repo_type="dataset", commit_message="one more row")
+        assert api.dataset_info("acme/chat").sha != source["commit"]
+        changed = qlora_data_sensor(config=str(ops_config), overrides=overrides)
+        started = [r.id for r in pipeline_runs() if r.id not in before]
+        assert changed.action == "started" and [str(r) for r in started] == [changed.flow_run_id], changed
+
+        # A config pinned to the released commit does not see the push.
+        pinned = [f"data.train_path=acme/chat@{source['commit']}:data/train.jsonl", overrides[1]]
+        assert qlora_data_sensor(config=str(ops_config), overrides=pinned).action == "unchanged"
+    finally:
+        server.stop()
+        with get_client(sync_client=True) as client:
+            for run_id in started:
+                client.delete_flow_run(run_id)
+
+
 # -- 3. one run at a time per publish target ---------------------------------------------------------------
 def test_a_second_run_on_a_held_target_fails_before_any_stage(ops_config, tmp_path):
     from prefect.concurrency.sync import concurrency

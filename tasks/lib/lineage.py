@@ -19,14 +19,27 @@ def git_commit() -> str | None:
 
 
 def data_source_hash(cfg) -> str:
-    """sha256 over the content hashes of data.train_path and data.eval_path (and a mixture's sources).
+    """sha256 over what the data paths name (train_path, eval_path, a mixture's sources): a local file or folder by
+    its content, a Hub dataset file (`ORG/NAME[@REVISION]:FILE`) by the commit its revision resolves to.
 
-    A path that is not a local file or folder (a dataset id `NAME#SPLIT`) enters by its name only: its
-    content is not observed, so a sensor cannot see it change (pin a revision in the id instead)."""
-    def content(path: str | None) -> str | None:
-        return None if path is None else (sha256_path(Path(path)) if Path(path).exists() else f"id:{path}")
+    The release computes it from the files the fetch stage downloaded (each names its commit beside it, in
+    hub_source.json); the sensor computes it from the user's config, asking the Hub what the revision is now. Both
+    give `hub:ORG/NAME@COMMIT:FILE`, so a new commit on the branch changes the hash without downloading anything.
+    A path that is neither (a dataset id `NAME#SPLIT`) enters by its name only: its content is not observed, so a
+    sensor cannot see it change (pin a revision in the id instead)."""
+    from tasks.lib.hub_sources import data_paths, resolve_revisions, source_of_file  # noqa: PLC0415 (hub client)
 
-    parts = {split: content(path) for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path))}
+    resolved = resolve_revisions(cfg)  # only paths naming the Hub: none at publish, where they are fetched files
+
+    def content(key: str, path: str | None) -> str | None:
+        if path is None:
+            return None
+        if hub_file := resolved.get(key) or source_of_file(path):
+            return f"hub:{hub_file['id']}@{hub_file['commit']}:{hub_file['file']}"
+        return sha256_path(Path(path)) if Path(path).exists() else f"id:{path}"
+
+    paths = data_paths(cfg.data)
+    parts = {split: content(f"{split}_path", paths.get(f"{split}_path")) for split in ("train", "eval")}
     if cfg.data.sources:  # a one-file config keeps the hash it had before mixtures
-        parts["sources"] = {source.name: content(source.path) for source in cfg.data.sources}
+        parts["sources"] = {source.name: content(f"sources.{source.name}", source.path) for source in cfg.data.sources}
     return sha256_json(parts)

@@ -13,7 +13,7 @@ from tasks.lib import hub
 from tasks.lib import serving as serving_source
 from tasks.lib.decisions import GateDecision, decisions_markdown
 from tasks.lib.hub import EXTRA_SUFFIX
-from tasks.lib.hub_sources import base_model_name, source_of_file
+from tasks.lib.hub_sources import base_model_name, source_of, source_of_file
 from tasks.lib.serving import max_lora_rank
 from tasks.lib.stage import StageConfig
 
@@ -113,7 +113,7 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
 
 Release hash `{{ lineage.release_hash }}`; pipeline {{ lineage.pipeline_version }} at git commit
 `{{ lineage.git_commit }}`; flow run `{{ lineage.flow_run_id }}`; approval: {{ lineage.approval.decision }}
-by {{ lineage.approval.by }}{{ ": " ~ lineage.approval.comment if lineage.approval.comment }}.
+by {{ lineage.approval.by }}{{ ": " ~ lineage.approval.comment if lineage.approval.comment }}{{ " (approved release `" ~ lineage.approval.release_hash ~ "`)" if lineage.approval.release_hash }}.
 
 ```json
 {{ lineage_json }}
@@ -131,7 +131,22 @@ def lineage_config(cfg: StageConfig) -> dict:
     published (no secrets in it)."""
     data = cfg.key_data()
     data["publish"] = {"repo": cfg.publish.repo}
+    # What the fetch stages downloaded, as the user named it (at the commit it was), not where this worker's store
+    # keeps it: the release key and the card stay the same on every worker and store.
+    if fetched := source_of(cfg.model.base):
+        data["model"]["base"] = f"{fetched['id']}@{fetched['commit']}"
+    for key in ("train_path", "eval_path"):
+        data["data"][key] = as_hub_file(data["data"][key])
+    for source in data["data"].get("sources") or []:
+        source["path"] = as_hub_file(source["path"])
     return data
+
+
+def as_hub_file(path: str | None) -> str | None:
+    """A fetched data file as `ORG/NAME@COMMIT:FILE`; any other path as it is."""
+    if fetched := source_of_file(path):
+        return f"{fetched['id']}@{fetched['commit']}:{fetched['file']}"
+    return path
 
 
 def dataset_id(cfg: StageConfig) -> str:

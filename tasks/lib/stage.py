@@ -61,6 +61,10 @@ class StageSpec:
     uses: tuple[str, ...] = ()
     reports: tuple[str, ...] = ()
 
+    def view(self, config: BaseModel, name: str = "") -> "StageConfig":
+        """The config as this stage's build sees it: its `reads` (keyed) and `uses` (not keyed)."""
+        return StageConfig(config, self.reads, name or self.name, unkeyed=self.uses)
+
 
 class StageConfig:
     """A read-only view of the pipeline config holding only the paths a stage declared.
@@ -177,7 +181,7 @@ def run_stage(
     name = name or spec.name
     log = logger()
     start = time.perf_counter()
-    view = StageConfig(config, spec.reads, name, unkeyed=spec.uses)
+    view = spec.view(config, name)
     key = stage_key(spec, view, inputs, name)
     if (ref := store.lookup(name, key)) is not None:
         log.info("%s: cache hit (key %s) -> %s", name, key[:12], ref.uri)
