@@ -1,7 +1,9 @@
 """The `qlora-pipeline` flow: the DAG, and the run summary it ends with. Stage logic lives in `tasks/`.
 
-Stage tasks end in a Prefect state (`Cached` on an artifact-store hit, `Completed` otherwise); `.result()`
-is the StageResult the next stage takes.
+One call convention: a stage task ends in a Prefect state (`Cached` on an artifact-store hit, `Completed`
+otherwise, `Skipped` for a stage with nothing to do), and `.result()` is the StageResult the next stage takes
+(None when skipped). Preflight and publish seal no artifact; they return their typed result (Preflight,
+Release). What passes between stages is typed in tasks/lib/stage_io.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tasks.lib.model_card import training_line
 from tasks.lib.modeling import quiet_transformers
 from tasks.lib.registry import Release
 from tasks.lib.stage import StageResult
+from tasks.lib.stage_io import ReleaseParts
 from tasks.merge import merge_task
 from tasks.preflight import preflight_task
 from tasks.publish import publish_task, release_hash
@@ -55,12 +58,12 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
     verified_before = verification_stats()
     with release_lock(cfg):  # one run at a time per publish target (concurrency.mode: wait | fail)
         checked = preflight_task(cfg)  # base model and publish target can be had (tokens, visibility): no GPU yet
-        fetched = fetch_base_model_task(cfg, checked["base_model"]).result() if checked["base_model"] else None
+        fetched = fetch_base_model_task(cfg, checked.base_model).result() if checked.base_model else None
         if fetched:  # model.base named a Hub id: every later stage reads the downloaded folder
             cfg = with_base_folder(cfg, ArtifactStore(cfg.artifacts.root).local_path(fetched.ref))
-        fetched_data = {key: fetch_dataset_task(cfg, key, source).result() for key, source in checked["datasets"].items()}
+        fetched_data = {key: fetch_dataset_task(cfg, key, source).result() for key, source in checked.datasets.items()}
         if fetched_data:  # Hub data paths: validate reads the downloaded files
-            cfg = with_data_files(cfg, {key: fetched_file(cfg, result, checked["datasets"][key])
+            cfg = with_data_files(cfg, {key: fetched_file(cfg, result, checked.datasets[key])
                                         for key, result in fetched_data.items()})
 
         data = validate_task(cfg).result()
@@ -72,16 +75,13 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
         quantized = quantize_task(cfg, data, merged).result()
         gguf = export_gguf_task(cfg, merged).result() if "gguf" in cfg.release.formats else None
         quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized, gguf).result()
-        published = evaluate_published_task(cfg, data, quantized)  # None when nothing is published
-        published_evaluation = published.result() if published else None
+        published_evaluation = evaluate_published_task(cfg, data, quantized).result()  # None: nothing published
         quantized_gate = gate_task(cfg, "quantized", quantized_evaluation, published_evaluation).result()
         serving_gate = serving_gate_task(cfg, quantized, adapter, gguf).result()  # the engines it is for load it
-        parts = {
-            "data": data, "adapter": adapter, "evaluation": evaluation, "gate_finetune": finetune_gate,
-            "merged": merged, "gate_merge": merge_gate, "gptq": quantized, **({"gguf": gguf} if gguf else {}),
-            "quantized_evaluation": quantized_evaluation, "gate_quantized": quantized_gate,
-            "gate_serving": serving_gate,
-        }
+        parts = ReleaseParts(
+            data=data, adapter=adapter, evaluation=evaluation, gate_finetune=finetune_gate, merged=merged,
+            gate_merge=merge_gate, gptq=quantized, gguf=gguf, quantized_evaluation=quantized_evaluation,
+            gate_quantized=quantized_gate, gate_serving=serving_gate)
         # The approval names the release it approves: the hash of the parts' payloads, known before the wait.
         review = await_approval(cfg.approval.timeout_s, release_hash(parts)) if cfg.approval.required else None
         release = publish_task(cfg, parts, review)

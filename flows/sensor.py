@@ -69,7 +69,7 @@ def qlora_data_sensor(config: str | None = None, overrides: list[str] | None = N
     cfg = load_config(config, overrides or [])
     source_hash = data_source_hash(cfg)
     release = current_release(cfg)
-    released = (release or {}).get("record", {}).get("data_source_hash")
+    released = release.record.get("data_source_hash") if release else None
     result = dict(source_hash=source_hash, released_source_hash=released)
     if released is None:
         logger.info("no release with a data_source_hash in %s/%s yet: nothing to compare with; "

@@ -16,6 +16,7 @@ from pipeline_config import PipelineConfig
 from tasks.lib.artifacts import ArtifactStore
 from tasks.lib.hub_sources import download_model
 from tasks.lib.stage import StageSpec, reported, run_stage
+from tasks.lib.stage_io import HubSource
 
 # publish is read for the download token and endpoint: how the files are reached, not what they are.
 FETCH_BASE_MODEL = StageSpec("fetch-base-model", __name__, reads=("model", "publish"),
@@ -23,10 +24,10 @@ FETCH_BASE_MODEL = StageSpec("fetch-base-model", __name__, reads=("model", "publ
 
 
 @task(name="fetch-base-model", retries=2, retry_delay_seconds=10, cache_policy=NONE)  # a download is worth retrying
-def fetch_base_model_task(cfg: PipelineConfig, source: dict):
-    """source: preflight's resolved {"id", "revision", "commit"}."""
+def fetch_base_model_task(cfg: PipelineConfig, source: HubSource):
+    """source: model.base as preflight resolved it."""
     return reported(run_stage(
         FETCH_BASE_MODEL, ArtifactStore(cfg.artifacts.root), cfg,
-        inputs={"repo": source["id"], "commit": source["commit"]},  # not the revision: a moved branch re-fetches
+        inputs={"repo": source.id, "commit": source.commit},  # not the revision: a moved branch re-fetches
         build=lambda view, workdir, key: download_model(view, source, workdir),
     ))

@@ -19,6 +19,7 @@ from pipeline_config.confine import inside
 from tasks.lib.artifacts import ArtifactStore
 from tasks.lib.hub_sources import download_data_file
 from tasks.lib.stage import StageResult, StageSpec, reported, run_stage
+from tasks.lib.stage_io import HubSource
 
 # publish is read for the download token and endpoint: how the file is reached, not what it is.
 FETCH_DATASET = StageSpec("fetch-dataset", __name__, reads=("publish",), key_config=lambda cfg: {})
@@ -26,13 +27,13 @@ FETCH_DATASET = StageSpec("fetch-dataset", __name__, reads=("publish",), key_con
 
 @task(name="fetch-dataset", task_run_name="fetch-dataset-{key}", retries=2, retry_delay_seconds=10,
       cache_policy=NONE)
-def fetch_dataset_task(cfg: PipelineConfig, key: str, source: dict):
+def fetch_dataset_task(cfg: PipelineConfig, key: str, source: HubSource):
     return reported(run_stage(
         FETCH_DATASET, ArtifactStore(cfg.artifacts.root), cfg,
-        inputs={"repo": source["id"], "commit": source["commit"], "file": source["file"]},
+        inputs={"repo": source.id, "commit": source.commit, "file": source.file},
         build=lambda view, workdir, _key: download_data_file(view, source, workdir),
     ))
 
 
-def fetched_file(cfg: PipelineConfig, fetched: StageResult, source: dict) -> Path:
-    return inside(ArtifactStore(cfg.artifacts.root).local_path(fetched.ref), source["file"], f"data file {source['file']!r}")
+def fetched_file(cfg: PipelineConfig, fetched: StageResult, source: HubSource) -> Path:
+    return inside(ArtifactStore(cfg.artifacts.root).local_path(fetched.ref), source.file, f"data file {source.file!r}")

@@ -22,6 +22,7 @@ from pipeline_config.schema import GatesConfig
 from tasks.lib import log, serving
 from tasks.lib.artifacts import ArtifactStore
 from tasks.lib.decisions import GateDecision, decisions_markdown, number
+from tasks.lib.scores import ModelScores, ScoreSheet
 from tasks.lib.stage import StageResult, StageSpec, reported, run_stage
 
 GateSet = Literal["finetune", "merge", "quantized"]
@@ -44,56 +45,56 @@ def skip(gate: str, metric: str, comparison: str, reason: str) -> GateDecision:
                         passed=True, skipped=reason)
 
 
-def scored_share(gates: GatesConfig, name: str, scores: dict) -> GateDecision:
+def scored_share(gates: GatesConfig, name: str, scores: ModelScores) -> GateDecision:
     """The share of the held-out rows asked for that `name` was scored on (the rest dropped for length)."""
-    rows = scores["heldout_rows"]
-    return check("min-scored-share", f"{name}.heldout_rows.scored_share", rows["scored"] / rows["asked"], ">=",
+    rows = scores.heldout_rows
+    return check("min-scored-share", f"{name}.heldout_rows.scored_share", rows.scored / rows.asked, ">=",
                  gates.min_scored_share)
 
 
-def rouge_l_gates(gates: GatesConfig, base: dict, tuned: dict) -> list[GateDecision]:
+def rouge_l_gates(gates: GatesConfig, base: ModelScores, tuned: ModelScores) -> list[GateDecision]:
     """The fine-tuned model's ROUGE-L on its greedy answers: at least gates.min_rouge_l, and not more than
     gates.max_rouge_l_drop_vs_base below the base model's; each gate off when its threshold is null."""
     metric, no_answers = "finetuned.rouge_l", "no greedy answers (eval.exact_match_examples is 0)"
     decisions = []
     if gates.min_rouge_l is not None:
-        decisions.append(check("min-rouge-l", metric, tuned["rouge_l"], ">=", gates.min_rouge_l,
-                               baseline=base["rouge_l"]) if "rouge_l" in tuned
+        decisions.append(check("min-rouge-l", metric, tuned.rouge_l, ">=", gates.min_rouge_l,
+                               baseline=base.rouge_l) if tuned.rouge_l is not None
                          else skip("min-rouge-l", metric, ">=", no_answers))
     if gates.max_rouge_l_drop_vs_base is not None:
-        decisions.append(check("rouge-l-vs-base", metric, tuned["rouge_l"], ">=",
-                               base["rouge_l"] - gates.max_rouge_l_drop_vs_base, baseline=base["rouge_l"])
-                         if "rouge_l" in tuned else skip("rouge-l-vs-base", metric, ">=", no_answers))
+        decisions.append(check("rouge-l-vs-base", metric, tuned.rouge_l, ">=",
+                               base.rouge_l - gates.max_rouge_l_drop_vs_base, baseline=base.rouge_l)
+                         if tuned.rouge_l is not None else skip("rouge-l-vs-base", metric, ">=", no_answers))
     return decisions
 
 
-def finetune_gates(gates: GatesConfig, results: dict) -> list[GateDecision]:
+def finetune_gates(gates: GatesConfig, results: ScoreSheet) -> list[GateDecision]:
     """Gates on the trained model: the share of held-out rows it was scored on, absolute quality, improvement
     over the base model, ROUGE-L, and the optional general-text regression set and structured-output rate."""
     base, tuned = results["base"], results["finetuned"]
     decisions = [
         scored_share(gates, "finetuned", tuned),
-        check("max-perplexity", "finetuned.perplexity", tuned["perplexity"], "<=", gates.max_perplexity),
-        check("improves-on-base", "finetuned.perplexity", tuned["perplexity"], "<=",
-              base["perplexity"] * (1 - gates.min_perplexity_gain), baseline=base["perplexity"]),
+        check("max-perplexity", "finetuned.perplexity", tuned.perplexity, "<=", gates.max_perplexity),
+        check("improves-on-base", "finetuned.perplexity", tuned.perplexity, "<=",
+              base.perplexity * (1 - gates.min_perplexity_gain), baseline=base.perplexity),
     ]
-    if "exact_match" in tuned:
-        decisions.append(check("min-exact-match", "finetuned.exact_match", tuned["exact_match"], ">=",
-                               gates.min_exact_match, baseline=base.get("exact_match")))
+    if tuned.exact_match is not None:
+        decisions.append(check("min-exact-match", "finetuned.exact_match", tuned.exact_match, ">=",
+                               gates.min_exact_match, baseline=base.exact_match))
     decisions += rouge_l_gates(gates, base, tuned)
     if gates.max_regression_set_increase is not None:
         gate, metric = "regression-set-increase", "finetuned.regression_perplexity"
-        if "regression_perplexity" in tuned and "regression_perplexity" in base:
-            reference = base["regression_perplexity"]
-            decisions.append(check(gate, metric, tuned["regression_perplexity"], "<=",
+        if tuned.regression_perplexity is not None and base.regression_perplexity is not None:
+            reference = base.regression_perplexity
+            decisions.append(check(gate, metric, tuned.regression_perplexity, "<=",
                                    reference * (1 + gates.max_regression_set_increase), baseline=reference))
         else:
             decisions.append(skip(gate, metric, "<=", "no regression set (eval.regression_path unset)"))
     if gates.min_json_valid_rate is not None:
         gate, metric = "min-json-valid-rate", "finetuned.json_valid_rate"
-        if "json_valid_rate" in tuned:
-            decisions.append(check(gate, metric, tuned["json_valid_rate"], ">=", gates.min_json_valid_rate,
-                                   baseline=base.get("json_valid_rate")))
+        if tuned.json_valid_rate is not None:
+            decisions.append(check(gate, metric, tuned.json_valid_rate, ">=", gates.min_json_valid_rate,
+                                   baseline=base.json_valid_rate))
         else:
             decisions.append(skip(gate, metric, ">=", "no JSON schema (eval.json_schema unset) or no answers"))
     return decisions
@@ -106,40 +107,40 @@ def merge_gates(gates: GatesConfig, fidelity: dict) -> list[GateDecision]:
                   gates.max_merge_logit_diff)]
 
 
-def quantized_gates(gates: GatesConfig, results: dict, published: dict | None = None) -> list[GateDecision]:
+def quantized_gates(gates: GatesConfig, results: ScoreSheet, published: ScoreSheet | None = None) -> list[GateDecision]:
     """Gates on the GPTQ model (and each GGUF file): it must have been scored on enough of the held-out rows, must
     stay close to the merged model it was made from, and must not regress against the release currently published
     at the target. `published` is the evaluate-published stage's metrics.json: that release's GPTQ model scored by
     the same code on this run's held-out data."""
-    merged, gptq = results["merged"]["perplexity"], results["gptq"]["perplexity"]
+    merged, gptq = results["merged"].perplexity, results["gptq"].perplexity
     decisions = [
         scored_share(gates, "gptq", results["gptq"]),
         check("gptq-perplexity-increase", "gptq.perplexity", gptq, "<=",
               merged * (1 + gates.max_quantized_perplexity_increase), baseline=merged),
     ]
-    for name in sorted(n for n in results if n.startswith("gguf-")):  # release.formats: gguf
+    for name in sorted(n for n in results.models if n.startswith("gguf-")):  # release.formats: gguf
         four_bit = name.removeprefix("gguf-").startswith("q4")
         allowed = gates.max_quantized_perplexity_increase if four_bit else gates.max_gguf_perplexity_increase
-        decisions.append(check("gguf-perplexity-increase", f"{name}.perplexity", results[name]["perplexity"], "<=",
+        decisions.append(check("gguf-perplexity-increase", f"{name}.perplexity", results[name].perplexity, "<=",
                                merged * (1 + allowed), baseline=merged))
     if gates.max_regression is not None:
         gate, metric = "no-regression-vs-published", "gptq.perplexity"
         if published is None:
             decisions.append(skip(gate, metric, "<=", "no published release"))
         else:
-            reference = published["published"]["perplexity"]
+            reference = published["published"].perplexity
             decisions.append(check(gate, metric, gptq, "<=", reference * (1 + gates.max_regression),
-                                   baseline=reference, reference=f"published {published['version']}"))
+                                   baseline=reference, reference=f"published {published.version}"))
     return decisions
 
 
 def decide(name: GateSet, gates: GatesConfig, measured_dir: Path, published_dir: Path | None) -> list[GateDecision]:
     if name == "merge":
         return merge_gates(gates, json.loads((measured_dir / "fidelity.json").read_text()))
-    results = json.loads((measured_dir / "metrics.json").read_text())
+    results = ScoreSheet.read(measured_dir / "metrics.json")
     if name == "finetune":
         return finetune_gates(gates, results)
-    published = json.loads((published_dir / "metrics.json").read_text()) if published_dir else None
+    published = ScoreSheet.read(published_dir / "metrics.json") if published_dir else None
     return quantized_gates(gates, results, published)
 
 

@@ -15,18 +15,18 @@ from prefect import task
 from pipeline_config import PipelineConfig
 from tasks.lib import gguf_export, hub, log
 from tasks.lib.hub_sources import check_config, resolve_revision, resolve_revisions
+from tasks.lib.stage_io import Preflight
 
 
 @task(name="preflight")
-def preflight_task(cfg: PipelineConfig) -> dict | None:
+def preflight_task(cfg: PipelineConfig) -> Preflight:
     """Fail the run before any training when the base model cannot be had (unsupported family; a Hub id that
     does not resolve with the token) or the publish target cannot be reached (token, visibility).
-    Returns {"publish": hub.preflight's result, "base_model": the resolved Hub source or None for a folder,
-    "datasets": the resolved Hub source of each Hub data path}."""
+    Returns what the fetch stages need: the Hub sources of model.base and of the data paths, resolved to commits."""
     source = resolve_revision(cfg)
     if source is None:  # a folder
         for note in check_config(cfg, Path(cfg.model.base), cfg.model.base):
             log.logger().info("preflight: %s", note.message())
     if "gguf" in cfg.release.formats:  # llama.cpp's converter, fetched once and checked, before any GPU time
         gguf_export.ensure_converter()
-    return {"publish": hub.preflight(cfg), "base_model": source, "datasets": resolve_revisions(cfg)}
+    return Preflight(publish=hub.preflight(cfg), base_model=source, datasets=resolve_revisions(cfg))

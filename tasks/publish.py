@@ -34,12 +34,14 @@ from prefect.cache_policies import NONE
 from pipeline_config import PipelineConfig
 from tasks.lib import artifacts, hub
 from tasks.lib.artifacts import ArtifactRef, ArtifactStore, sha256_json
-from tasks.lib.decisions import GATE_SETS, GateDecision
+from tasks.lib.decisions import GateDecision
 from tasks.lib.hub_sources import base_model_name, source_of, source_of_file
 from tasks.lib.lineage import data_source_hash, git_commit
 from tasks.lib.model_card import as_hub_file, display_repo, extra_card, lineage_config, model_card
 from tasks.lib.registry import RELEASE_FILE, Release, publish_local
+from tasks.lib.scores import ScoreSheet
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, run_stage
+from tasks.lib.stage_io import Approval, ReleaseParts, ReleaseRecord
 
 # The bundle records the config (the model card's lineage) and describes the target (the card differs on the
 # Hub); of publish, only where it goes enters the key, not how (tokens, transfer).
@@ -54,81 +56,81 @@ def mixture_name(cfg: StageConfig) -> str:
     return "mixture of " + ", ".join(f"{source.name} ({source.weight:g})" for source in cfg.data.sources)
 
 
-def release_hash(parts: dict[str, StageResult]) -> str:
+def release_hash(parts: ReleaseParts) -> str:
     """The release's identity: its parts' payloads. A rebuild that changes only reports (a report page, a wall
     time) rebuilds the bundle, whose copies of the reports change, but is the same release: publish finds it."""
-    return artifacts.sha256_json({name: result.ref.payload for name, result in sorted(parts.items())})
+    return artifacts.sha256_json({name: result.ref.payload for name, result in sorted(parts.named().items())})
 
 
-def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: dict[str, StageResult], review: dict | None,
+def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: ReleaseParts, review: dict | None,
                  workdir: Path) -> None:
     digest = release_hash(parts)
     if review and review["release_hash"] != digest:  # flows/approval.py keys the decision by the release
         raise RuntimeError(f"the approval by {review['reviewer']} is for release {review['release_hash'][:16]}, "
                            f"not {digest[:16]}: nothing is published")
 
-    def read(name: str, file: str):
-        return json.loads((store.local_path(parts[name].ref) / file).read_text())
+    def folder(part: StageResult) -> Path:
+        return store.local_path(part.ref)
 
-    metrics = {"finetune": read("evaluation", "metrics.json"),
-               "quantized": read("quantized_evaluation", "metrics.json")}
-    gates = {name: [GateDecision(**d) for d in read(f"gate_{name}", "gates.json")]
-             for name in GATE_SETS if f"gate_{name}" in parts}
-    serving = read("gate_serving", "serving.json") if "gate_serving" in parts else None
-    data_files = read("data", artifacts.MANIFEST)["files"]
-    lineage = {
-        "release_hash": digest,
-        "data_artifact": parts["data"].ref.sha256,
-        "data_source_hash": data_source_hash(cfg),  # what the data paths name (flows/sensor.py compares it)
-        "datasets": [[split, path, data_files.get(f"{split}.jsonl", {"sha256": None})]
-                     for split, path in (("train", as_hub_file(cfg.data.train_path) or mixture_name(cfg)),
-                                         ("eval", as_hub_file(cfg.data.eval_path)))],
-        "dataset_sources": {split: source for split, source in
-                            (("train", source_of_file(cfg.data.train_path)),
-                             ("eval", source_of_file(cfg.data.eval_path)),
-                             *((f"sources.{s.name}", source_of_file(s.path)) for s in cfg.data.sources or [])) if source},
-        **({"mixture": [{**source, "path": as_hub_file(source["path"])}  # the Hub file, not the store's copy
-                        for source in read("data", "mixture.json")]} if cfg.data.sources else {}),
-        "flow_run_id": str(runtime.flow_run.id or "local"),
-        "pipeline_version": package_version("qlora-pipeline"),
-        "git_commit": git_commit(),
-        "base_model": {"name": base_model_name(cfg), **(source_of(cfg.model.base) or {"folder": cfg.model.base})},
-        "approval": {
-            "decision": "approved" if all(d.passed for ds in gates.values() for d in ds) else "rejected",
-            "by": review["reviewer"] if review else "qlora-pipeline quality gates (automatic)",
-            "comment": review["comment"] if review else "",
-            "gates": {name: {"artifact": parts[f"gate_{name}"].ref.sha256, "passed": all(d.passed for d in ds)}
-                      for name, ds in gates.items()},
-            "at": review["decided_at"] if review else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    def read(part: StageResult, file: str):
+        return json.loads((folder(part) / file).read_text())
+
+    scores = {"finetune": ScoreSheet.read(folder(parts.evaluation) / "metrics.json"),
+              "quantized": ScoreSheet.read(folder(parts.quantized_evaluation) / "metrics.json")}
+    gate_parts = {"finetune": parts.gate_finetune, "merge": parts.gate_merge, "quantized": parts.gate_quantized}
+    gates = {name: [GateDecision(**d) for d in read(part, "gates.json")] for name, part in gate_parts.items()}
+    serving = read(parts.gate_serving, "serving.json")
+    data_files = read(parts.data, artifacts.MANIFEST)["files"]
+    sources = {"train": source_of_file(cfg.data.train_path), "eval": source_of_file(cfg.data.eval_path),
+               **{f"sources.{s.name}": source_of_file(s.path) for s in cfg.data.sources or []}}
+    record = ReleaseRecord(
+        release_hash=digest,
+        data_artifact=parts.data.ref.sha256,
+        data_source_hash=data_source_hash(cfg),  # what the data paths name (flows/sensor.py compares it)
+        datasets=[[split, path, data_files.get(f"{split}.jsonl", {"sha256": None})]
+                  for split, path in (("train", as_hub_file(cfg.data.train_path) or mixture_name(cfg)),
+                                      ("eval", as_hub_file(cfg.data.eval_path)))],
+        dataset_sources={split: source for split, source in sources.items() if source},
+        mixture=[{**source, "path": as_hub_file(source["path"])}  # the Hub file, not the store's copy
+                 for source in read(parts.data, "mixture.json")] if cfg.data.sources else None,
+        flow_run_id=str(runtime.flow_run.id or "local"),
+        pipeline_version=package_version("qlora-pipeline"),
+        git_commit=git_commit(),
+        base_model={"name": base_model_name(cfg),
+                    **(fetched.dump() if (fetched := source_of(cfg.model.base)) else {"folder": cfg.model.base})},
+        approval=Approval(
+            decision="approved" if all(d.passed for ds in gates.values() for d in ds) else "rejected",
+            by=review["reviewer"] if review else "qlora-pipeline quality gates (automatic)",
+            comment=review["comment"] if review else "",
+            gates={name: {"artifact": gate_parts[name].ref.sha256, "passed": all(d.passed for d in ds)}
+                   for name, ds in gates.items()},
+            at=review["decided_at"] if review else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             # The release the reviewer approved: always this one (a changed input makes the run wait again).
-            **({"release_hash": review["release_hash"]} if review else {}),
-        },
-        "artifacts": {name: result.ref.model_dump() for name, result in parts.items()},
-        "config": lineage_config(cfg),
-    }
-    shutil.copytree(store.local_path(parts["gptq"].ref), workdir, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(artifacts.MANIFEST))
-    shutil.copytree(store.local_path(parts["adapter"].ref), workdir / "adapter",
-                    ignore=shutil.ignore_patterns(artifacts.MANIFEST))
-    if "gguf" in parts:  # llama.cpp / Ollama files beside the GPTQ checkpoint, which stays a plain HF folder
-        shutil.copytree(store.local_path(parts["gguf"].ref), workdir / "gguf",
-                        ignore=shutil.ignore_patterns(artifacts.MANIFEST))
-    if serving is not None:
-        (workdir / "serving.json").write_text(json.dumps(serving, indent=1))
+            release_hash=review["release_hash"] if review else None,
+        ),
+        artifacts={name: result.ref.model_dump() for name, result in parts.named().items()},
+        config=lineage_config(cfg),
+    )
+    shutil.copytree(folder(parts.gptq), workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+    shutil.copytree(folder(parts.adapter), workdir / "adapter", ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+    if parts.gguf:  # llama.cpp / Ollama files beside the GPTQ checkpoint, which stays a plain HF folder
+        shutil.copytree(folder(parts.gguf), workdir / "gguf", ignore=shutil.ignore_patterns(artifacts.MANIFEST))
+    (workdir / "serving.json").write_text(json.dumps(serving, indent=1))
     (workdir / "metrics.json").write_text(json.dumps(
-        {**metrics, "gates": {k: [d.model_dump() for d in v] for k, v in gates.items()}}, indent=1))
-    (workdir / "README.md").write_text(model_card(cfg, metrics, gates, lineage, serving,
-                                                  read("adapter", "train_metrics.json")))
-    (workdir / RELEASE_FILE).write_text(json.dumps(lineage, indent=1))
+        {**{name: sheet.dump() for name, sheet in scores.items()},
+         "gates": {k: [d.model_dump() for d in v] for k, v in gates.items()}}, indent=1))
+    (workdir / "README.md").write_text(model_card(cfg, scores, gates, record, serving,
+                                                  read(parts.adapter, "train_metrics.json")))
+    record.write(workdir / RELEASE_FILE)
 
 
-def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, StageResult],
+def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: ReleaseParts,
                  review: dict | None = None) -> StageResult:
     """The release bundle artifact: every file of the release, built once per release hash and card config.
 
     review: the human approval record (flows/approval.py) when the run required one."""
     return run_stage(RELEASE, store, cfg, inputs={
-        **{name: result.ref.sha256 for name, result in sorted(parts.items())},
+        **{name: result.ref.sha256 for name, result in sorted(parts.named().items())},
         "review": sha256_json(review)},
         build=lambda view, workdir, key: write_bundle(view, store, parts, review, workdir))
 
@@ -151,19 +153,19 @@ def publish_bundle(cfg: PipelineConfig, store: ArtifactStore, bundle_ref: Artifa
     if not hub.is_hub_target(cfg):
         release = publish_local(cfg, bundle)
     else:
-        record = json.loads((bundle / RELEASE_FILE).read_text())
+        record = ReleaseRecord.read(bundle / RELEASE_FILE)
         extras = {}
         for name in cfg.publish.hub_extras:  # from the bundle's own store, whatever URI its record holds
-            digest = ArtifactRef(**record["artifacts"][name]).sha256
+            digest = ArtifactRef(**record.artifacts[name]).sha256
             extras[name] = store.local_path(ArtifactRef(uri=f"{store.root}/objects/{digest}", sha256=digest, kind=name))
         published = publish_to_hub(cfg, bundle, extras)
         release = Release(repo=published.repo_id, version=published.tag, path=f"hf://{published.repo_id}@{published.tag}",
-                          release_hash=record["release_hash"], created=published.created, commit=published.commit,
+                          release_hash=record.release_hash, created=published.created, commit=published.commit,
                           message=published.message)
     return release.model_copy(update={"bundle": bundle_ref.uri})
 
 
-def publish_release(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, StageResult],
+def publish_release(cfg: PipelineConfig, store: ArtifactStore, parts: ReleaseParts,
                     review: dict | None = None) -> Release:
     """Assemble the release made of `parts` (data, adapter, evaluations, gates, gptq) and publish it."""
     bundle = build_bundle(cfg, store, parts, review)
@@ -171,7 +173,7 @@ def publish_release(cfg: PipelineConfig, store: ArtifactStore, parts: dict[str, 
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def publish_task(cfg: PipelineConfig, parts: dict[str, StageResult], review: dict | None = None) -> Release:
+def publish_task(cfg: PipelineConfig, parts: ReleaseParts, review: dict | None = None) -> Release:
     start = time.perf_counter()
     release = publish_release(cfg, ArtifactStore(cfg.artifacts.root), parts, review)
     return release.model_copy(update={"seconds": time.perf_counter() - start})
@@ -187,16 +189,15 @@ def publish_to_hub(cfg: PipelineConfig, bundle: Path, extras: dict[str, Path] | 
     (name -> folder: adapter, merged) to its own repo `<NAME>-<extra>` with the same tag scheme."""
     target = hub.parse_target(cfg.publish.target)
     token = hub.resolve_token(cfg)
-    record = json.loads((bundle / RELEASE_FILE).read_text())
+    record = ReleaseRecord.read(bundle / RELEASE_FILE)
     with hub.client_settings(cfg):
         main = hub.publish_files(cfg, target.repo_id, folder_files(bundle), record, token)
         for name, folder in (extras or {}).items():
             repo_id = f"{target.repo_id}{hub.EXTRA_SUFFIX[name]}"
             with tempfile.TemporaryDirectory(prefix="qlora-hub-extra-") as tmp:
                 files = folder_files(folder)
-                (Path(tmp) / RELEASE_FILE).write_text(json.dumps({**record, "variant": name,
-                                                                   "main_release": f"{target.repo_id}@{main.tag}"},
-                                                                  indent=1))
+                record.model_copy(update={"variant": name, "main_release": f"{target.repo_id}@{main.tag}"}).write(
+                    Path(tmp) / RELEASE_FILE)
                 (Path(tmp) / "README.md").write_text(extra_card(cfg, name, target.repo_id, main.tag, record))
                 files.update({RELEASE_FILE: Path(tmp) / RELEASE_FILE, "README.md": Path(tmp) / "README.md"})
                 hub.publish_files(cfg, repo_id, files, record, token)

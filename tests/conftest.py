@@ -142,6 +142,20 @@ def servable_tiny_model(assets, tmp_path_factory) -> Path:
     return out
 
 
+def write_release_record(folder: Path, release_hash: str, data_artifact: str = "ab" * 32,
+                         artifacts: dict | None = None) -> Path:
+    """A release bundle's release.json with every field a release records, for tests that publish a bundle
+    they made by hand (tasks/lib/stage_io.py ReleaseRecord: publish reads it through the model)."""
+    from tasks.lib.stage_io import Approval, ReleaseRecord
+
+    ReleaseRecord(release_hash=release_hash, data_artifact=data_artifact, data_source_hash="5" * 64, datasets=[],
+                  dataset_sources={}, flow_run_id="local", pipeline_version="0", git_commit=None,
+                  base_model={"name": "tiny"}, artifacts=artifacts or {}, config={},
+                  approval=Approval(decision="approved", by="a test", comment="", gates={}, at="2026-12-04T00:00:00Z"),
+                  ).write(folder / "release.json")
+    return folder / "release.json"
+
+
 def write_config(path: Path, **sections) -> Path:
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path

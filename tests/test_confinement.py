@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_release_record
 
 from pipeline_config import ConfigError, load_config
 from pipeline_config.confine import PathEscape, inside
@@ -73,7 +74,7 @@ def test_inside_refuses_dot_dot_absolute_and_symlinks_pointing_out(tmp_path):
 def release_bundle(tmp_path) -> str:
     store = ArtifactStore(str(tmp_path / "store"))
     work = store.new_workdir()
-    (work / "release.json").write_text(json.dumps({"release_hash": "f" * 64}))
+    write_release_record(work, "f" * 64)
     (work / "model.safetensors").write_bytes(b"weights")
     return store.put(work, kind="release").uri
 

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import write_release_record
 
 from pipeline_config import load_config
 from pipeline_config.schema import GatesConfig
@@ -19,11 +20,17 @@ from tasks.lib import metrics
 from tasks.lib.artifacts import ArtifactStore
 from tasks.lib.decisions import GateDecision, decisions_markdown
 from tasks.lib.registry import current_release, fetch_release_model
+from tasks.lib.scores import ScoreSheet
 from tasks.lib.stage import StageResult
 
 ALL_ROWS = {"heldout_rows": {"asked": 16, "scored": 16, "dropped": 0, "truncated": 0}}  # what evaluation records
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
           "required": ["answer"]}
+
+
+def sheet(models: dict) -> ScoreSheet:
+    """Scores by model, as an evaluate stage's metrics.json holds them."""
+    return ScoreSheet(models=models)
 
 
 # -- structured output ------------------------------------------------------------------------------
@@ -52,33 +59,33 @@ def test_json_valid_rate_on_hand_written_answers(tmp_path):
 def test_json_valid_rate_gate():
     results = {"base": {"perplexity": 10.0, "json_valid_rate": 0.1, **ALL_ROWS},
                "finetuned": {"perplexity": 9.0, "json_valid_rate": 0.5, **ALL_ROWS}}
-    gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.5), results)
+    gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.5), sheet(results))
                 if d.gate == "min-json-valid-rate")
     assert gate.passed and gate.value == 0.5 and gate.baseline == 0.1 and gate.comparison == ">="
-    gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.6), results)
+    gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.6), sheet(results))
                 if d.gate == "min-json-valid-rate")
     assert not gate.passed
     # Configured but eval.json_schema unset: recorded as skipped, not as a pass on a made-up number.
     no_schema = {"base": {"perplexity": 10.0, **ALL_ROWS}, "finetuned": {"perplexity": 9.0, **ALL_ROWS}}
-    gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.6), no_schema)
+    gate = next(d for d in finetune_gates(GatesConfig(min_json_valid_rate=0.6), sheet(no_schema))
                 if d.gate == "min-json-valid-rate")
     assert gate.skipped and gate.value is None
     assert "skipped: no JSON schema" in decisions_markdown("finetune", [gate])
-    assert not any(d.gate == "min-json-valid-rate" for d in finetune_gates(GatesConfig(), results))
+    assert not any(d.gate == "min-json-valid-rate" for d in finetune_gates(GatesConfig(), sheet(results)))
 
 
 # -- general-text regression set --------------------------------------------------------------------
 def test_regression_set_gate():
     results = {"base": {"perplexity": 10.0, "regression_perplexity": 20.0, **ALL_ROWS},
                "finetuned": {"perplexity": 9.0, "regression_perplexity": 21.0, **ALL_ROWS}}
-    gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.10), results)
+    gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.10), sheet(results))
                 if d.gate == "regression-set-increase")
     assert gate.passed and gate.baseline == 20.0 and gate.threshold == pytest.approx(22.0)
-    gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.01), results)
+    gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.01), sheet(results))
                 if d.gate == "regression-set-increase")
     assert not gate.passed and gate.metric == "finetuned.regression_perplexity"
     no_set = {"base": {"perplexity": 10.0, **ALL_ROWS}, "finetuned": {"perplexity": 9.0, **ALL_ROWS}}
-    gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.01), no_set)
+    gate = next(d for d in finetune_gates(GatesConfig(max_regression_set_increase=0.01), sheet(no_set))
                 if d.gate == "regression-set-increase")
     assert gate.passed and gate.skipped == "no regression set (eval.regression_path unset)"
 
@@ -202,8 +209,8 @@ def registry_snapshot(cfg) -> dict[str, bytes]:
 def test_regression_gate_against_the_rescored_published_release(tiny_config):
     cfg = load_config(tiny_config, ["gates.max_regression=0.05"])
     evaluation = store_metrics(cfg, {"merged": {"perplexity": 100.0, **ALL_ROWS},
-                                     "gptq": {"perplexity": 104.0, **ALL_ROWS},
-                                     "timing": {"merged": 1.0, "gptq": 1.0}}, "evaluate-quantized")
+                                     "gptq": {"perplexity": 104.0, **ALL_ROWS}},
+                                "evaluate-quantized")
 
     # Nothing published: the regression gate is recorded as skipped, the others decide.
     first = gate_task.fn(cfg, "quantized", evaluation, None).result()
@@ -214,14 +221,14 @@ def test_regression_gate_against_the_rescored_published_release(tiny_config):
 
     # The published release, re-scored on this run's data, is much better: the gate fails, naming it.
     better = store_metrics(cfg, {"version": "tiny-release/v1", "release_hash": "a" * 64,
-                                 "published": {"perplexity": 50.0}}, "evaluate-published")
+                                 "published": {"perplexity": 50.0, **ALL_ROWS}}, "evaluate-published")
     with pytest.raises(GateFailed, match=r"no-regression-vs-published \(gptq.perplexity = 104.0000, required <= "
                                          r"52.5000, baseline 50.0000 from published tiny-release/v1\)"):
         gate_task.fn(cfg, "quantized", evaluation, better).result()
 
     # Within the margin: passes, with the published model's score as the recorded baseline.
     close = store_metrics(cfg, {"version": "tiny-release/v2", "release_hash": "b" * 64,
-                                "published": {"perplexity": 100.0}}, "evaluate-published")
+                                "published": {"perplexity": 100.0, **ALL_ROWS}}, "evaluate-published")
     passed = gate_task.fn(cfg, "quantized", evaluation, close).result()
     assert not passed.cache_hit and passed.ref != first.ref
     decision = json.loads((ArtifactStore(cfg.artifacts.root).local_path(passed.ref) / "gates.json").read_text())[2]
@@ -231,7 +238,7 @@ def test_regression_gate_against_the_rescored_published_release(tiny_config):
     # gates.max_regression: null turns the gate off.
     off = load_config(tiny_config, ["gates.max_regression=null"])
     scores = {"merged": {"perplexity": 1.0, **ALL_ROWS}, "gptq": {"perplexity": 1.0, **ALL_ROWS}}
-    assert [d.gate for d in quantized_gates(off.gates, scores, None)] == ["min-scored-share", "gptq-perplexity-increase"]
+    assert [d.gate for d in quantized_gates(off.gates, sheet(scores), None)] == ["min-scored-share", "gptq-perplexity-increase"]
 
 
 def test_current_release_skips_the_release_made_from_the_model_being_gated(tiny_config):
@@ -240,10 +247,10 @@ def test_current_release_skips_the_release_made_from_the_model_being_gated(tiny_
     fake_publish(cfg, "v1", gptq_sha="1" * 64)
     v2 = fake_publish(cfg, "v2", gptq_sha="2" * 64)
     latest = current_release(cfg)
-    assert latest["version"] == "tiny-release/v2" and latest["location"] == str(v2.resolve())
+    assert latest.version == "tiny-release/v2" and latest.location == str(v2.resolve())
     assert fetch_release_model(cfg, latest, Path("/nonexistent")) == v2.resolve()
-    assert current_release(cfg, exclude_model="2" * 64)["version"] == "tiny-release/v1"
-    assert current_release(cfg, exclude_model="1" * 64)["version"] == "tiny-release/v2"
+    assert current_release(cfg, exclude_model="2" * 64).version == "tiny-release/v1"
+    assert current_release(cfg, exclude_model="1" * 64).version == "tiny-release/v2"
 
 
 # -- the Hub side of the publisher's interface ------------------------------------------------------
@@ -266,17 +273,15 @@ def test_latest_release_and_its_model_from_the_hub(tmp_path, monkeypatch):
             (path / "model.safetensors").write_bytes(os.urandom(1000))
             (path / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(100))
             (path / "metrics.json").write_text(json.dumps({"quantized": {"gptq": {"perplexity": ppl}}}))
-            (path / "release.json").write_text(json.dumps({
-                "release_hash": secrets.token_hex(32), "data_artifact": "ab" * 32,
-                "artifacts": {"gptq": {"sha256": gptq_sha}}}))
+            write_release_record(path, secrets.token_hex(32), artifacts={"gptq": {"sha256": gptq_sha}})
             return path
 
         publish.publish_to_hub(cfg, bundle("one", 12.5, "1" * 64))
         publish.publish_to_hub(cfg, bundle("two", 11.0, "2" * 64))
         latest = current_release(cfg)
-        assert latest["version"] == "acme/tiny@v2-abababab" and latest["metrics"]["quantized"]["gptq"]["perplexity"] == 11
-        assert current_release(cfg, exclude_model="2" * 64)["version"] == "acme/tiny@v1-abababab"
-        assert token not in json.dumps(latest)
+        assert latest.version == "acme/tiny@v2-abababab" and latest.metrics["quantized"]["gptq"]["perplexity"] == 11
+        assert current_release(cfg, exclude_model="2" * 64).version == "acme/tiny@v1-abababab"
+        assert token not in latest.model_dump_json()
 
         # The regression gate re-scores that release's model: its files come down through the same client.
         model_dir = fetch_release_model(cfg, latest, tmp_path / "download")

@@ -18,12 +18,19 @@ from tasks.lib.artifacts import ArtifactStore
 from tasks.lib.chat import IGNORE_INDEX
 from tasks.lib.decisions import decisions_markdown
 from tasks.lib.model_card import model_card
+from tasks.lib.scores import ScoreSheet
 from tasks.lib.stage import StageConfig, run_stage
+from tasks.lib.stage_io import Approval, ReleaseRecord
 
 pytestmark = pytest.mark.no_prefect  # stage builds and gate functions called directly: no flow, no server
 
 SENTENCE = "The lighthouse keeper climbed the stairs every evening to light the lamp and watch the sea."
 
+
+
+def sheet(models: dict) -> ScoreSheet:
+    """Scores by model, as an evaluate stage's metrics.json holds them."""
+    return ScoreSheet(models=models)
 
 def long_row(index: int) -> dict:
     """An alpaca row of 600 to 800 tokens in SmolLM2's chat template: over the 512 tokens held-out scoring
@@ -134,15 +141,15 @@ def counts(scored: int, asked: int = 64) -> dict:
 
 def test_min_scored_share_gate():
     results = {"base": {"perplexity": 10.0, **counts(58)}, "finetuned": {"perplexity": 9.0, **counts(58)}}
-    gate = finetune_gates(GatesConfig(), results)[0]
+    gate = finetune_gates(GatesConfig(), sheet(results))[0]
     assert (gate.gate, gate.metric, gate.passed) == ("min-scored-share", "finetuned.heldout_rows.scored_share", True)
     assert gate.value == pytest.approx(58 / 64) and gate.threshold == 0.9
     results["finetuned"].update(counts(57))
-    assert not finetune_gates(GatesConfig(), results)[0].passed
-    assert finetune_gates(GatesConfig(min_scored_share=0.5), results)[0].passed
+    assert not finetune_gates(GatesConfig(), sheet(results))[0].passed
+    assert finetune_gates(GatesConfig(min_scored_share=0.5), sheet(results))[0].passed
 
     quantized = {"merged": {"perplexity": 9.0, **counts(64)}, "gptq": {"perplexity": 9.1, **counts(20)}}
-    gate = quantized_gates(GatesConfig(max_regression=None), quantized)[0]
+    gate = quantized_gates(GatesConfig(max_regression=None), sheet(quantized))[0]
     assert gate.metric == "gptq.heldout_rows.scored_share" and not gate.passed
 
 
@@ -162,10 +169,10 @@ def test_rouge_l_gates():
                "finetuned": {"perplexity": 9.0, "rouge_l": 0.25, **counts(64)}}
 
     def decision(gates: GatesConfig, name: str):
-        return next(d for d in finetune_gates(gates, results) if d.gate == name)
+        return next(d for d in finetune_gates(gates, sheet(results)) if d.gate == name)
 
     assert not any(d.gate in ("min-rouge-l", "rouge-l-vs-base")
-                   for d in finetune_gates(GatesConfig(min_rouge_l=None, max_rouge_l_drop_vs_base=None), results))
+                   for d in finetune_gates(GatesConfig(min_rouge_l=None, max_rouge_l_drop_vs_base=None), sheet(results)))
     gate = decision(GatesConfig(min_rouge_l=0.2), "min-rouge-l")
     assert gate.passed and gate.value == 0.25 and gate.baseline == 0.30 and gate.metric == "finetuned.rouge_l"
     assert not decision(GatesConfig(min_rouge_l=0.3), "min-rouge-l").passed
@@ -190,13 +197,15 @@ def test_model_card_shows_rouge_l_and_the_heldout_row_counts(tiny_config):
                      "heldout_rows": {"asked": 64, "scored": 63, "dropped": 1, "truncated": 0}}
               for name, ppl, rouge in (("base", 12.0, 0.111), ("finetuned", 9.0, 0.222), ("merged", 9.0, 0.223),
                                        ("gptq", 9.5, 0.204))}
-    metrics_by_stage = {"finetune": {k: scores[k] for k in ("base", "finetuned")},
-                        "quantized": {k: scores[k] for k in ("merged", "gptq")}}
-    lineage = {"pipeline_version": "0", "flow_run_id": "local", "data_artifact": "d" * 64, "datasets": [],
-               "release_hash": "r" * 64, "git_commit": "g", "approval": {"decision": "approved", "by": "gates"},
-               "config": view.key_data()}
+    metrics_by_stage = {"finetune": sheet({k: scores[k] for k in ("base", "finetuned")}),
+                        "quantized": sheet({k: scores[k] for k in ("merged", "gptq")})}
+    record = ReleaseRecord(
+        release_hash="r" * 64, data_artifact="d" * 64, data_source_hash="s" * 64, datasets=[], dataset_sources={},
+        flow_run_id="local", pipeline_version="0", git_commit="g", base_model={"name": "tiny"},
+        approval=Approval(decision="approved", by="gates", comment="", gates={}, at="now"), artifacts={},
+        config=view.key_data())
     gates = {"finetune": finetune_gates(GatesConfig(), metrics_by_stage["finetune"])}
-    card = model_card(view, metrics_by_stage, gates, lineage)
+    card = model_card(view, metrics_by_stage, gates, record)
     assert "| model | response perplexity | exact match | ROUGE-L | held-out rows: scored / asked" in card
     assert "| fine-tuned (NF4 + LoRA) | 9.000 | 0.000 | 0.222 | 63 / 64 (1 dropped, 0 truncated) |" in card
     assert "| GPTQ (published) | 9.500 | 0.000 | 0.204 | 63 / 64 (1 dropped, 0 truncated) |" in card

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import write_release_record
 
 from pipeline_config import load_config, validate_config
 from tasks import publish
@@ -55,7 +56,7 @@ def make_bundle(path: Path, release_hash: str, fingerprint: str = "ab" * 32, siz
     (path / "adapter").mkdir()
     (path / "adapter" / "adapter_config.json").write_text("{}")
     (path / "README.md").write_text("---\nbase_model: tiny\n---\n# card\n")
-    (path / "release.json").write_text(json.dumps({"release_hash": release_hash, "data_artifact": fingerprint}))
+    write_release_record(path, release_hash, fingerprint)
     return path
 
 
@@ -155,7 +156,7 @@ def test_refuses_public_repo_unless_allowed(server, tmp_path):
 
 def test_preflight_finds_token_problems_with_clear_errors(server, monkeypatch):
     cfg = make_cfg(server, "acme/pre")
-    assert hub.preflight(cfg) == {"user": "alice", "repo": "acme/pre", "repo_exists": False}
+    assert hub.preflight(cfg).model_dump() == {"user": "alice", "repo": "acme/pre", "repo_exists": False}
 
     bad = "hf_" + secrets.token_hex(16)
     monkeypatch.setenv("HF_TOKEN", bad)
@@ -180,7 +181,7 @@ def test_token_from_a_prefect_secret_block(server, monkeypatch):
     name = f"hf-token-{secrets.token_hex(4)}"
     Secret(value=TOKEN).save(name, overwrite=True)
     monkeypatch.delenv("HF_TOKEN")
-    assert hub.preflight(make_cfg(server, "acme/secret", token_secret=name))["user"] == "alice"
+    assert hub.preflight(make_cfg(server, "acme/secret", token_secret=name)).user == "alice"
     with pytest.raises(HubError, match="could not load Prefect Secret block 'no-such-block'"):
         hub.preflight(make_cfg(server, "acme/secret", token_secret="no-such-block"))
 

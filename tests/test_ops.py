@@ -218,13 +218,13 @@ def test_sensor_sees_a_new_commit_of_a_hub_data_file(deployed, ops_config, tmp_p
             {"instruction": "What is a commit?", "input": "", "output": "A snapshot of a repository."}) + "\n"
         api.upload_file(path_or_fileobj=rows.encode(), path_in_repo="data/train.jsonl", repo_id="acme/chat",
                         repo_type="dataset", commit_message="one more row")
-        assert api.dataset_info("acme/chat").sha != source["commit"]
+        assert api.dataset_info("acme/chat").sha != source.commit
         changed = qlora_data_sensor(config=str(ops_config), overrides=overrides)
         started = [r.id for r in pipeline_runs() if r.id not in before]
         assert changed.action == "started" and [str(r) for r in started] == [changed.flow_run_id], changed
 
         # A config pinned to the released commit does not see the push.
-        pinned = [f"data.train_path=acme/chat@{source['commit']}:data/train.jsonl", overrides[1]]
+        pinned = [f"data.train_path=acme/chat@{source.commit}:data/train.jsonl", overrides[1]]
         assert qlora_data_sensor(config=str(ops_config), overrides=pinned).action == "unchanged"
     finally:
         server.stop()

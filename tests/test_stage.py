@@ -170,8 +170,8 @@ def test_stages_reach_their_libraries_and_not_each_other():
 REACHED = {
     "tasks.validate": "chat contracts datarows mixture modeling packing prep ranks",
     "tasks.train": "chat checkpoints datarows lora_settings metrics modeling packing ranks trainer",
-    "tasks.evaluate": "chat datarows gguf_export gptq lora_settings metrics modeling packing ranks release_models "
-                      "scoring serving",
+    "tasks.evaluate": "chat datarows gguf_export gptq jsonfile lora_settings metrics modeling packing ranks "
+                      "release_models scores scoring serving",
     "tasks.merge": "datarows modeling nf4_merge",
     "tasks.quantize": "datarows gptq modeling",
     "tasks.export_gguf": "gguf_export lora_settings modeling serving",

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from pipeline_config import PipelineConfig
 from tasks.lib import log
+from tasks.lib.stage_io import PublishCheck, PublishedRelease, ReleaseRecord
 
 RELEASE_FILE = "release.json"
 TAG_RE = re.compile(r"^v(\d+)-([0-9a-f]{8})$")
@@ -159,10 +160,10 @@ def make_api(cfg: PipelineConfig, token: str):
 
 
 # -- preflight -------------------------------------------------------------------------------------
-def preflight(cfg: PipelineConfig) -> dict | None:
+def preflight(cfg: PipelineConfig) -> PublishCheck | None:
     """Check, before any training, that a Hub publish can succeed: token present and accepted,
     allowed to write into the namespace, the repo (if it exists) not public unless allowed.
-    Returns {"user", "repo", "repo_exists"} (never the token); None for the local registry."""
+    Returns who the token is and whether the repo exists (never the token); None for the local registry."""
     if not is_hub_target(cfg):
         return None
     target = parse_target(cfg.publish.target)
@@ -189,8 +190,8 @@ def preflight(cfg: PipelineConfig) -> dict | None:
         if exists and not info.private and not cfg.publish.allow_public:
             raise HubError(f"{target.repo_id} is a PUBLIC repo; refusing to publish into it "
                            f"(set publish.allow_public: true to allow)")
-    result = {"user": who.get("name"), "repo": target.repo_id, "repo_exists": exists}
-    log.logger().info("preflight: Hub token of %s accepted at %s; target %s (%s)", result["user"], api.endpoint,
+    result = PublishCheck(user=who.get("name"), repo=target.repo_id, repo_exists=exists)
+    log.logger().info("preflight: Hub token of %s accepted at %s; target %s (%s)", result.user, api.endpoint,
                    target.repo_id, "exists" if exists else "will be created private")
     return result
 
@@ -224,13 +225,14 @@ def read_release_record(api, repo_id: str, revision: str, token: str) -> dict | 
             return None
 
 
-def publish_files(cfg: PipelineConfig, repo_id: str, files: dict[str, Path], record: dict, token: str) -> HubRelease:
+def publish_files(cfg: PipelineConfig, repo_id: str, files: dict[str, Path], record: ReleaseRecord,
+                  token: str) -> HubRelease:
     """Publish `files` (path in repo -> local file, including release.json) as one tagged release."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.hf_api import RepoFile
 
     logger = log.logger()
-    digest, fingerprint = record["release_hash"], record["data_artifact"]
+    digest, fingerprint = record.release_hash, record.data_artifact
     api = make_api(cfg, token)
     ensure_private_repo(api, repo_id, cfg, token)
 
@@ -284,9 +286,9 @@ def made_from(record: dict) -> str | None:
     return gptq.get("payload") or gptq.get("sha256")
 
 
-def latest_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dict | None:
-    """The newest release tag of publish.target, for the regression gate: {"target", "version" (the tag),
-    "location" (its commit), "release_hash", "metrics"}; None when the repo or any release tag is missing.
+def latest_release(cfg: PipelineConfig, exclude_model: str | None = None) -> PublishedRelease | None:
+    """The newest release tag of publish.target, for the regression gate (version: the tag, location: its
+    commit); None when the repo or any release tag is missing.
     Tags whose release was built from the GPTQ artifact `exclude_model` are passed over (see
     `tasks.lib.registry.current_release`). Errors are HubErrors, token-scrubbed."""
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
@@ -312,8 +314,8 @@ def latest_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dic
                             target.repo_id, "metrics.json", revision=commit, cache_dir=tmp, token=token,
                             on={EntryNotFoundError: None})
                 metrics = json.loads(Path(path).read_text()) if path else {}
-            return {"target": cfg.publish.target, "version": f"{target.repo_id}@{tag}", "location": commit,
-                    "release_hash": record.get("release_hash"), "record": record, "metrics": metrics}
+            return PublishedRelease(target=cfg.publish.target, version=f"{target.repo_id}@{tag}", location=commit,
+                                    release_hash=record.get("release_hash"), record=record, metrics=metrics)
     return None
 
 

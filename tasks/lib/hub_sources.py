@@ -25,6 +25,7 @@ from pipeline_config import PipelineConfig
 from pipeline_config.confine import PathEscape, check_relative, inside
 from tasks.lib import hub, serving
 from tasks.lib.families import check_supported_family
+from tasks.lib.stage_io import HubSource
 
 SOURCE_FILE = "hub_source.json"
 HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?$")
@@ -42,10 +43,10 @@ def hub_model_id(base: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2) or "main") if match else None
 
 
-def source_of(base_dir: str | Path) -> dict | None:
+def source_of(base_dir: str | Path) -> HubSource | None:
     """The Hub id, revision and commit a fetched base folder came from (None for a user's own folder)."""
     path = Path(base_dir) / SOURCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return HubSource.read(path) if path.is_file() else None
 
 
 def base_model_name(cfg: PipelineConfig) -> str:
@@ -53,7 +54,7 @@ def base_model_name(cfg: PipelineConfig) -> str:
     if cfg.model.name:
         return cfg.model.name
     if source := source_of(cfg.model.base):
-        return source["id"]
+        return source.id
     named = hub_model_id(cfg.model.base)  # before the fetch (the `publish --release` command)
     return named[0] if named else Path(cfg.model.base).resolve().name
 
@@ -90,8 +91,8 @@ def read_repo(cfg: PipelineConfig, key: str, repo_id: str, revision: str, repo_t
     return info, api, token, where
 
 
-def resolve_revision(cfg: PipelineConfig) -> dict | None:
-    """Preflight: {"id", "revision", "commit"} for a Hub id model.base (None for a folder), or a HubError
+def resolve_revision(cfg: PipelineConfig) -> HubSource | None:
+    """Preflight: the Hub source (id, revision, commit) of a Hub id model.base (None for a folder), or a HubError
     naming the repo and what is wrong (token rejected, no access, no such revision, no safetensors)."""
     named = hub_model_id(cfg.model.base)
     if named is None:
@@ -105,7 +106,7 @@ def resolve_revision(cfg: PipelineConfig) -> dict | None:
         folder = Path(hub.call(f"model.base {shown_as} from the local Hugging Face cache (HF_HUB_OFFLINE)", None,
                                snapshot_download, repo_id, revision=revision, local_files_only=True))
         check_config(cfg, folder, shown_as)
-        return {"id": repo_id, "revision": revision, "commit": folder.name}
+        return HubSource(id=repo_id, revision=revision, commit=folder.name)
     info, api, token, where = read_repo(cfg, "model.base", repo_id, revision, "model")
     files = [s.rfilename for s in info.siblings or []]
     if not any(name.endswith(".safetensors") for name in files):
@@ -116,7 +117,7 @@ def resolve_revision(cfg: PipelineConfig) -> dict | None:
         hub.call(f"{where}: config.json", token, api.hf_hub_download, repo_id, "config.json", revision=info.sha,
                  token=token, local_dir=tmp)
         check_config(cfg, Path(tmp), shown_as)
-    return {"id": repo_id, "revision": revision, "commit": info.sha}
+    return HubSource(id=repo_id, revision=revision, commit=info.sha)
 
 
 def check_config(cfg: PipelineConfig, folder: Path, shown_as: str) -> list[serving.Finding]:
@@ -131,24 +132,24 @@ def check_config(cfg: PipelineConfig, folder: Path, shown_as: str) -> list[servi
     return findings
 
 
-def download_model(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
+def download_model(cfg: PipelineConfig, source: HubSource, out_dir: Path) -> None:
     """The resolved commit's files (preflight has checked its config.json) into out_dir, with SOURCE_FILE."""
     from huggingface_hub import constants
 
     offline = constants.HF_HUB_OFFLINE
     token = None if offline else download_token(cfg)
     api = hub.make_api(cfg, token)
-    hub.call(f"download of model.base {source['id']}@{source['commit'][:12]}", token, api.snapshot_download,
-             source["id"], revision=source["commit"], allow_patterns=DOWNLOAD_PATTERNS, local_dir=out_dir,
+    hub.call(f"download of model.base {source.id}@{source.commit[:12]}", token, api.snapshot_download,
+             source.id, revision=source.commit, allow_patterns=DOWNLOAD_PATTERNS, local_dir=out_dir,
              token=token, local_files_only=offline)
     seal_download(out_dir, source)
 
 
-def seal_download(folder: Path, source: dict, beside: Path | None = None) -> None:
+def seal_download(folder: Path, source: HubSource, beside: Path | None = None) -> None:
     """Drop the client's download bookkeeping in folder (not part of the model or data) and record where the
     files came from in SOURCE_FILE, in `beside` (default: folder), where source_of looks."""
     shutil.rmtree(folder / ".cache", ignore_errors=True)
-    ((beside or folder) / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+    source.write((beside or folder) / SOURCE_FILE)
 
 
 def refuse_remote_code(cfg: PipelineConfig, folder: Path) -> None:
@@ -184,9 +185,9 @@ def data_paths(data) -> dict[str, str]:
     return paths
 
 
-def resolve_revisions(cfg: PipelineConfig) -> dict[str, dict]:
-    """Preflight: {"train_path" | "eval_path" | "sources.NAME": {"id", "revision", "commit", "file"}} for the Hub
-    data paths."""
+def resolve_revisions(cfg: PipelineConfig) -> dict[str, HubSource]:
+    """Preflight: the Hub source (id, revision, commit, file) of each Hub data path, by its key in data_paths
+    ("train_path", "eval_path", "sources.NAME")."""
     sources = {}
     for key, path in data_paths(cfg.data).items():
         spec = hub_data_spec(path)
@@ -203,18 +204,18 @@ def resolve_revisions(cfg: PipelineConfig) -> dict[str, dict]:
             check_relative(matches[0], f"data.{key}: file {matches[0]!r} listed by {where}")
         except PathEscape as escape:
             raise hub.HubError(str(escape)) from None
-        sources[key] = {"id": repo_id, "revision": revision, "commit": info.sha, "file": matches[0]}
+        sources[key] = HubSource(id=repo_id, revision=revision, commit=info.sha, file=matches[0])
     return sources
 
 
-def download_data_file(cfg: PipelineConfig, source: dict, out_dir: Path) -> None:
+def download_data_file(cfg: PipelineConfig, source: HubSource, out_dir: Path) -> None:
     """The resolved commit's one data file into out_dir, with SOURCE_FILE beside it."""
     token = download_token(cfg)
     api = hub.make_api(cfg, token)
-    hub.call(f"download of {source['id']}@{source['commit'][:12]}:{source['file']}", token, api.hf_hub_download,
-             source["id"], source["file"], repo_type="dataset", revision=source["commit"], local_dir=out_dir,
+    hub.call(f"download of {source.id}@{source.commit[:12]}:{source.file}", token, api.hf_hub_download,
+             source.id, source.file, repo_type="dataset", revision=source.commit, local_dir=out_dir,
              token=token)
-    file = inside(out_dir, source["file"], f"{source['id']}:{source['file']}")
+    file = inside(out_dir, source.file, f"{source.id}:{source.file}")
     seal_download(out_dir, source, beside=file.parent)  # where source_of_file looks
 
 
@@ -228,6 +229,6 @@ def with_data_files(cfg: PipelineConfig, files: dict[str, Path]) -> PipelineConf
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
 
 
-def source_of_file(path: str | None) -> dict | None:
+def source_of_file(path: str | None) -> HubSource | None:
     """The Hub source of a fetched data file, written beside it (None for a user's own file)."""
     return source_of(Path(path).parent) if path else None

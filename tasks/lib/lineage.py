@@ -35,7 +35,7 @@ def data_source_hash(cfg) -> str:
         if path is None:
             return None
         if hub_file := resolved.get(key) or source_of_file(path):
-            return f"hub:{hub_file['id']}@{hub_file['commit']}:{hub_file['file']}"
+            return f"hub:{hub_file.pinned()}"
         return sha256_path(Path(path)) if Path(path).exists() else f"id:{path}"
 
     paths = data_paths(cfg.data)

@@ -14,8 +14,10 @@ from tasks.lib import serving as serving_source
 from tasks.lib.decisions import GateDecision, decisions_markdown
 from tasks.lib.hub import EXTRA_SUFFIX
 from tasks.lib.hub_sources import base_model_name, source_of, source_of_file
+from tasks.lib.scores import ScoreSheet
 from tasks.lib.serving import max_lora_rank
 from tasks.lib.stage import StageConfig
+from tasks.lib.stage_io import ReleaseRecord
 
 # The README.md of a release. A string in this module, not a file beside it, so that the release stage's code
 # hash (its modules' syntax trees) changes with it.
@@ -134,7 +136,7 @@ def lineage_config(cfg: StageConfig) -> dict:
     # What the fetch stages downloaded, as the user named it (at the commit it was), not where this worker's store
     # keeps it: the release key and the card stay the same on every worker and store.
     if fetched := source_of(cfg.model.base):
-        data["model"]["base"] = f"{fetched['id']}@{fetched['commit']}"
+        data["model"]["base"] = fetched.pinned()
     for key in ("train_path", "eval_path"):
         data["data"][key] = as_hub_file(data["data"][key])
     for source in data["data"].get("sources") or []:
@@ -145,7 +147,7 @@ def lineage_config(cfg: StageConfig) -> dict:
 def as_hub_file(path: str | None) -> str | None:
     """A fetched data file as `ORG/NAME@COMMIT:FILE`; any other path as it is."""
     if fetched := source_of_file(path):
-        return f"{fetched['id']}@{fetched['commit']}:{fetched['file']}"
+        return fetched.pinned()
     return path
 
 
@@ -157,7 +159,7 @@ def dataset_id(cfg: StageConfig) -> str:
     if cfg.data.sources:  # a mixture: its sources by name
         return "+".join(source.name for source in cfg.data.sources)
     if fetched := source_of_file(cfg.data.train_path):
-        return fetched["id"]
+        return fetched.id
     path = Path(cfg.data.train_path.split("#", 1)[0])
     return str(path) if not path.exists() else (path.name if path.is_dir() else path.resolve().parent.name)
 
@@ -166,7 +168,7 @@ def dataset_ids(cfg: StageConfig) -> list[str]:
     """The card's `datasets`: a mixture's sources each by its Hub dataset id (when fetched from one) or its name,
     unless data.name names the whole; else the one dataset_id."""
     if cfg.data.sources and not cfg.data.name:
-        return [(source_of_file(source.path) or {"id": source.name})["id"] for source in cfg.data.sources]
+        return [fetched.id if (fetched := source_of_file(source.path)) else source.name for source in cfg.data.sources]
     return [dataset_id(cfg)]
 
 
@@ -224,13 +226,17 @@ def training_line(trained: dict) -> str:
     return line + ")"
 
 
-def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecision]], lineage: dict,
-               serving: dict | None = None, trained: dict | None = None) -> str:
+def model_card(cfg: StageConfig, scores: dict[str, ScoreSheet], gates: dict[str, list[GateDecision]],
+               record: ReleaseRecord, serving: dict | None = None, trained: dict | None = None) -> str:
     """The release's README.md: Hub metadata built by huggingface_hub (ModelCardData, with the GPTQ model's
-    held-out perplexity as its eval result), the body from CARD_TEMPLATE. serving: the serving gate's
-    serving.json (engines, their verdicts and notes), for the card's Serving section. trained: the adapter's
-    train_metrics.json, for the training line (training_line)."""
+    held-out perplexity as its eval result), the body from CARD_TEMPLATE. scores: the evaluate stages' score
+    sheets ("finetune", "quantized"); serving: the serving gate's serving.json (engines, their verdicts and notes),
+    for the card's Serving section. trained: the adapter's train_metrics.json, for the training line
+    (training_line)."""
     repo, dataset_name = display_repo(cfg), dataset_id(cfg)
+    finetune, quantized = scores["finetune"], scores["quantized"]
+    gptq = quantized["gptq"]
+    lineage = record.dump()
     card_data = ModelCardData(
         base_model=base_model_name(cfg), library_name="transformers", pipeline_tag="text-generation",
         tags=["qlora", "gptq", f"{cfg.quantize.bits}-bit", "qlora-pipeline",
@@ -239,25 +245,25 @@ def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecisi
         eval_results=[EvalResult(
             task_type="text-generation", dataset_type=dataset_name, dataset_name=f"{dataset_name} (held-out rows)",
             dataset_split="eval", metric_type="perplexity", metric_name="held-out response perplexity (GPTQ)",
-            metric_value=round(metrics["quantized"]["gptq"]["perplexity"], 4))],
+            metric_value=round(gptq.perplexity, 4))],
     )
+    models = [("base", finetune["base"]), ("fine-tuned (NF4 + LoRA)", finetune["finetuned"]),
+              ("merged", quantized["merged"]), ("GPTQ (published)", gptq),
+              *((f"GGUF {name.removeprefix('gguf-')} (published)", model_scores)
+                for name, model_scores in quantized.models.items() if name.startswith("gguf-"))]
     card = ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE,
         repo=repo, on_hub=hub.is_hub_target(cfg), base_model=card_data.base_model,
-        train_path=cfg.data.train_path or " + ".join(source.name for source in cfg.data.sources),
+        train_path=as_hub_file(cfg.data.train_path) or " + ".join(source.name for source in cfg.data.sources),
         lora_r=cfg.lora.r, bits=cfg.quantize.bits, group_size=cfg.quantize.group_size, lineage=lineage,
-        models=[("base", metrics["finetune"]["base"]), ("fine-tuned (NF4 + LoRA)", metrics["finetune"]["finetuned"]),
-                ("merged", metrics["quantized"]["merged"]), ("GPTQ (published)", metrics["quantized"]["gptq"]),
-                *((f"GGUF {name.removeprefix('gguf-')} (published)", scores)
-                  for name, scores in metrics["quantized"].items() if name.startswith("gguf-"))],
+        models=[(name, model_scores.dump()) for name, model_scores in models],
         serving=serving and {
             "checked_against": serving_source.CHECKED_AGAINST, "tested_with": serving_source.TESTED_WITH,
             "engines": serving_rows(serving),
-            "commands": serve_commands(cfg, repo, f"v<N>-{lineage['data_artifact'][:8]}",
-                                       max_lora_rank(cfg.lora.r))},
+            "commands": serve_commands(cfg, repo, f"v<N>-{record.data_artifact[:8]}", max_lora_rank(cfg.lora.r))},
         gate_tables="\n".join(decisions_markdown(name, decisions) for name, decisions in gates.items()),
-        samples=metrics["quantized"]["gptq"].get("samples", []),
-        training=yaml.safe_dump({k: lineage["config"][k] for k in ("lora", "train", "merge", "quantize")},
+        samples=[sample.dump() for sample in gptq.samples or []],
+        training=yaml.safe_dump({k: record.config[k] for k in ("lora", "train", "merge", "quantize")},
                                 sort_keys=False).strip(),
         lineage_json=json.dumps(lineage, indent=1),
         trained=training_line(trained) if trained else "",
@@ -265,12 +271,12 @@ def model_card(cfg: StageConfig, metrics: dict, gates: dict[str, list[GateDecisi
     return card.content + "\n"
 
 
-def extra_card(cfg: StageConfig, name: str, repo_id: str, tag: str, record: dict) -> str:
+def extra_card(cfg: StageConfig, name: str, repo_id: str, tag: str, record: ReleaseRecord) -> str:
     """The README.md of an extra repo (`<NAME>-adapter`, `<NAME>-merged`): metadata and a pointer to the release."""
     what = {"adapter": "the LoRA adapter (peft) of", "merged": "the merged full-precision model of"}[name]
     card_data = ModelCardData(base_model=base_model_name(cfg), library_name="peft" if name == "adapter" else "transformers",
                               tags=["qlora", "qlora-pipeline", name])
     return (f"---\n{card_data.to_yaml()}\n---\n\n# {repo_id}{EXTRA_SUFFIX[name]}\n\n"
             f"This is {what} the release [{repo_id}@{tag}](../{repo_id}) (release hash "
-            f"`{record['release_hash']}`, data artifact `{record['data_artifact']}`); the model card, "
+            f"`{record.release_hash}`, data artifact `{record.data_artifact}`); the model card, "
             f"metrics, gates and lineage are there.\n")

@@ -20,6 +20,7 @@ from pipeline_config import PipelineConfig
 from pipeline_config.confine import inside
 from tasks.lib import artifacts, hub, log
 from tasks.lib.hub import RELEASE_FILE  # noqa: F401 - also the registry's record file
+from tasks.lib.stage_io import PublishedRelease, ReleaseRecord
 
 
 class Release(BaseModel):
@@ -79,11 +80,10 @@ def remove_stale_staging(repo_dir: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> dict | None:
-    """The release currently published at publish.target, the baseline of the regression gate:
-    {"target", "version", "release_hash", "location", "record", "metrics"} (record = its release.json,
-    metrics = its recorded metrics.json),
-    or None when nothing is published. `location` is what `fetch_release_model` needs.
+def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> PublishedRelease | None:
+    """The release currently published at publish.target, the baseline of the regression gate (record: its
+    release.json, metrics: its recorded metrics.json), or None when nothing is published. `location` is what
+    `fetch_release_model` needs.
 
     local: the version LATEST names; hf://: the newest release tag (via `tasks.lib.hub`). A release built
     from the GPTQ artifact `exclude_model` is the very model being gated, so it is passed over for the
@@ -101,18 +101,18 @@ def current_release(cfg: PipelineConfig, exclude_model: str | None = None) -> di
         record = json.loads((version_dir / RELEASE_FILE).read_text())
         if exclude_model is not None and hub.made_from(record) == exclude_model:
             continue
-        return {"target": "local", "version": f"{cfg.publish.repo}/{version_dir.name}",
-                "release_hash": record["release_hash"], "location": str(version_dir.resolve()), "record": record,
-                "metrics": json.loads((version_dir / "metrics.json").read_text())}
+        return PublishedRelease(target="local", version=f"{cfg.publish.repo}/{version_dir.name}",
+                                release_hash=record["release_hash"], location=str(version_dir.resolve()),
+                                record=record, metrics=json.loads((version_dir / "metrics.json").read_text()))
     return None
 
 
-def fetch_release_model(cfg: PipelineConfig, release: dict, dest: Path) -> Path:
+def fetch_release_model(cfg: PipelineConfig, release: PublishedRelease, dest: Path) -> Path:
     """A local folder with the published GPTQ model of `release` (from `current_release`): the registry
     version folder itself, or the tagged commit downloaded from the Hub into dest."""
-    if release["target"] == "local":
-        return Path(release["location"])
-    return hub.download_release_model(cfg, release["location"], dest)
+    if release.target == "local":
+        return Path(release.location)
+    return hub.download_release_model(cfg, release.location, dest)
 
 
 def publish_local(cfg: PipelineConfig, bundle: Path) -> Release:
@@ -120,7 +120,7 @@ def publish_local(cfg: PipelineConfig, bundle: Path) -> Release:
     logger = log.logger()
     repo_dir = repo_folder(cfg)
     repo_dir.mkdir(parents=True, exist_ok=True)
-    digest = json.loads((bundle / RELEASE_FILE).read_text())["release_hash"]
+    digest = ReleaseRecord.read(bundle / RELEASE_FILE).release_hash
     remove_stale_staging(repo_dir)
     if (found := find_release(repo_dir, digest)) is not None:
         point_latest_at(repo_dir, found)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tasks.lib import artifacts, datarows, log, metrics, modeling
+from tasks.lib.scores import ModelScores, ScoreSheet
 from tasks.lib.stage import StageConfig
 
 SAMPLE_COUNT = 4  # generations kept for the report and model card
@@ -113,10 +114,12 @@ def score_models(cfg: StageConfig, data_dir: Path, tokenizer_dir: Path, models: 
     texts = regression_texts(cfg) if regression_set else None
     schema = json_schema(cfg)
     timing: dict[str, float] = {}
-    results = dict(header or {})
+    sheet = ScoreSheet(models={}, **(header or {}))
     for name, load in models.items():
-        results[name] = load_and_score(timing, name, load, cfg, tokenizer, rows, heldout, texts, schema)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
+        sheet.models[name] = ModelScores.model_validate(
+            load_and_score(timing, name, load, cfg, tokenizer, rows, heldout, texts, schema))
+    sheet.write(out_dir / "metrics.json")
+    results = sheet.dump()
     (out_dir / TIMING).write_text(json.dumps(timing, indent=1))
     results["timing"] = timing
     _log(results)
