@@ -42,6 +42,9 @@ RECIPES = {
     "sym-g64-mse-all-rows-512": dict(mse=2.4, examples=100_000, seq_len=512),
     "int8-sym-g128": dict(bits=8, group_size=128),
     "sym-g32-mse-all-rows-512": dict(group_size=32, mse=2.4, examples=100_000, seq_len=512),
+    "sym-g32-mse-all-rows-512-damp0.001": dict(group_size=32, mse=2.4, damp_percent=0.001, examples=100_000,
+                                               seq_len=512),
+    "sym-g32-all-rows-512": dict(group_size=32, examples=100_000, seq_len=512),
 }
 
 

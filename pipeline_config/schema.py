@@ -405,9 +405,10 @@ class QuantizeConfig(Section):
     # for any model whose layer sizes are multiples of 64. On the embedded 135M model (merged 7.157, held-out
     # response perplexity; bench/quantize_recipes.py) 4-bit grids vLLM serves lose more than the asymmetric,
     # act-order grids it refuses (7.795, +8.9%): g64 8.506 (+18.9%), g32 8.414 (+17.6%), g32 + mse 8.301 (+16.0%),
-    # and with every training row (790) at 512 tokens 8.031 (+12.2%), which the embedded default uses. Scored on
-    # every held-out row up to data.max_seq_len, that recipe gives +12.0% (seed 42), +17.5%, +15.4%, +16.4%
-    # (seeds 1-3): above the 15% gate for those seeds (bench/seed_table.py --gptq; README "GPTQ recipes").
+    # and with every training row (790) at 512 tokens 8.031 (+12.2%). Scored on every held-out row up to
+    # data.max_seq_len, that recipe gives +12.0% (seed 42), +17.5%, +15.4%, +16.4% (seeds 1-3) at damp_percent
+    # 0.01, and +12.8%, +13.0%, +10.5%, +11.6% at 0.001, which the embedded default uses: every seed under the 15%
+    # gate (bench/seed_table.py --gptq; README "GPTQ recipes").
     bits: Literal[4, 8] = 4
     group_size: int = Field(64, description="Columns per quantization group; -1: one group per output channel. "
                             "vLLM's GPU kernel (Marlin) takes -1, 32, 64 and 128, dividing every layer's input.")
