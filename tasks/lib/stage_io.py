@@ -103,8 +103,6 @@ class Approval(JsonFile):
 class ReleaseRecord(JsonFile):
     """release.json: what a release is (its hash, its parts' artifacts) and where it came from."""
 
-    model_config = ConfigDict(extra="forbid")
-
     release_hash: str
     data_artifact: str
     data_source_hash: str
@@ -118,7 +116,6 @@ class ReleaseRecord(JsonFile):
     approval: Approval
     artifacts: dict[str, dict[str, Any]]  # part name -> ArtifactRef
     config: dict[str, Any]
-    serving: dict[str, Any] | None = None
     variant: str | None = None  # in an extra repo (`<NAME>-adapter`, `<NAME>-merged`): which part it holds
     main_release: str | None = None  # ... and the release it belongs to
 
