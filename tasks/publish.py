@@ -34,7 +34,7 @@ from prefect.cache_policies import NONE
 from pipeline_config import PipelineConfig
 from tasks.lib import artifacts, hub
 from tasks.lib.artifacts import ArtifactRef, ArtifactStore, sha256_json
-from tasks.lib.decisions import GateDecision
+from tasks.lib.decisions import GATE_SETS, GateDecision
 from tasks.lib.hub_sources import base_model_name, source_of, source_of_file
 from tasks.lib.lineage import data_source_hash, git_commit
 from tasks.lib.model_card import as_hub_file, display_repo, extra_card, lineage_config, model_card
@@ -77,7 +77,7 @@ def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: ReleaseParts, re
 
     scores = {"finetune": ScoreSheet.read(folder(parts.evaluation) / "metrics.json"),
               "quantized": ScoreSheet.read(folder(parts.quantized_evaluation) / "metrics.json")}
-    gate_parts = {"finetune": parts.gate_finetune, "merge": parts.gate_merge, "quantized": parts.gate_quantized}
+    gate_parts = {name: getattr(parts, f"gate_{name}") for name in GATE_SETS}  # finetune, merge, quantized, serving
     gates = {name: [GateDecision(**d) for d in read(part, "gates.json")] for name, part in gate_parts.items()}
     serving = read(parts.gate_serving, "serving.json")
     data_files = read(parts.data, artifacts.MANIFEST)["files"]

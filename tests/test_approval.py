@@ -110,7 +110,11 @@ def test_an_approval_covers_only_the_release_the_reviewer_saw(worker, tiny_confi
                                                            != first_wait.state_details.pause_key))
     assert again.is_paused(), again.message
     assert not registry.exists() or not list(registry.glob("v*"))  # nothing published under the old approval
-    assert "an input changed since" in run_warnings(run_id)
+    # The run's process ships its log lines to the server in batches: wait for the warning, briefly.
+    deadline = time.monotonic() + 60
+    while "an input changed since" not in (warnings := run_warnings(run_id)) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert "an input changed since" in warnings
 
     approved = decide("approve", run_id, "--reviewer", "bob", "--comment", "the edited data")
     assert approved.returncode == 0, approved.stdout + approved.stderr
