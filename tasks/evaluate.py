@@ -18,8 +18,8 @@ from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_s
 # The held-out rows are scored under training's length limit and policy (data.max_seq_len, data.length_policy).
 HELDOUT_LENGTH = ("data.max_seq_len", "data.length_policy")
 EVALUATE = StageSpec("evaluate", __name__, reads=("seed", "device", "model.compute_dtype", "eval", *HELDOUT_LENGTH),
-                     uses=("model.base",), reports=(scoring.TIMING,))
-EVALUATE_QUANTIZED = StageSpec("evaluate-quantized", __name__, reports=(scoring.TIMING,),
+                     uses=("model.base",))
+EVALUATE_QUANTIZED = StageSpec("evaluate-quantized", __name__,
                                reads=("seed", "device", "model.compute_dtype", "eval", *HELDOUT_LENGTH))
 
 

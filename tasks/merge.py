@@ -38,16 +38,13 @@ from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
 from tasks.lib import datarows, log, modeling
-from tasks.lib.artifacts import ArtifactStore, sha256_path
+from tasks.lib.artifacts import TIMING, ArtifactStore, sha256_path
 from tasks.lib.nf4_merge import FIDELITY_PROMPTS, fidelity_check, save_model_files, stream_merge, training_dtype
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
 
-TIMING = "timing.json"
-
 # model.compute_dtype decides the dtype the base was NF4-quantized from in training; device decides where the
 # merge and the fidelity check run (and so their float rounding).
-MERGE = StageSpec("merge", __name__, reads=("device", "merge", "model.compute_dtype"), uses=("model.base",),
-                  reports=(TIMING,))
+MERGE = StageSpec("merge", __name__, reads=("device", "merge", "model.compute_dtype"), uses=("model.base",))
 
 
 def merge_model(cfg: StageConfig, data_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:

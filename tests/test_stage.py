@@ -76,6 +76,28 @@ def test_the_key_holds_the_declared_config_and_nothing_else(tmp_path):
     assert run_stage(spec, store, declared, inputs={}, build=build).ref != first.ref
 
 
+def test_timings_and_declared_reports_are_out_of_the_payload(tmp_path):
+    """Two builds that differ only in their wall seconds (timing.json, for every stage) or in a declared report
+    have different addresses and the same payload, which is what later stages key on."""
+    import json
+    import time
+
+    cfg = load_config(None, [f"artifacts.root={tmp_path / 'store'}"])
+    store = ArtifactStore(cfg.artifacts.root)
+    spec = StageSpec("toy", "tasks.gate", reads=("gates",), reports=("report.md",))
+
+    def build(view, workdir, key):
+        (workdir / "result.json").write_text(json.dumps(view.gates.max_perplexity))
+        (workdir / "timing.json").write_text(json.dumps({"seconds": time.perf_counter()}))
+        (workdir / "report.md").write_text(f"built at {time.time()}")
+
+    first = run_stage(spec, store, cfg, inputs={"n": "1"}, build=build)
+    second = run_stage(spec, store, cfg, inputs={"n": "2"}, build=build)
+    assert first.ref.sha256 != second.ref.sha256 and first.ref.payload == second.ref.payload
+    other = load_config(None, [f"artifacts.root={tmp_path / 'store'}", "gates.max_perplexity=7"])
+    assert run_stage(spec, store, other, inputs={"n": "3"}, build=build).ref.payload != first.ref.payload
+
+
 def stage_keys(*overrides: str) -> dict[str, str]:
     """Every stage's key under the embedded default with these overrides, for the same inputs."""
     cfg = load_config(None, list(overrides))

@@ -49,6 +49,8 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from pipeline_config.confine import PathEscape, check_relative
 
 MANIFEST = "MANIFEST.json"
+# A stage's wall seconds, when it records them: always a report, never in the payload later stages key on.
+TIMING = "timing.json"
 HASH_CHUNK = 8 * 1024 * 1024
 
 

@@ -14,7 +14,6 @@ from tasks.lib.stage import StageConfig
 
 SAMPLE_COUNT = 4  # generations kept for the report and model card
 
-TIMING = "timing.json"  # wall seconds per model: a report, not in the payload later stages key on
 
 
 def score_model(cfg: StageConfig, model, tokenizer, rows: list[dict], heldout: metrics.HeldOut,
@@ -120,7 +119,7 @@ def score_models(cfg: StageConfig, data_dir: Path, tokenizer_dir: Path, models: 
             load_and_score(timing, name, load, cfg, tokenizer, rows, heldout, texts, schema))
     sheet.write(out_dir / "metrics.json")
     results = sheet.dump()
-    (out_dir / TIMING).write_text(json.dumps(timing, indent=1))
+    (out_dir / artifacts.TIMING).write_text(json.dumps(timing, indent=1))
     results["timing"] = timing
     _log(results)
     return results

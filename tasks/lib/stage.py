@@ -31,7 +31,7 @@ from typing import Any
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
-from tasks.lib.artifacts import NO_SPACE, ArtifactRef, ArtifactStore, StoreFull, cache_key, sha256_json
+from tasks.lib.artifacts import NO_SPACE, TIMING, ArtifactRef, ArtifactStore, StoreFull, cache_key, sha256_json
 from tasks.lib.log import logger
 
 # Packages whose modules enter code hashes. pipeline_config is not one: config values enter the keys as
@@ -51,8 +51,8 @@ class StageSpec:
     uses: config paths the build may read that are not in the key (a path keyed by content in `inputs`,
     a logging setting); a path inside a section in `reads` is taken out of that section's key.
     key_config: how the read values enter the key, when not as they are (validate keys data files by content).
-    reports: fnmatch patterns of the files the build writes that no later stage reads (reports, timings,
-    TensorBoard events): left out of the payload hash later stages key on."""
+    reports: fnmatch patterns of the files the build writes that no later stage reads (reports, TensorBoard
+    events): left out of the payload hash later stages key on; timing.json (artifacts.TIMING) always is."""
 
     name: str
     module: str
@@ -189,7 +189,7 @@ def run_stage(
     workdir = store.new_workdir()
     try:
         build(view, workdir, key)
-        ref = store.put(workdir, kind=name, reports=spec.reports)
+        ref = store.put(workdir, kind=name, reports=(*spec.reports, TIMING))
     except OSError as exc:
         shutil.rmtree(workdir, ignore_errors=True)
         if exc.errno in NO_SPACE:  # the build's own files count too: a stage's output is written into the store
