@@ -20,11 +20,11 @@ from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_s
 
 EXPORT_GGUF = StageSpec("export-gguf", __name__, reads=("release.gguf_types",))
 
-def export_gguf(cfg: StageConfig, merged_dir: Path, out_dir: Path) -> dict:
+def export_gguf(cfg: StageConfig, merged_dir: Path, out_dir: Path, model_name: str) -> dict:
     files = {}
     for gguf_type in cfg.release.gguf_types:
         name = gguf_export.file_name(gguf_type)
-        gguf_export.convert(merged_dir, out_dir / name, gguf_type)
+        gguf_export.convert(merged_dir, out_dir / name, gguf_type, model_name)
         files[gguf_type] = {"file": name, "bytes": (out_dir / name).stat().st_size,
                             **gguf_export.read_metadata(out_dir / name)}
         log.logger().info("export-gguf: %s, %.0f MB", name, files[gguf_type]["bytes"] / 1e6)
@@ -48,5 +48,7 @@ def export_gguf_task(cfg: PipelineConfig, merged: StageResult):
     store = ArtifactStore(cfg.artifacts.root)
     return reported(run_stage(
         EXPORT_GGUF, store, cfg, inputs={"merged": merged.ref.payload},
-        build=lambda view, workdir, key: export_gguf(view, store.local_path(merged.ref), workdir),
+        # Named by the merged model's payload: what it is, not where the store keeps it.
+        build=lambda view, workdir, key: export_gguf(view, store.local_path(merged.ref), workdir,
+                                                     f"qlora-merged-{merged.ref.payload[:12]}"),
     ))

@@ -173,8 +173,22 @@ def real_merged(embedded_adapter, tmp_path_factory):
     nf4_merge.stream_merge(cfg.model.base, adapter, merged, mode="dequantize")
     nf4_merge.save_model_files(cfg.model.base, adapter, merged, torch.float32)
     for gguf_type in MARGINS:
-        gguf_export.convert(merged, out / f"model-{gguf_type}.gguf", gguf_type)
+        gguf_export.convert(merged, out / f"model-{gguf_type}.gguf", gguf_type, "tiny-merged")
     return merged, out
+
+
+@pytest.mark.slow
+def test_the_same_weights_in_another_folder_convert_to_the_same_gguf_bytes(real_merged, tmp_path):
+    """The GGUF payload is the weights' alone: the export stage's next stages key on it (early cutoff)."""
+    import shutil
+
+    from tasks.lib import gguf_export
+    from tasks.lib.artifacts import sha256_file
+
+    merged, files = real_merged
+    moved = shutil.copytree(merged, tmp_path / "0123456789abcdef-elsewhere")
+    gguf_export.convert(moved, tmp_path / "again.gguf", "q8_0", "tiny-merged")
+    assert sha256_file(tmp_path / "again.gguf") == sha256_file(files / "model-q8_0.gguf")
 
 
 def greedy_with_margins(model, tokenizer, prompt: str, steps: int) -> tuple[list[int], list[float]]:

@@ -90,11 +90,14 @@ def ensure_converter() -> Path:
     return folder
 
 
-def convert(model_dir: Path, out_file: Path, gguf_type: str) -> None:
-    """One GGUF file of gguf_type from the HF checkpoint in model_dir."""
+def convert(model_dir: Path, out_file: Path, gguf_type: str, model_name: str) -> None:
+    """One GGUF file of gguf_type from the HF checkpoint in model_dir. model_name is the file's `general.name`:
+    without it the converter takes the folder's name (in the store, the merged artifact's address, which
+    changes with its timings), and the same weights would make different bytes."""
     if gguf_type in CONVERTER_TYPES:
         _run([sys.executable, str(ensure_converter() / "convert_hf_to_gguf.py"), str(model_dir),
-              "--outtype", gguf_type, "--outfile", str(out_file)], f"convert_hf_to_gguf.py --outtype {gguf_type}")
+              "--outtype", gguf_type, "--outfile", str(out_file), "--model-name", model_name],
+             f"convert_hf_to_gguf.py --outtype {gguf_type}")
         return
     from tasks.lib.serving import GGUF_COMPILED_TYPES
 
@@ -103,7 +106,7 @@ def convert(model_dir: Path, out_file: Path, gguf_type: str) -> None:
         raise GGUFError(f"GGUF type {gguf_type} needs llama.cpp's llama-quantize on PATH")
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-") as tmp:
         f16 = Path(tmp) / "model-f16.gguf"
-        convert(model_dir, f16, "f16")
+        convert(model_dir, f16, "f16", model_name)
         _run([quantizer, str(f16), str(out_file), GGUF_COMPILED_TYPES[gguf_type]], f"llama-quantize {gguf_type}")
 
 
