@@ -91,13 +91,17 @@ def ensure_converter() -> Path:
 
 
 def convert(model_dir: Path, out_file: Path, gguf_type: str, model_name: str) -> None:
-    """One GGUF file of gguf_type from the HF checkpoint in model_dir. model_name is the file's `general.name`:
-    without it the converter takes the folder's name (in the store, the merged artifact's address, which
-    changes with its timings), and the same weights would make different bytes."""
+    """One GGUF file of gguf_type from the HF checkpoint in model_dir, named model_name. The converter writes
+    metadata guessed from the folder's name (`general.name`, `general.finetune`...); in the store that name is the
+    merged artifact's address, which changes with its timings, so the same weights would make different bytes.
+    It reads the checkpoint through a link named model_name instead."""
     if gguf_type in CONVERTER_TYPES:
-        _run([sys.executable, str(ensure_converter() / "convert_hf_to_gguf.py"), str(model_dir),
-              "--outtype", gguf_type, "--outfile", str(out_file), "--model-name", model_name],
-             f"convert_hf_to_gguf.py --outtype {gguf_type}")
+        with tempfile.TemporaryDirectory(prefix="qlora-gguf-src-") as tmp:
+            named = Path(tmp) / model_name
+            named.symlink_to(Path(model_dir).resolve(), target_is_directory=True)
+            _run([sys.executable, str(ensure_converter() / "convert_hf_to_gguf.py"), str(named),
+                  "--outtype", gguf_type, "--outfile", str(out_file), "--model-name", model_name],
+                 f"convert_hf_to_gguf.py --outtype {gguf_type}")
         return
     from tasks.lib.serving import GGUF_COMPILED_TYPES
 
