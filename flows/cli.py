@@ -190,9 +190,11 @@ def configure_process() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    from tasks.lib.log import quiet_library_bars
     from tasks.lib.modeling import quiet_transformers
 
     quiet_transformers()
+    quiet_library_bars()
 
 
 def main(argv: list[str] | None = None) -> int:

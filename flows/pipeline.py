@@ -25,6 +25,7 @@ from tasks.fetch_dataset import fetch_dataset_task, fetched_file
 from tasks.gate import gate_task, serving_gate_task
 from tasks.lib.artifacts import ArtifactStore, verification_stats
 from tasks.lib.hub_sources import with_base_folder, with_data_files
+from tasks.lib.log import quiet_library_bars
 from tasks.lib.model_card import training_line
 from tasks.lib.modeling import quiet_transformers
 from tasks.lib.registry import Release
@@ -55,6 +56,7 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
     """
     cfg = load_config(config, overrides or [])
     quiet_transformers()
+    quiet_library_bars()
     verified_before = verification_stats()
     with release_lock(cfg):  # one run at a time per publish target (concurrency.mode: wait | fail)
         checked = preflight_task(cfg)  # base model and publish target can be had (tokens, visibility): no GPU yet

@@ -366,3 +366,25 @@ def test_a_base_checkpoint_without_a_chat_template_needs_one_and_gets_the_shippe
     assert text == f"<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>{tokenizer.eos_token}\n"
     code, _, err = run_cli(capsys, "--config", str(config), "--set", "data.chat_template=no-such-template")
     assert code == 1 and "no-such-template: chat template not found" in err and "chatml" in err
+
+
+def test_select_gathers_blocks_of_examples_as_one_gather_would():
+    """TokenizedSet.select copies a block of examples at a time (its index array would be 24 bytes a token for
+    all at once); across block edges, in any order, with repeats and truncation, it equals the whole gather."""
+    from tasks.lib.chat import SELECT_BLOCK, TokenizedSet
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, size=3 * SELECT_BLOCK + 17)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    examples = TokenizedSet(rng.integers(0, 50_000, offsets[-1]).astype(np.int32), rng.random(offsets[-1]) < 0.5,
+                            offsets)
+    keep = rng.permutation(len(lengths))[: 2 * SELECT_BLOCK + 5]
+    keep[-1] = keep[0]  # an example taken twice
+    for max_len in (None, 7):
+        chosen = examples.select(keep, max_len)
+        assert np.array_equal(chosen.lengths, np.minimum(lengths[keep], max_len or 10**9))
+        for position, index in enumerate(keep):
+            lo, hi = offsets[index], offsets[index] + chosen.lengths[position]
+            span = slice(chosen.offsets[position], chosen.offsets[position + 1])
+            assert np.array_equal(chosen.ids[span], examples.ids[lo:hi])
+            assert np.array_equal(chosen.trained[span], examples.trained[lo:hi])

@@ -22,13 +22,20 @@ the packing runs on the GPU (``pack_impl="gpu"``, nothing to compile) and Triton
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
+
+from tasks.lib import log
 
 # Kernel used when loading on CUDA. The automatic choice on Hopper is Machete, which downloads CUTLASS at run
 # time and therefore fails offline; the Triton GPTQ kernel needs nothing beyond the installed triton package.
@@ -61,6 +68,52 @@ def _configure_gptqmodel_env() -> None:
     # Compiled kernels in one persistent place (see the module docstring); an explicit setting wins.
     os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(kernel_cache_dir()))
     os.environ.setdefault("TRITON_CACHE_DIR", str(kernel_cache_dir().parent / "triton"))
+
+
+@contextmanager
+def quiet_gptqmodel() -> Iterator[None]:
+    """gptqmodel's output cut to its warnings while gptqmodel runs, and no progress-bar frames outside a terminal.
+
+    gptqmodel draws its bars with `logbar`, which redraws in place on a terminal but writes every frame as text when
+    stdout is a pipe or file (thousands of lines per run), unless it thinks it runs headless; TERM=dumb (no cursor
+    control: true of a pipe) is the one switch it reads that changes nothing else in this process (CI, another,
+    makes transformers' loggers propagate). Its INFO lines (a startup banner, tables of per-module GPTQ statistics
+    and region timings per layer) go to the `logbar` logger, here held at WARNING; the per-module table is also
+    saved as quant_log.csv. Both are restored on exit; the caller logs progress itself (`log.ProgressLine`)."""
+    from logbar import LogBar
+
+    term = os.environ.get("TERM")
+    if not sys.stdout.isatty():
+        os.environ["TERM"] = "dumb"
+    # Created here, before gptqmodel's import, which otherwise creates it at INFO and logs its banner.
+    gptqmodel_logger = LogBar.shared()
+    level = gptqmodel_logger.level
+    gptqmodel_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        gptqmodel_logger.setLevel(level)
+        if term is None:
+            os.environ.pop("TERM", None)
+        else:
+            os.environ["TERM"] = term
+
+
+def layer_progress(layers: int):
+    """gptqmodel's layer-complete hook (its ModuleLooper calls the model's `layer_callback`), reporting each decoder
+    layer quantized as a `log.ProgressLine`. gptqmodel calls it twice per layer: when the layer's GPTQ is done and
+    its packing queued, in the quantizing thread, and when packed, possibly from a packing thread; the first counts.
+    Indices past the decoder layers (lm_head, when quantized) are not layers of the count."""
+    progress = log.ProgressLine("quantize", layers, "layer")
+    progress.update(0)
+    seen: set[int] = set()
+
+    def layer_complete(*, layer_idx: int, submodule_finalized: bool) -> None:
+        if isinstance(layer_idx, int) and 0 <= layer_idx < layers and layer_idx not in seen:
+            seen.add(layer_idx)
+            progress.update(len(seen))
+
+    return layer_complete
 
 
 def tokenize_calibration(tokenizer, texts: list[str], max_seq_len: int) -> list[list[int]]:
@@ -98,6 +151,7 @@ def _region_seconds(model) -> dict[str, float]:
     return {region: round(float(stat["total"]), 3) for region, stat in stats.items() if stat.get("count")}
 
 
+@quiet_gptqmodel()
 def gptq_quantize(
     model_dir: Path,
     out_dir: Path,
@@ -150,6 +204,7 @@ def gptq_quantize(
     # several times slower than fp32; on CPU keep fp32 for calibration forwards and GPTQ math.
     dtype = torch.float16 if cuda else torch.float32
     model = meter.run("load", lambda: GPTQModel.load(str(model_dir), quant_config, device=device, dtype=dtype))
+    model.layer_callback = layer_progress(model.model.config.get_text_config().num_hidden_layers)
 
     def quantize() -> None:
         # gptqmodel writes per-layer log files into ./logs of whatever the working directory is; keep
@@ -164,7 +219,13 @@ def gptq_quantize(
 
     def save() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save(str(out_dir))
+        # gptqmodel's save prints the folder's file names and its config.json and generation_config.json in full
+        # (~100 lines, always); the files are in the artifact. Its warnings (logbar writes them to stdout too) stay.
+        with redirect_stdout(io.StringIO()) as printed:
+            model.save(str(out_dir))
+        for line in printed.getvalue().splitlines():
+            if line.startswith(("WARN", "ERROR", "CRITICAL")):
+                print(line)
         fuse_split_projections(model_dir, out_dir)
         tokenizer.save_pretrained(out_dir)
 
@@ -238,6 +299,7 @@ def fuse_split_projections(model_dir: Path, out_dir: Path) -> list[str]:
     return done
 
 
+@quiet_gptqmodel()
 def load_quantized(out_dir: Path, device: str = "cpu", backend: str | None = None, dtype: torch.dtype | None = None):
     """Load a GPTQ checkpoint written by ``gptq_quantize`` through ``AutoModelForCausalLM.from_pretrained``.
 

@@ -51,11 +51,12 @@ class SplitCheck:
     fmt: str
     report: ValidationReport
     lines: list[int] = field(default_factory=list)
-    rows: list[dict] = field(default_factory=list)  # normalized rows, one per renderable row
-    conversations: list[list[dict]] = field(default_factory=list)
+    # The canonical row ({"messages": [...]}) of each renderable row, as its JSON line: one string a row holds a
+    # million rows in about half the memory of the parsed dicts, and is what train.jsonl and eval.jsonl get.
+    rows: list[str] = field(default_factory=list)
     tokenized: chat.TokenizedSet | None = None
     validation: object = None
-    keys: list[tuple[str, str, str]] = field(default_factory=list)  # _keys of each conversation
+    keys: list[tuple[bytes, bytes, str]] = field(default_factory=list)  # _keys of each conversation
     docs_html: Path | None = None  # GX's data-docs page of a cached check (validation is then None)
 
 
@@ -71,6 +72,11 @@ def check_file(path: str, fmt: str, contract: str | None, tokenizer, renderer, r
             tokenizer, [conversations[i] for i in renderable], responses_only, renderer)
     except chat.TemplateError as error:
         raise DataError(f"chat template of {tokenizer.name_or_path}: {error}") from error
+    # The parsed conversations are a second copy of every text; keep each row as its JSON line and its keys, and
+    # let them go before the contract runs, the stage's peak (bench/scale.py: 1M rows).
+    keys = [_keys(conversations[i]) for i in renderable]
+    rows = [datarows.json_line({"messages": conversations[i]}) for i in renderable]
+    del conversations
     token_length = np.full(len(frame), np.nan)
     token_length[renderable] = tokenized.lengths
     frame["token_length"] = token_length
@@ -83,10 +89,7 @@ def check_file(path: str, fmt: str, contract: str | None, tokenizer, renderer, r
         for i in unrenderable[:SAMPLES]]))
     check = SplitCheck(path=str(path), fmt=fmt, report=report, validation=report._validation)
     check.lines = [lines[i] for i in renderable]
-    check.conversations = [conversations[i] for i in renderable]
-    check.keys = [_keys(turns) for turns in check.conversations]
-    check.rows = [{"messages": conversations[i]} for i in renderable]  # the canonical row
-    check.tokenized = tokenized
+    check.keys, check.rows, check.tokenized = keys, rows, tokenized
     return check
 
 
@@ -99,11 +102,17 @@ def _rule(name: str, severity: str, failing: list, samples: list[SampleRow], obs
                       sample_rows=samples)
 
 
-def _keys(turns: list[dict]) -> tuple[str, str, str]:
-    """(exact key, normalized key, normalized prompt key) of a conversation."""
+def _keys(turns: list[dict]) -> tuple[bytes, bytes, str]:
+    """(exact key, normalized key, normalized prompt key) of a conversation. The first two only test equality, so
+    they are kept as 16-byte digests instead of the conversation's text twice over (about 1 GB a million rows);
+    the prompt key stays text, as the seeded eval split hashes it."""
     exact = json.dumps(turns, ensure_ascii=False)
     normalized = [f"{t['role']}:{normalize_text(t['content'])}" for t in turns]
-    return exact, "\x1f".join(normalized), "\x1f".join(normalized[:-1])
+    return _digest(exact), _digest("\x1f".join(normalized)), "\x1f".join(normalized[:-1])
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def deduplicate(check: SplitCheck, max_rate: float) -> tuple[list[int], dict]:
@@ -123,7 +132,7 @@ def deduplicate(check: SplitCheck, max_rate: float) -> tuple[list[int], dict]:
         if len(samples) < SAMPLES:
             samples.append(SampleRow(line=check.lines[position], value=f"duplicate of line {check.lines[first]}"))
     removed = exact_dupes + norm_dupes
-    rate = removed / max(1, len(check.conversations))
+    rate = removed / max(1, len(check.rows))
     failing = [None] * removed if rate > max_rate else []
     check.report.add(_rule("duplicate-rate", "error", failing, samples, count=removed,
                            observed=f"{removed} duplicates ({rate:.1%}; allowed {max_rate:.1%})"))
@@ -275,8 +284,8 @@ def write_rows_and_tokens(cfg: PipelineConfig, train: SplitCheck, selection: Sel
                           out_dir: Path) -> chat.TokenizedSet:
     """train.jsonl and eval.jsonl (canonical `messages` rows), the tokenized training examples and the tokenizer
     they were rendered with. Returns the examples."""
-    datarows.write_jsonl(out_dir / "train.jsonl", [train.rows[p] for p in selection.train_rows])
-    datarows.write_jsonl(out_dir / "eval.jsonl", [selection.eval_check.rows[p] for p in selection.eval_rows])
+    datarows.write_lines(out_dir / "train.jsonl", [train.rows[p] for p in selection.train_rows])
+    datarows.write_lines(out_dir / "eval.jsonl", [selection.eval_check.rows[p] for p in selection.eval_rows])
     truncate = cfg.data.max_seq_len if cfg.data.length_policy == "truncate" else None
     examples = train.tokenized.select(np.asarray(selection.train_examples, dtype=np.int64), truncate)
     examples.save(out_dir / chat.TOKENS_FILE)
@@ -361,7 +370,7 @@ def contract_hash(contract: str | None, key: str) -> str:
 
 
 def save_check(check: SplitCheck, folder: Path) -> None:
-    datarows.write_jsonl(folder / "rows.jsonl", check.rows)
+    datarows.write_lines(folder / "rows.jsonl", check.rows)
     (folder / "lines.json").write_text(json.dumps(check.lines))
     check.tokenized.save(folder / chat.TOKENS_FILE)
     (folder / "report.json").write_text(json.dumps(check.report.to_dict(), indent=1))
@@ -371,13 +380,13 @@ def save_check(check: SplitCheck, folder: Path) -> None:
 
 
 def load_check(folder: Path, path: str) -> SplitCheck:
-    rows = datarows.read_jsonl(folder / "rows.jsonl")
-    conversations = [row["messages"] for row in rows]
+    rows = datarows.read_lines(folder / "rows.jsonl")
     return SplitCheck(
         path=path, fmt=json.loads((folder / "check.json").read_text())["format"],
         report=ValidationReport.model_validate(json.loads((folder / "report.json").read_text())),
-        lines=json.loads((folder / "lines.json").read_text()), rows=rows, conversations=conversations,
-        tokenized=chat.TokenizedSet.load(folder / chat.TOKENS_FILE), keys=[_keys(turns) for turns in conversations],
+        lines=json.loads((folder / "lines.json").read_text()), rows=rows,
+        tokenized=chat.TokenizedSet.load(folder / chat.TOKENS_FILE),
+        keys=[_keys(json.loads(row)["messages"]) for row in rows],
         docs_html=folder / "data_docs.html")
 
 
@@ -467,9 +476,9 @@ def validate_mixture(cfg: PipelineConfig, tokenizer, renderer, out_dir: Path, re
     start = dict(zip(sources, np.cumsum([0] + [len(taken[split]) for split in sources])))
     tokens = concat_tokens([examples[split].select(taken[split]) for split in sources])
     tokens = tokens.select(np.asarray([start[split] + i for split, i in order], dtype=np.int64))
-    datarows.write_jsonl(out_dir / "train.jsonl", [checks[split].rows[positions[split][taken[split][i]]]
+    datarows.write_lines(out_dir / "train.jsonl", [checks[split].rows[positions[split][taken[split][i]]]
                                                    for split, i in order])
-    datarows.write_jsonl(out_dir / "eval.jsonl", eval_rows)
+    datarows.write_lines(out_dir / "eval.jsonl", eval_rows)
     tokens.save(out_dir / chat.TOKENS_FILE)
     tokenizer.save_pretrained(out_dir / chat.TOKENIZER_DIR)
     mixed = mixture_report(sources, checks, examples, taken)

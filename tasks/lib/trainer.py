@@ -461,7 +461,7 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
     writer = open_tensorboard(out_dir, history) if ranks.main else None
 
     model.train()
-    report_progress = log.progress_reporter("train: optimizer steps done") if ranks.main else (lambda f: None)
+    progress = log.ProgressLine("train", plan.steps, "step", done_before=step) if ranks.main else None
     start, tokens_this_run, stopped_early = time.perf_counter(), 0, False
     packs = packing.pack_stream(examples, budget, cfg.seed)  # epoch after epoch, each packed by seed + epoch
     for _ in range(step):  # resume: skip the packs already trained on (packing is deterministic)
@@ -481,11 +481,10 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
         if writer is not None:
             log_scalars(writer, entry)
         if step % cfg.train.log_every == 0 or step == plan.steps or stopped_early:
-            elapsed = time.perf_counter() - start
-            eta = (plan.steps - step) * elapsed / (step - resumed_from)
-            say("train: step %d/%d loss %.4f %.0f tokens/s grad norm %.3f eta %.0f s",
-                step, plan.steps, entry["loss"], tokens_this_run / elapsed, entry["grad_norm"], eta)
-            report_progress(step / plan.steps)
+            if progress is not None:  # a line at most every log.PROGRESS_EVERY_S, however small log_every is
+                progress.update(step, f"loss {entry['loss']:.4f}, "
+                                f"{tokens_this_run / (time.perf_counter() - start):.0f} tokens/s, "
+                                f"grad norm {entry['grad_norm']:.3f}", force=stopped_early)
             if writer is not None:
                 writer.flush()
         if stopped_early:
