@@ -186,13 +186,104 @@ def child_merge(shape: str, work: Path) -> dict:
             "largest_shard": max(base_shard, out_shard)}
 
 
+# --------------------------------------------------------------------------- publish
+
+
+HUB_TOKEN = "hf_" + "5ca1e" * 6  # the loopback Hub's one write token (tests/hub_server.py)
+SHARD_GB = 2
+
+
+def make_bundle(folder: Path, gigabytes: float, seed: int = 0) -> None:
+    """A release bundle of `gigabytes` in 2 GB model shards of random bytes (nothing compresses them), with the
+    card and release.json publish reads."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import write_release_record
+
+    folder.mkdir(parents=True)
+    rng, left, number = np.random.default_rng(seed), int(gigabytes * 10**9), 1
+    while left > 0:
+        size = min(left, SHARD_GB * 10**9)
+        with open(folder / f"model-{number:05d}.safetensors", "wb") as f:
+            for _ in range(0, size, 2**27):
+                f.write(rng.bytes(min(2**27, size - f.tell())))
+        left, number = left - size, number + 1
+    (folder / "config.json").write_text("{}")
+    (folder / "README.md").write_text("---\nbase_model: bench\n---\n# bench release\n")
+    write_release_record(folder, f"{seed:032x}{int(gigabytes * 1000):032x}")
+
+
+def child_publish(bundle: Path, endpoint: str, repo: str) -> dict:
+    from pipeline_config import validate_config
+    from tasks import publish
+
+    cfg = validate_config({
+        "data": {"train_path": "t.jsonl", "eval_path": "e.jsonl"}, "model": {"base": "m", "name": "bench"},
+        "publish": {"repo": "bench", "target": f"hf://{repo}", "endpoint": endpoint, "transfer": "lfs"}})
+    start = time.perf_counter()
+    release = publish.publish_to_hub(cfg, bundle)
+    return {"seconds": time.perf_counter() - start, "disk": 0, "note": release.message}
+
+
+def publish_rows(work: Path, sizes: list[float]) -> list[tuple]:
+    """Publish releases of each size to the loopback Hub (LFS); then the largest again into a new repo, killed
+    when half its bytes have arrived, and once more: the bytes the Hub received in each attempt."""
+    import signal
+
+    sys.path.insert(0, str(REPO))
+    from tests.hub_server import HubServer
+
+    server = HubServer({HUB_TOKEN: {"user": "bench", "orgs": ["acme"], "role": "write"}}, work / "hub").start()
+    env = {**os.environ, "HF_TOKEN": HUB_TOKEN}
+
+    def objects() -> list[Path]:  # the LFS objects the Hub holds whole (named by their sha256)
+        return [f for f in (work / "hub" / "lfs").iterdir() if len(f.name) == 64]
+    rows, previous = [], None
+    try:
+        for gigabytes in sizes:
+            bundle = work / f"bundle-{gigabytes:g}"
+            make_bundle(bundle, gigabytes)
+            before = server.state.lfs_received_bytes
+            result = measure(["publish", str(bundle), server.url, f"acme/bench-{gigabytes:g}"], env)
+            result.update(disk=0, note=f"{(server.state.lfs_received_bytes - before) / 1e9:.2f} GB received; "
+                                       + result["note"].split(" (")[0])
+            rows.append(("publish (Hub, LFS)", f"{gigabytes:g} GB release", result, previous))
+            previous = result
+            shutil.rmtree(bundle)
+        bundle = work / "bundle-killed"  # other bytes: the Hub stores LFS objects by content, across repos
+        make_bundle(bundle, sizes[-1], seed=1)
+        total = sum(f.stat().st_size for f in bundle.glob("*.safetensors"))
+        before, objects_before = server.state.lfs_received_bytes, len(objects())
+        child = subprocess.Popen([sys.executable, __file__, "_child", "publish", str(bundle), server.url,
+                                  "acme/bench-killed"], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+        while server.state.lfs_received_bytes - before < total / 2 and child.poll() is None:
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        first = server.state.lfs_received_bytes - before
+        stored = len(objects()) - objects_before
+        before = server.state.lfs_received_bytes
+        result = measure(["publish", str(bundle), server.url, "acme/bench-killed"], env)
+        second = server.state.lfs_received_bytes - before
+        result.update(disk=0, note=f"killed at {first / 1e9:.2f} of {total / 1e9:.2f} GB sent; the re-push sent "
+                                   f"{second / 1e9:.2f} GB ({(first + second - total) / 1e9:+.2f} GB over the release; "
+                                   f"{stored} of {len(list(bundle.glob('*.safetensors')))} shards were whole "
+                                   "before it)")
+        rows.append(("publish, killed and pushed again", f"{sizes[-1]:g} GB release", result, None))
+    finally:
+        server.stop()
+    return rows
+
+
 # --------------------------------------------------------------------------- the table
 
 
-def measure(args: list[str]) -> dict:
+def measure(args: list[str], env: dict | None = None) -> dict:
     """Run `scale.py _child ARGS` and return its result with its wall seconds and peak RSS (its own rusage)."""
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, __file__, "_child", *args], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, __file__, "_child", *args], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                             env=env)
     out = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     if status != 0:
@@ -207,6 +298,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--messages", type=int, default=100_000, help="multi-turn rows (0: none)")
     parser.add_argument("--models", nargs="*", default=["1b", "3b", "8b"], choices=sorted(SHAPES))
+    parser.add_argument("--publish", type=float, nargs="*", default=[1, 8],
+                        help="release sizes in GB to publish to the loopback Hub; the last is also killed and re-pushed")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
 
@@ -231,6 +324,8 @@ def main() -> None:
             rows.append(("merge (streamed)", f"{shape} ({SHAPES[shape][-1]})", result, previous))
             previous = result
             shutil.rmtree(folder, ignore_errors=True)
+        if args.publish:
+            rows += publish_rows(work, args.publish)
 
     print("| stage | size | wall s | peak RSS GiB | disk written GiB | x time | x RSS | notes |")
     print("|---|---|---|---|---|---|---|---|")
@@ -253,6 +348,8 @@ def child_main(argv: list[str]) -> None:
         make_base(argv[1], Path(argv[2]) / "base")
         make_adapter(argv[1], Path(argv[2]) / "adapter")
         return
+    elif kind == "publish":
+        result = child_publish(Path(argv[1]), argv[2], argv[3])
     else:
         result = child_merge(argv[1], Path(argv[2]))
     print(json.dumps(result))

@@ -139,6 +139,7 @@ class HubState:
         self.lfs_dir.mkdir(parents=True, exist_ok=True)
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization header or None)
+        self.lfs_received_bytes = 0  # LFS upload bytes received, complete or not
         self.lock = threading.RLock()
 
     # -- faults ------------------------------------------------------------------------------
@@ -346,15 +347,25 @@ def build_app(state: HubState) -> Starlette:
 
     async def lfs_upload(request: Request) -> Response:
         # A pre-signed-style URL: the Hub's storage does not need the user's token here.
+        # Streamed to disk and hashed as it comes, as the Hub's storage does: a multi-GB file is not held in
+        # memory, and the bytes received count even when the client is killed halfway (lfs_received_bytes).
         oid = request.path_params["oid"]
-        data = await request.body()
-        if (failure := failure_response(state.fault("lfs_upload"))) is not None:
-            return failure
-        if hashlib.sha256(data).hexdigest() != oid:
-            return error(400, "content does not match its oid")
         tmp = state.lfs_path(oid).with_suffix(f".{time.time_ns()}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(state.lfs_path(oid))
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as f:
+                async for chunk in request.stream():
+                    digest.update(chunk)
+                    f.write(chunk)
+                    with state.lock:
+                        state.lfs_received_bytes += len(chunk)
+            if (failure := failure_response(state.fault("lfs_upload"))) is not None:
+                return failure
+            if digest.hexdigest() != oid:
+                return error(400, "content does not match its oid")
+            tmp.replace(state.lfs_path(oid))
+        finally:
+            tmp.unlink(missing_ok=True)
         return Response(status_code=200)
 
     async def lfs_verify(request: Request) -> Response:

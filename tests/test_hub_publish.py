@@ -329,3 +329,42 @@ def test_flow_publishes_to_private_hub_with_retry_and_never_shows_the_token(serv
     from prefect.settings import PREFECT_API_AUTH_STRING
 
     assert PREFECT_API_AUTH_STRING.value() == prefect_auth_string  # what every client of this process sends
+
+
+def test_a_push_killed_halfway_sends_again_only_the_file_it_was_sending(server, tmp_path):
+    """A publish process killed (SIGKILL) when half of a 4-shard release has reached the Hub: the next push sends
+    only what the Hub does not hold whole, the shard in flight and those after it, never a finished one again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shard = 150_000_000
+    bundle = make_bundle(tmp_path / "big", "b" * 64, size=1)
+    (bundle / "model.safetensors").unlink()
+    for number in range(1, 5):
+        with open(bundle / f"model-{number:05d}-of-00004.safetensors", "wb") as f:
+            for _ in range(0, shard, 2**24):
+                f.write(os.urandom(2**24))
+            f.truncate(shard)
+    total = 4 * shard
+    script = ("import sys; from pathlib import Path; from pipeline_config import validate_config; "
+              "from tasks import publish; cfg = validate_config({'data': {'train_path': 't', 'eval_path': 'e'}, "
+              "'model': {'base': 'm', 'name': 'tiny'}, 'publish': {'repo': 'x', 'target': 'hf://acme/killed', "
+              f"'endpoint': {server.url!r}, 'transfer': 'lfs'}}}}); publish.publish_to_hub(cfg, Path(sys.argv[1]))")
+    before = server.state.lfs_received_bytes
+    child = subprocess.Popen([sys.executable, "-c", script, str(bundle)], env={**os.environ, "HF_TOKEN": TOKEN})
+    deadline = time.monotonic() + 300
+    while server.state.lfs_received_bytes - before < total / 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    first = server.state.lfs_received_bytes - before
+    assert total / 2 <= first < total, first  # killed halfway, not after the push
+    assert "acme/killed" not in server.state.repos or not repo(server, "acme/killed").tags
+
+    before = server.state.lfs_received_bytes
+    release = publish.publish_to_hub(make_cfg(server, "acme/killed"), bundle)
+    second = server.state.lfs_received_bytes - before
+    assert release.created and release.tag.startswith("v1-")
+    assert second == total - (first // shard) * shard, (first, second)  # the whole shards received are not sent again

@@ -268,9 +268,14 @@ def publish_files(cfg: PipelineConfig, repo_id: str, files: dict[str, Path], rec
         size = sum(p.stat().st_size for p in files.values())
         logger.info("publish: uploading %d files (%.1f MB) to %s in one commit", len(files), size / 1e6, repo_id)
         with client_settings(cfg):
+            # LFS restarts a file it did not finish from its first byte, and the Hub keeps each file it did finish
+            # (the next push's LFS batch skips it). One file at a time, a push killed halfway re-sends only the file
+            # that was in flight; the client's default of 5 at a time had finished none of the 4 shards of an 8 GB
+            # release at half (bench/scale.py), and re-sent all 8 GB. (Xet, the Hub's default, sends deduplicated chunks.)
             info = call(f"upload and commit to {repo_id}", token, api.create_commit, repo_id, operations=operations,
                         commit_message=f"Release {tag}", commit_description=f"qlora-pipeline release {digest}",
-                        revision="main", parent_commit=head, token=token)
+                        revision="main", parent_commit=head, token=token,
+                        num_threads=1)
         commit = info.oid
     call(f"tag {tag} on {repo_id}", token, api.create_tag, repo_id, tag=tag, revision=commit,
          tag_message=f"qlora-pipeline release {digest}", token=token)
