@@ -7,9 +7,6 @@ import sys
 import time
 from collections.abc import Callable
 
-from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
-
 # Seconds between two progress lines of one loop. A bar redrawn in place is one line on a terminal but a line per
 # frame in a log file (gptqmodel's bars once made 6,500 of a demo's 7,800 lines); every 10 s keeps a 30-minute
 # stage to ~180 lines and still says within seconds that a run is moving.
@@ -18,7 +15,13 @@ PROGRESS_EVERY_S = 10.0
 
 def logger() -> logging.Logger | logging.LoggerAdapter:
     """The Prefect run logger inside a flow or task run (lines reach the UI); a plain logger when a
-    library function is called directly, e.g. from a test, a bench script or a notebook."""
+    library function is called directly, e.g. from a test, a bench script or a notebook, or where Prefect is not
+    installed (the GPU check's quantize part carries the merge and GPTQ libraries without it)."""
+    try:
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
+    except ModuleNotFoundError:
+        return logging.getLogger("qlora_pipeline")
     try:
         return get_run_logger()
     except MissingContextError:
@@ -27,9 +30,12 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
 
 def progress_reporter(description: str) -> Callable[[float], None]:
     """A function reporting a fraction done as a Prefect progress artifact (a bar in the UI);
-    does nothing outside a Prefect run."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from prefect.context import TaskRunContext
+    does nothing outside a Prefect run (or without Prefect)."""
+    try:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+        from prefect.context import TaskRunContext
+    except ModuleNotFoundError:
+        return lambda fraction: None
 
     if TaskRunContext.get() is None:
         return lambda fraction: None
