@@ -27,17 +27,18 @@ WORDS = ("the of and to in is that for it as was with be by on not he this are o
          "summarize describe python function value number people time year way day thing world life hand part").split()
 
 
+def words(rng: random.Random, lo: int, hi: int) -> str:
+    """lo to hi words of WORDS, drawn by rng."""
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
 def generate(path: Path, rows: int, seed: int = 0) -> None:
     """Alpaca-sized rows (mean ~ 60-char instruction, 40% with an input, ~270-char output)."""
     rng = random.Random(seed)
-
-    def text(lo: int, hi: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
     with open(path, "w", encoding="utf-8") as f:
         for n in range(rows):
-            row = {"instruction": f"{text(4, 18)} #{n}?", "input": text(5, 30) if rng.random() < 0.4 else "",
-                   "output": text(20, 90) + "."}
+            row = {"instruction": f"{words(rng, 4, 18)} #{n}?",
+                   "input": words(rng, 5, 30) if rng.random() < 0.4 else "", "output": words(rng, 20, 90) + "."}
             f.write(json.dumps(row) + "\n")
 
 

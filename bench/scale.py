@@ -51,19 +51,15 @@ def folder_bytes(path: Path) -> int:
 
 def generate_messages(path: Path, rows: int, seed: int = 0) -> None:
     """Multi-turn chat rows: a system prompt on a third of them, 1-4 user/assistant exchanges."""
-    from bench.data_prep import WORDS
+    from bench.data_prep import words
 
     rng = random.Random(seed)
-
-    def text(lo: int, hi: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
     with open(path, "w", encoding="utf-8") as f:
         for n in range(rows):
-            turns = [{"role": "system", "content": text(5, 15)}] if rng.random() < 0.33 else []
+            turns = [{"role": "system", "content": words(rng, 5, 15)}] if rng.random() < 0.33 else []
             for turn in range(rng.randint(1, 4)):
-                turns += [{"role": "user", "content": f"{text(4, 25)} #{n}.{turn}?"},
-                          {"role": "assistant", "content": text(10, 60) + "."}]
+                turns += [{"role": "user", "content": f"{words(rng, 4, 25)} #{n}.{turn}?"},
+                          {"role": "assistant", "content": words(rng, 10, 60) + "."}]
             f.write(json.dumps({"messages": turns}) + "\n")
 
 

@@ -84,15 +84,17 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
 def memory_needs(cfg: PipelineConfig, size: CheckpointSize, device: str) -> list[tuple[str, str, int, int]]:
     """Per stage: (stage, where it holds it: "cpu" or "cuda", bytes of weights, bytes of activations on top:
     the loose part)."""
-    compute = 4 if device == "cpu" and cfg.model.compute_dtype in ("auto", "float32") else DTYPE_BYTES.get(
-        cfg.model.compute_dtype, 2)
+    from tasks.lib.modeling import resolve_dtype
+
+    compute_dtype = resolve_dtype(cfg.model.compute_dtype, device)  # what training loads the base in
+    compute = compute_dtype.itemsize
     nf4_model = int(size.linear * NF4_BYTES_PER_PARAM) + size.other * compute
     tokens = cfg.train.micro_batch_tokens or -(-cfg.train.tokens_per_step // max(1, cfg.train.num_processes))
     logits_tokens = min(tokens, cfg.train.loss_chunk_tokens) if cfg.train.loss_chunk_tokens else tokens
     # Checkpointed hidden states per layer, one layer's full activations (about 16 hidden-size vectors a token
     # with the MLP's intermediate), and the logits with their gradient in float32.
     activations = tokens * size.hidden * compute * (size.layers + 16) + 2 * 4 * logits_tokens * size.vocab
-    train = f"train (the base in NF4, its embeddings and norms in {'float32' if compute == 4 else '16 bits'})"
+    train = f"train (the base in NF4, its embeddings and norms in {str(compute_dtype).removeprefix('torch.')})"
     if device == "cpu":  # float32 on a CPU, where bf16 matmuls are slow
         return [(train, "cpu", nf4_model, activations),
                 ("merge's fidelity check and GPTQ (the merged model in float32)", "cpu", size.total * 4, 0)]
