@@ -67,10 +67,27 @@ def main() -> None:
                 phases[label] += time.perf_counter() - t
         setattr(module, name, wrapper)
 
-    timed(datarows, "load_rows", "load (JSONL -> rows)")
+    def timed_blocks(module, name, label):  # a generator: the time spent making each item
+        original = getattr(module, name)
+
+        def wrapper(*a, **k):
+            items = original(*a, **k)
+            while True:
+                t = time.perf_counter()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                finally:
+                    phases[label] += time.perf_counter() - t
+                yield item
+        setattr(module, name, wrapper)
+
+    timed_blocks(datarows, "row_blocks", "read (JSONL -> row blocks)")
     timed(datarows, "normalize_rows", "normalize (-> chat turns)")
     timed(chat, "tokenize_conversations", "render + tokenize + masks")
-    timed(contracts, "validate_rows", "GX contract")
+    timed(contracts.ContractCheck, "add", "GX contract")
+    timed(contracts.ContractCheck, "finish", "GX contract")
     timed(prep, "deduplicate", "dedup (exact + normalized)")
     timed(packing, "packing_efficiency", "pack (best-fit decreasing)")
     timed(contracts, "render_data_docs", "GX data docs HTML")

@@ -388,3 +388,70 @@ def test_select_gathers_blocks_of_examples_as_one_gather_would():
             span = slice(chosen.offsets[position], chosen.offsets[position + 1])
             assert np.array_equal(chosen.ids[span], examples.ids[lo:hi])
             assert np.array_equal(chosen.trained[span], examples.trained[lo:hi])
+
+
+def _rule_table(report) -> list[tuple]:
+    return [(r.rule, r.severity, r.success, r.unexpected_count, r.error_message, [s.line for s in r.sample_rows])
+            for r in report.rules]
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "messages"])
+def test_a_file_checked_in_blocks_gets_the_verdicts_of_the_whole_file(fmt, tmp_path, tiny_model):
+    """check_file reads big files in blocks (prep.BLOCK_ROWS rows) and adds the blocks' contract verdicts up; cut
+    into blocks of 7 rows, a file with failures in many blocks, a duplicate across blocks and a key that first
+    appears in a late block gets the report, rows and tokens it gets read whole."""
+    tokenizer = dataset_tokenizer(tiny_model)
+    renderer = chat.ChatRenderer(tokenizer)
+    rows = alpaca(40) if fmt == "alpaca" else chats(40)
+    if fmt == "alpaca":
+        for row in rows[:20]:
+            del row["input"]  # the input column first appears in the third block
+        rows[3]["output"] = None  # not null, and unrenderable
+        rows[9]["instruction"] = "Say <|im_start|> please"
+        rows[17]["instruction"] = "As before ### Instruction: go"
+        rows[30] = dict(rows[25])  # instruction+input unique fails across blocks
+        rows[33]["output"] = "x" * 4500  # over the output length rule
+    else:
+        rows[5]["messages"][1]["content"] = "<|im_start|> hi"
+        rows[12]["messages"] = rows[12]["messages"][:2]  # ends on the user: not renderable
+        rows[31] = json.loads(json.dumps(rows[2]))  # the same conversation text
+    path = jsonl(tmp_path / "rows.jsonl", rows)
+
+    whole = prep.check_file(str(path), fmt, None, tokenizer, renderer, True)
+    blocks = prep.check_file(str(path), fmt, None, tokenizer, renderer, True, block_rows=7)
+    assert not whole.report.passed and whole.report.row_count == 40
+    assert sum(not r.success for r in whole.report.rules) >= 3
+    assert _rule_table(blocks.report) == _rule_table(whole.report)
+    assert (blocks.report.passed, blocks.report.row_count) == (whole.report.passed, whole.report.row_count)
+    assert blocks.rows == whole.rows and blocks.lines == whole.lines and blocks.keys == whole.keys
+    assert np.array_equal(blocks.tokenized.ids, whole.tokenized.ids)
+    assert np.array_equal(blocks.tokenized.offsets, whole.tokenized.offsets)
+    unique = next(r for r in blocks.report.rules if r.expectation_type.endswith("_unique"))
+    repeated = {"alpaca": (26, 31), "messages": (3, 32)}[fmt]
+    assert [s.line for s in unique.sample_rows] == list(repeated)
+    assert unique.sample_rows[1].value.endswith(f"as line {repeated[0]}")
+    html = tmp_path / "docs.html"
+    from tasks.lib import contracts
+    assert contracts.render_data_docs(blocks.validation, html) and "Expectation" in html.read_text()
+
+
+def test_mostly_is_judged_over_the_whole_file(tmp_path, tiny_model):
+    """A rule allowed to fail on half the rows: a block may fail it alone, the file passes; and the other way."""
+    tokenizer = dataset_tokenizer(tiny_model)
+    renderer = chat.ChatRenderer(tokenizer)
+    suite = json.loads((prep.contracts.default_contract("alpaca")).read_text())
+    suite["expectations"].append({"type": "expect_column_values_to_match_regex",
+                                  "kwargs": {"column": "output", "regex": "^Answer", "mostly": 0.5},
+                                  "meta": {"rule": "mostly-answers", "severity": "error"}})
+    contract = tmp_path / "suite.json"
+    contract.write_text(json.dumps(suite))
+    for bad, passes in ((range(0, 7), True), (range(0, 12), False)):
+        rows = alpaca(20)
+        for n in bad:
+            rows[n]["output"] = f"Reply {n}."
+        path = jsonl(tmp_path / f"rows{len(bad)}.jsonl", rows)
+        verdicts = {size: next(r for r in prep.check_file(str(path), "alpaca", str(contract), tokenizer, renderer,
+                                                          True, block_rows=size).report.rules
+                               if r.rule == "mostly-answers") for size in (7, 1000)}
+        assert verdicts[7].success is verdicts[1000].success is passes
+        assert verdicts[7].unexpected_count == verdicts[1000].unexpected_count == len(bad)

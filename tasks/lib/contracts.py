@@ -6,6 +6,7 @@ contract file surfaces as ``DataError`` with a one-line ``<path>[:<line>]: <prob
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import great_expectations as gx
+import numpy as np
 import pandas as pd
 from great_expectations import exceptions as gx_exceptions
 from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -210,27 +212,7 @@ def validate_rows(df: pd.DataFrame, suite_path: Path) -> ValidationReport:
     # GX reports failing rows by index label; a 0..n-1 index makes each label a position into `rows`.
     rows = df.reset_index(drop=True)
 
-    context = quiet_context()
-    batch = (
-        context.data_sources.add_pandas("rows")
-        .add_dataframe_asset("rows")
-        .add_batch_definition_whole_dataframe("all_rows")
-        .get_batch(batch_parameters={"dataframe": rows})
-    )
-    # SUMMARY gives unexpected_count plus the first few failing index labels; we map labels to
-    # `line` ourselves. Passing unexpected_index_column_names=["line"] instead makes GX look up
-    # every failing row cell by cell, even under SUMMARY: with 50k of 100k rows failing one rule
-    # the suite took 9 s instead of 1.1 s.
-    try:
-        validation = batch.validate(
-            suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": SAMPLE_ROW_LIMIT}
-        )
-    finally:
-        # get_context makes the context GX's process-wide project, whose data source holds the batch, i.e. the
-        # whole frame, until the next validation: 0.75 GB kept through the rest of a 1M-row validate stage.
-        del batch
-        context.data_sources.delete("rows")
-
+    validation = _validate(rows, suite)
     results_by_rule = {
         result.expectation_config.meta["rule"]: _rule_result(result, severities, rows)
         for result in validation.results
@@ -244,6 +226,194 @@ def validate_rows(df: pd.DataFrame, suite_path: Path) -> ValidationReport:
     )
     report._validation = validation
     return report
+
+
+def _validate(rows: pd.DataFrame, suite: gx.ExpectationSuite):
+    """GX's validation of `rows` (index 0..n-1) against `suite`."""
+    context = quiet_context()
+    batch = (
+        context.data_sources.add_pandas("rows")
+        .add_dataframe_asset("rows")
+        .add_batch_definition_whole_dataframe("all_rows")
+        .get_batch(batch_parameters={"dataframe": rows})
+    )
+    # SUMMARY gives unexpected_count plus the first few failing index labels; we map labels to
+    # `line` ourselves. Passing unexpected_index_column_names=["line"] instead makes GX look up
+    # every failing row cell by cell, even under SUMMARY: with 50k of 100k rows failing one rule
+    # the suite took 9 s instead of 1.1 s.
+    try:
+        return batch.validate(
+            suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": SAMPLE_ROW_LIMIT}
+        )
+    finally:
+        # get_context makes the context GX's process-wide project, whose data source holds the batch, i.e. the
+        # whole frame, until the next validation: 0.75 GB kept through the rest of a 1M-row validate stage.
+        del batch
+        context.data_sources.delete("rows")
+
+
+# Map expectations judge each row by itself, so a file's verdict is its blocks' verdicts added up; these judge a row
+# by the others (duplicates, order) and run once over the whole file.
+CROSS_ROW = frozenset({"expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique",
+                       "expect_multicolumn_values_to_be_unique", "expect_select_column_values_to_be_unique_within_record",
+                       "expect_column_values_to_be_increasing", "expect_column_values_to_be_decreasing"})
+# These read a column's name only: the frame of the file's columns may hold no values there.
+SCHEMA_ONLY = frozenset({"expect_column_to_exist", "expect_table_columns_to_match_set",
+                         "expect_table_columns_to_match_ordered_list", "expect_table_column_count_to_equal",
+                         "expect_table_column_count_to_be_between", "expect_table_row_count_to_be_between",
+                         "expect_table_row_count_to_equal"})
+UNIQUENESS = frozenset({"expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique",
+                        "expect_multicolumn_values_to_be_unique"})
+
+
+def _row_wise(expectation) -> bool:
+    from great_expectations.expectations.expectation import (
+        ColumnMapExpectation,
+        ColumnPairMapExpectation,
+        MulticolumnMapExpectation,
+    )
+
+    return isinstance(expectation, (ColumnMapExpectation, ColumnPairMapExpectation, MulticolumnMapExpectation)) \
+        and expectation.expectation_type not in CROSS_ROW
+
+
+def _columns_of(expectation) -> list[str]:
+    kwargs = expectation.configuration.kwargs
+    return list(kwargs.get("column_list") or [kwargs[k] for k in ("column", "column_A", "column_B") if k in kwargs])
+
+
+class ContractCheck:
+    """A suite over a file given block by block (datarows.row_blocks), so the stage holds one block's rows, not the
+    file's (a million alpaca rows were 1.6 GB as a frame, and GX's working copies doubled that).
+
+    One block is validated whole, by validate_rows. With more, the row-wise (map) expectations run on each block
+    and their counts are added up (success recomputed with `mostly` as GX does); the rest (row counts, columns,
+    uniqueness, aggregates) run once at the end over a frame of the file's columns in which only the columns they
+    read hold values. A column only uniqueness rules read holds a 16-byte digest of each text instead: equal texts,
+    equal digests. Their failing rows then name the line they repeat instead of the text."""
+
+    def __init__(self, suite_path: Path):
+        self.suite, self.severities = load_suite(suite_path)
+        self.suite_path = Path(suite_path)
+        self.pending: pd.DataFrame | None = None  # the first block, until a second shows there are several
+        self.folds: dict[str, dict] = {}
+        self.first_validation = None
+        self.rows = 0
+        row_wise = [e for e in self.suite.expectations if _row_wise(e)]
+        file_wise = [e for e in self.suite.expectations if not _row_wise(e)]
+        self.row_suite = gx.ExpectationSuite(name=self.suite.name, expectations=row_wise) if row_wise else None
+        self.file_suite = gx.ExpectationSuite(name=self.suite.name, expectations=file_wise) if file_wise else None
+        read = {c for e in file_wise if e.expectation_type not in UNIQUENESS | SCHEMA_ONLY for c in _columns_of(e)}
+        self.digested = {c for e in file_wise if e.expectation_type in UNIQUENESS for c in _columns_of(e)} - read
+        self.kept_columns = read | self.digested | {LINE_COLUMN}
+        self.file_columns: dict[str, list] = {}
+
+    def add(self, block: pd.DataFrame) -> None:
+        if self.pending is None and not self.rows:
+            self.pending = block
+            return
+        if self.pending is not None:
+            self._fold(self.pending)
+            self.pending = None
+        self._fold(block)
+
+    def finish(self) -> ValidationReport:
+        if self.pending is not None:
+            return validate_rows(self.pending, self.suite_path)
+        frame = pd.DataFrame({column: pd.concat(parts, ignore_index=True) if column in self.kept_columns
+                              else pd.Series([None] * self.rows, dtype=object)
+                              for column, parts in self.file_columns.items()})
+        self.file_columns = {}
+        validation = _validate(frame, self.file_suite) if self.file_suite else None
+        results = {result.expectation_config.meta["rule"]: _rule_result(result, self.severities, frame)
+                   for result in (validation.results if validation else [])}
+        for result in results.values():
+            if result.sample_rows and set(result.column.split("+")) <= self.digested:
+                result.sample_rows = [_repeated_line(frame, sample, result.column.split("+"))
+                                      for sample in result.sample_rows]
+        results.update({rule: fold["result"] for rule, fold in self.folds.items()})
+        rule_results = [results[rule] for rule in self.severities]
+        report = ValidationReport(
+            suite_name=self.suite.name, row_count=self.rows, rules=rule_results,
+            passed=not any(r.severity == "error" and not r.success for r in rule_results))
+        report._validation = self._docs_validation(validation)
+        return report
+
+    def _fold(self, block: pd.DataFrame) -> None:
+        rows = block.reset_index(drop=True)
+        validation = _validate(rows, self.row_suite) if self.row_suite else None
+        for result in validation.results if validation else []:
+            rule = result.expectation_config.meta["rule"]
+            _add_counts(self.folds.setdefault(rule, {"expectation": result.expectation_config}), result,
+                        _rule_result(result, self.severities, rows))
+        if self.first_validation is None:
+            self.first_validation = validation
+        for column in rows.columns:  # the file's columns in order; a block's values only where they are read
+            part = rows[column] if column in self.kept_columns else None
+            if column in self.digested:
+                part = part.map(_digest_text)
+            self.file_columns.setdefault(column, []).append(part)
+        self.rows += len(rows)
+
+    def _docs_validation(self, file_validation):
+        """GX's validation result for the data docs page: the first block's row-wise results with the file's counts,
+        and the file-wise results."""
+        from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResult
+
+        results = []
+        for result in self.first_validation.results if self.first_validation else []:
+            fold = self.folds[result.expectation_config.meta["rule"]]
+            result.success = fold["result"].success
+            if "element_count" in (result.result or {}):
+                result.result.update(element_count=fold["elements"], unexpected_count=fold["unexpected"],
+                                     unexpected_percent=100 * fold["unexpected"] / max(1, fold["considered"]))
+            results.append(result)
+        results += list(file_validation.results) if file_validation else []
+        passed = sum(bool(r.success) for r in results)
+        return ExpectationSuiteValidationResult(
+            success=all(r.success for r in results), results=results, suite_name=self.suite.name,
+            statistics={"evaluated_expectations": len(results), "successful_expectations": passed,
+                        "unsuccessful_expectations": len(results) - passed,
+                        "success_percent": 100 * passed / max(1, len(results))},
+            meta=(self.first_validation or file_validation).meta)
+
+
+def _add_counts(fold: dict, result, rule_result: RuleResult) -> None:
+    """Add one block's result of a row-wise rule to its file-wide fold (fold["result"] is the file's RuleResult)."""
+    details = result.result or {}
+    elements = details.get("element_count", 0)
+    fold["elements"] = fold.get("elements", 0) + elements
+    fold["considered"] = fold.get("considered", 0) + elements - details.get("missing_count", 0)
+    fold["unexpected"] = fold.get("unexpected", 0) + (details.get("unexpected_count") or 0)
+    previous = fold.get("result")
+    if previous is None:
+        fold["result"] = rule_result
+    elif previous.error_message is None:
+        previous.sample_rows = (previous.sample_rows + rule_result.sample_rows)[:SAMPLE_ROW_LIMIT]
+        if previous.success and not rule_result.success:
+            previous.observed_value = rule_result.observed_value
+        previous.success = previous.success and rule_result.success
+    folded = fold["result"]
+    if folded.error_message is None and "element_count" in details:
+        mostly = fold["expectation"].kwargs.get("mostly") or 1.0
+        folded.unexpected_count = fold["unexpected"]
+        # GX: vacuously true with nothing to judge, else the share of rows judged that passed against `mostly`.
+        folded.success = not fold["considered"] or (fold["considered"] - fold["unexpected"]) / fold["considered"] >= mostly
+
+
+def _digest_text(value):
+    if isinstance(value, str):
+        return hashlib.blake2b(value.encode(), digest_size=16).digest()
+    return value
+
+
+def _repeated_line(frame: pd.DataFrame, sample: SampleRow, columns: list[str]) -> SampleRow:
+    """A failing row of a uniqueness rule over digests, as the line it repeats (or is repeated by)."""
+    position = int(frame.index[frame[LINE_COLUMN] == sample.line][0])
+    same = np.logical_and.reduce([frame[c].to_numpy() == frame[c].iat[position] for c in columns])
+    same[position] = False
+    other = int(frame[LINE_COLUMN].iat[int(np.argmax(same))]) if same.any() else None
+    return SampleRow(line=sample.line, value=f"same {'+'.join(columns)} as line {other}" if other else "duplicate")
 
 
 def _rule_result(result, severities: dict[str, Severity], rows: pd.DataFrame) -> RuleResult:

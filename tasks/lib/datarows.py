@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from io import StringIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -68,6 +68,14 @@ def load_rows(path: Path, fmt: str = "alpaca") -> pd.DataFrame:
     return _with_lines(path, rows, line_numbers)
 
 
+def _block(path: Path, records: list[dict], line_numbers: list[int], dtypes: dict) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(records, columns=list(dtypes))
+    for column, dtype in dtypes.items():
+        if frame[column].dtype != dtype:
+            frame[column] = frame[column].astype(dtype)
+    return _with_lines(path, frame, line_numbers)
+
+
 def _with_lines(path: Path, rows: pd.DataFrame, line_numbers: list[int]) -> pd.DataFrame:
     if rows.empty:
         raise DataError(f"{path}: empty file (no rows)")
@@ -97,9 +105,16 @@ def _decode_utf8(path: Path) -> str:
 def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
     records: list[dict[str, Any]] = []
     line_numbers: list[int] = []
-    # Read a line at a time: the file's bytes, their text and its lines held at once were 1.4 GB for a million
-    # alpaca rows. newline="\n" splits on "\n" only, as split("\n") did: splitlines (and universal newlines)
-    # also break on "\r" and U+2028, which JSON strings may hold.
+    for line_number, record in _jsonl_records(path):
+        records.append(record)
+        line_numbers.append(line_number)
+    return pd.DataFrame.from_records(records), line_numbers
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line. Read a line at a time: the file's bytes, their text and its
+    lines held at once were 1.4 GB for a million alpaca rows. newline="\n" splits on "\n" only, as split("\n")
+    did: splitlines (and universal newlines) also break on "\r" and U+2028, which JSON strings may hold."""
     try:
         with open(path, encoding="utf-8-sig", newline="\n") as f:
             for line_number, text in enumerate(f, start=1):
@@ -113,14 +128,56 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
                     ) from error
                 if not isinstance(record, dict):
                     raise DataError(f"{path}:{line_number}: expected a JSON object, got {_json_type_name(record)}")
-                records.append(record)
-                line_numbers.append(line_number)
+                yield line_number, record
     except UnicodeDecodeError:
         _decode_utf8(path)  # raises the DataError naming the line and the byte
         raise
     except OSError as error:
         raise DataError(f"{path}: cannot read file ({error.strerror})") from error
-    return pd.DataFrame.from_records(records), line_numbers
+
+
+def row_blocks(path: Path, fmt: str, block_rows: int) -> Iterator[pd.DataFrame]:
+    """The rows of a data file as load_rows reads them, in frames of at most block_rows rows (index 0..n-1), so
+    what is derived from the rows (conversations, tokens, the contract's columns) is held for one block at a time.
+
+    JSON Lines is read in two passes. The first collects the file's columns and the kinds of values each holds, so
+    every block has every column (a row without a key gets NaN there) in the dtype pandas gives it in a frame of the
+    whole file: a block of only missing or only whole numbers must not turn a text or decimal column into a float or
+    integer one, or the contract's type rules would judge the blocks by another schema than the file's. Other formats
+    are read whole, as load_rows does, and sliced."""
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson") and path.is_file() and "#" not in path.name:
+        if fmt not in SUPPORTED_FORMATS:
+            raise DataError(f"{path}: unknown row format {fmt!r} (supported: {', '.join(SUPPORTED_FORMATS)})")
+        kinds: dict[str, dict[type, Any]] = {}  # column -> {type of value: the first such value}
+        present: dict[str, int] = {}
+        rows = 0
+        for _, record in _jsonl_records(path):
+            for key, value in record.items():
+                kinds.setdefault(key, {}).setdefault(type(value), value)
+                present[key] = present.get(key, 0) + 1
+            rows += 1
+        if not rows:
+            raise DataError(f"{path}: empty file (no rows)")
+        if LINE_COLUMN in kinds:
+            raise DataError(f"{path}: column {LINE_COLUMN!r} is reserved for source line numbers")
+        # pandas infers a column's dtype from the kinds of its values, not their number: one of each kind (and NaN
+        # where a row lacks the key) infers the whole column's dtype.
+        dtypes = {column: pd.Series(list(values.values()) + ([float("nan")] if present[column] < rows else []),
+                                    dtype=None).dtype for column, values in kinds.items()}
+        records, line_numbers = [], []
+        for line_number, record in _jsonl_records(path):
+            records.append(record)
+            line_numbers.append(line_number)
+            if len(records) == block_rows:
+                yield _block(path, records, line_numbers, dtypes)
+                records, line_numbers = [], []
+        if records:
+            yield _block(path, records, line_numbers, dtypes)
+        return
+    frame = load_rows(path, fmt)
+    for start in range(0, len(frame), block_rows):
+        yield frame.iloc[start: start + block_rows].reset_index(drop=True)
 
 
 def _read_json_array(path: Path) -> tuple[pd.DataFrame, list[int]]:

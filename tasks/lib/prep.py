@@ -12,6 +12,7 @@ same per-file steps for each source, its check cached by content (`check_source`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import shutil
@@ -60,36 +61,53 @@ class SplitCheck:
     docs_html: Path | None = None  # GX's data-docs page of a cached check (validation is then None)
 
 
-def check_file(path: str, fmt: str, contract: str | None, tokenizer, renderer, responses_only: bool) -> SplitCheck:
-    frame = datarows.load_rows(Path(path), fmt)
+# Rows per block of a file's check: a block's frame, conversations and GX working copies are what the stage holds
+# beside what it keeps of every row (its JSON line, keys and tokens): 1M alpaca rows peaked at 5.3 GB read whole.
+BLOCK_ROWS = 50_000
+
+
+def check_file(path: str, fmt: str, contract: str | None, tokenizer, renderer, responses_only: bool,
+               block_rows: int = BLOCK_ROWS) -> SplitCheck:
+    """A data file's rows, block by block: read, normalized to conversations, rendered and tokenized, and checked
+    against the contract (contracts.ContractCheck adds the blocks' verdicts up); what later steps need of each row
+    (its JSON line, line number, duplicate keys and tokens) is kept."""
+    blocks = datarows.row_blocks(Path(path), fmt, block_rows)
+    first = next(blocks)
     if fmt == "auto":
-        fmt = datarows.detect_format(frame, path)
-    frame, conversations = datarows.normalize_rows(frame, fmt)
-    renderable = [i for i, turns in enumerate(conversations)
-                  if turns is not None and ROLE_ORDER.match(",".join(t["role"] for t in turns))]
-    try:
-        tokenized = chat.tokenize_conversations(
-            tokenizer, [conversations[i] for i in renderable], responses_only, renderer)
-    except chat.TemplateError as error:
-        raise DataError(f"chat template of {tokenizer.name_or_path}: {error}") from error
-    # The parsed conversations are a second copy of every text; keep each row as its JSON line and its keys, and
-    # let them go before the contract runs, the stage's peak (bench/scale.py: 1M rows).
-    keys = [_keys(conversations[i]) for i in renderable]
-    rows = [datarows.json_line({"messages": conversations[i]}) for i in renderable]
-    del conversations
-    token_length = np.full(len(frame), np.nan)
-    token_length[renderable] = tokenized.lengths
-    frame["token_length"] = token_length
-    contract_path = Path(contract) if contract else contracts.default_contract(fmt)
-    report = contracts.validate_rows(frame, contract_path)
-    lines = frame[datarows.LINE_COLUMN].tolist()
-    unrenderable = sorted(set(range(len(frame))) - set(renderable))
-    report.add(_rule("rows-renderable", "error", unrenderable, [
-        SampleRow(line=lines[i], value=frame["turn_problems"].iat[i] or frame["roles"].iat[i])
-        for i in unrenderable[:SAMPLES]]))
-    check = SplitCheck(path=str(path), fmt=fmt, report=report, validation=report._validation)
-    check.lines = [lines[i] for i in renderable]
-    check.keys, check.rows, check.tokenized = keys, rows, tokenized
+        fmt = datarows.detect_format(first, path)
+    contract_check = contracts.ContractCheck(Path(contract) if contract else contracts.default_contract(fmt))
+    check = SplitCheck(path=str(path), fmt=fmt, report=None)
+    token_sets, unrenderable, samples, rows_read = [], [], [], 0
+    for frame in itertools.chain([first], blocks):
+        frame, conversations = datarows.normalize_rows(frame, fmt)
+        renderable = [i for i, turns in enumerate(conversations)
+                      if turns is not None and ROLE_ORDER.match(",".join(t["role"] for t in turns))]
+        try:
+            tokenized = chat.tokenize_conversations(
+                tokenizer, [conversations[i] for i in renderable], responses_only, renderer)
+        except chat.TemplateError as error:
+            raise DataError(f"chat template of {tokenizer.name_or_path}: {error}") from error
+        # The parsed conversations are a second copy of every text: keep each row as its JSON line and its keys.
+        check.keys += [_keys(conversations[i]) for i in renderable]
+        check.rows += [datarows.json_line({"messages": conversations[i]}) for i in renderable]
+        del conversations
+        token_length = np.full(len(frame), np.nan)
+        token_length[renderable] = tokenized.lengths
+        frame["token_length"] = token_length
+        lines = frame[datarows.LINE_COLUMN].tolist()
+        check.lines += [lines[i] for i in renderable]
+        token_sets.append(tokenized)
+        failing = sorted(set(range(len(frame))) - set(renderable))
+        unrenderable += [rows_read + i for i in failing]
+        samples += [SampleRow(line=lines[i], value=frame["turn_problems"].iat[i] or frame["roles"].iat[i])
+                    for i in failing[:SAMPLES - len(samples)]]
+        rows_read += len(frame)
+        contract_check.add(frame)
+        del frame
+    check.tokenized = concat_tokens(token_sets)
+    check.report = contract_check.finish()
+    check.validation = check.report._validation
+    check.report.add(_rule("rows-renderable", "error", unrenderable, samples))
     return check
 
 
