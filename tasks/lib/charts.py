@@ -22,7 +22,7 @@ DPI = 100
 # PNG text chunks matplotlib writes by default ("Software: Matplotlib version..."): left out, so the bytes are the
 # same across patch releases that draw the same pixels.
 PNG_METADATA = {"Software": None}
-TRAIN_COLOR, HELD_OUT_COLOR, LR_COLOR, KEPT_COLOR = "#1f77b4", "#d62728", "#2ca02c", "#7f7f7f"
+TRAIN_COLOR, HELD_OUT_COLOR, LR_COLOR, KEPT_COLOR, PROBE_COLOR = "#1f77b4", "#d62728", "#2ca02c", "#7f7f7f", "#9467bd"
 # A running mean is drawn over the raw loss once there are this many steps: per-step losses of a few packs are
 # noisy enough to hide the trend.
 SMOOTH_FROM_STEPS = 40
@@ -33,7 +33,8 @@ LOG_SCALE_RATIO = 20.0
 def training_curve_png(train_metrics: dict, path: Path) -> Path:
     """The training curve of an adapter's train_metrics.json: train loss per optimizer step (and a running mean
     on long runs), the held-out loss where train.eval_every measured it (marked points; none when it is off),
-    the step whose adapter was sealed, and the learning rate below on the same steps."""
+    the probe loss before and after training, the step whose adapter was sealed, and the learning rate below on
+    the same steps."""
     history = train_metrics["history"]
     steps = [entry["step"] for entry in history]
     figure = Figure(figsize=(8, 5.5), dpi=DPI, layout="constrained")
@@ -42,11 +43,11 @@ def training_curve_png(train_metrics: dict, path: Path) -> Path:
     draw_losses(loss_axes, steps, [entry["loss"] for entry in history], held_out,
                 (train_metrics.get("held_out") or {}).get("every"))
     mark_kept_step(loss_axes, train_metrics.get("kept"), len(steps))
+    draw_probe_losses(loss_axes, train_metrics)
+    if not held_out:  # a legend line without a mark: that the curve is missing, not forgotten
+        loss_axes.plot([], [], " ", label="no held-out loss (train.eval_every off)")
     # Above the plot, not on it: a loss spike can be anywhere.
     loss_axes.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncols=2, fontsize=9, frameon=False)
-    if not held_out:
-        loss_axes.set_title("no held-out loss measured during training (train.eval_every off)", loc="right",
-                            fontsize=8, color="#555555")
     draw_learning_rate(lr_axes, steps, [entry["lr"] for entry in history])
     figure.suptitle(training_title(train_metrics), fontsize=12)
     return save_png(figure, path)
@@ -82,6 +83,21 @@ def draw_losses(axes, steps: list[int], losses: list[float], held_out: list[tupl
     axes.grid(True, alpha=0.3)
 
 
+def draw_probe_losses(axes, train_metrics: dict) -> None:
+    """The probe loss (the same first training packs, in eval mode) before training, at step 0, and of the sealed
+    adapter at its step: the "did it learn" signal that per-step losses on different packs are too noisy for."""
+    before, after = train_metrics.get("probe_loss_before"), train_metrics.get("probe_loss_after")
+    if before is None or after is None:
+        return
+    after_step = (train_metrics.get("kept") or {}).get("step", train_metrics["steps"])
+    axes.plot([0, after_step], [before, after], color=PROBE_COLOR, linestyle=":", linewidth=1.2, marker="D",
+              markersize=7, label="probe loss (the same training packs), before and after")
+    for step, loss in ((0, before), (after_step, after)):
+        axes.annotate(f"{loss:.3f}", (step, loss), textcoords="offset points", xytext=(5, -14), color=PROBE_COLOR,
+                      fontsize=9, fontweight="bold",
+                      bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+
+
 def mark_kept_step(axes, kept: dict | None, steps: int) -> None:
     """A vertical line at the sealed adapter's step, when it is not simply the last one (train.keep: best)."""
     if not kept or kept["step"] == steps:
@@ -93,7 +109,7 @@ def mark_kept_step(axes, kept: dict | None, steps: int) -> None:
 def draw_learning_rate(axes, steps: list[int], rates: list[float]) -> None:
     axes.plot(steps, rates, color=LR_COLOR, linewidth=1.6)
     axes.set_ylabel("learning rate")
-    axes.set_xlabel("optimizer step")
+    axes.set_xlabel("optimizer step (0: before training)")
     axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     axes.set_ylim(bottom=0)
     axes.grid(True, alpha=0.3)
