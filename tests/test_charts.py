@@ -112,7 +112,8 @@ def test_held_out_points_change_the_picture(tmp_path):
     ([(name, scores(s["perplexity"], None)) for name, s in DEMO_MODELS[:4]], (620, 340)),  # no ROUGE-L: one panel
     ([("base", scores(812.0)), ("fine-tuned (NF4 + LoRA)", scores(6.5)), ("merged", scores(math.inf))],
      (1080, 285)),  # far-apart perplexities (log axis) and an infinite one
-], ids=["demo", "no-gguf", "one-rouge-missing", "no-rouge", "log-scale-and-inf"])
+    ([(name, scores(48_000.0 + i, 0.0)) for i, (name, _) in enumerate(DEMO_MODELS[:4])], (1080, 340)),  # untrained
+], ids=["demo", "no-gguf", "one-rouge-missing", "no-rouge", "log-scale-and-inf", "rouge-all-zero"])
 def test_model_comparison_is_a_readable_png_drawn_the_same_every_time(rows, size, tmp_path):
     data = drawn_twice(charts.model_comparison_png, rows, tmp_path)
     assert png_size(data) == size

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 TRAINING_CURVE = "training_curve.png"
 MODEL_COMPARISON = "model_comparison.png"
@@ -80,6 +81,7 @@ def draw_losses(axes, steps: list[int], losses: list[float], held_out: list[tupl
                           bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
                                 "alpha": 0.85})
     axes.set_ylabel("loss (nats per response token)")
+    axes.margins(y=0.15)  # room for the value labels under the lowest points
     axes.grid(True, alpha=0.3)
 
 
@@ -110,6 +112,7 @@ def draw_learning_rate(axes, steps: list[int], rates: list[float]) -> None:
     axes.plot(steps, rates, color=LR_COLOR, linewidth=1.6)
     axes.set_ylabel("learning rate")
     axes.set_xlabel("optimizer step (0: before training)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 1.5 on a 4-step run
     axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     axes.set_ylim(bottom=0)
     axes.grid(True, alpha=0.3)
@@ -165,8 +168,11 @@ def draw_bars(axes, names: list[str], values: list[float | None], label: str) ->
     for position in set(range(len(names))) - set(measured):  # at the axis' left edge, whatever its scale
         axes.text(0.01, position, "n/a", va="center", fontsize=9, color="#555555", transform=axes.get_yaxis_transform())
     axes.set_ylim(len(names) - 0.5, -0.5)  # the first model (base) on top, as in the card's table
-    top = max(measured.values(), default=1.0)
-    axes.set_xlim(right=top * (3.0 if log_scale else 1.22))  # room for the value labels
+    top = max(measured.values(), default=0.0) or 1.0  # all zero (a ROUGE-L of 0): still a 0-to-1 axis
+    if log_scale:
+        axes.set_xlim(right=top * 3.0)  # room for the value labels
+    else:
+        axes.set_xlim(0, top * 1.22)
     axes.set_xlabel(label + (" (log scale)" if log_scale else ""))
     axes.grid(True, axis="x", alpha=0.3)
     axes.set_axisbelow(True)
