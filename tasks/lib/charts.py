@@ -141,8 +141,9 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
 def model_comparison_png(rows: Sequence[tuple[str, dict]], path: Path) -> Path:
     """The models of a release side by side: (display name, its scores: `perplexity`, `rouge_l` when measured),
     in the order given. Held-out response perplexity (lower is better) and ROUGE-L of the greedy answers (higher
-    is better), each bar labelled with its value; a model without a ROUGE-L gets "not measured" instead of a bar,
-    and the ROUGE-L panel is left out when no model has one."""
+    is better), each bar labelled with its value; a value not measured (or an infinite perplexity) is "n/a"
+    instead of a bar, the ROUGE-L panel is left out when no model has one, and perplexities LOG_SCALE_RATIO apart
+    go on a log axis."""
     names = [name for name, _ in rows]
     panels = [("perplexity", "held-out response perplexity\n(lower is better)")]
     if any(scores.get("rouge_l") is not None for _, scores in rows):
@@ -165,7 +166,7 @@ def draw_bars(axes, names: list[str], values: list[float | None], label: str) ->
     axes.barh(list(measured), list(measured.values()), color=[bar_color(names[p]) for p in measured], height=0.6)
     for position, value in measured.items():
         axes.text(value, position, " " + bar_value(value), va="center", fontsize=9)
-    for position in set(range(len(names))) - set(measured):  # at the axis' left edge, whatever its scale
+    for position in sorted(set(range(len(names))) - set(measured)):  # at the axis' left edge, whatever its scale
         axes.text(0.01, position, "n/a", va="center", fontsize=9, color="#555555", transform=axes.get_yaxis_transform())
     axes.set_ylim(len(names) - 0.5, -0.5)  # the first model (base) on top, as in the card's table
     top = max(measured.values(), default=0.0) or 1.0  # all zero (a ROUGE-L of 0): still a 0-to-1 axis
