@@ -9,26 +9,30 @@ Release). What passes between stages is typed in tasks/lib/stage_io.py.
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from flows.approval import await_approval
 from flows.locking import release_lock
-from pipeline_config import load_config
+from pipeline_config import PipelineConfig, load_config
 from tasks.evaluate import evaluate_quantized_task, evaluate_task
 from tasks.evaluate_published import evaluate_published_task
 from tasks.export_gguf import export_gguf_task
 from tasks.fetch_base_model import fetch_base_model_task
 from tasks.fetch_dataset import fetch_dataset_task, fetched_file
 from tasks.gate import gate_task, serving_gate_task
+from tasks.lib import charts
 from tasks.lib.artifacts import ArtifactStore, verification_stats
 from tasks.lib.hub_sources import with_base_folder, with_data_files
 from tasks.lib.log import quiet_library_bars
-from tasks.lib.model_card import training_line
+from tasks.lib.model_card import compared_models, training_line
 from tasks.lib.modeling import quiet_transformers
 from tasks.lib.registry import Release
+from tasks.lib.scores import ScoreSheet
 from tasks.lib.stage import StageResult
 from tasks.lib.stage_io import ReleaseParts
 from tasks.merge import merge_task
@@ -70,6 +74,7 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
 
         data = validate_task(cfg).result()
         adapter = train_task(cfg, data).result()
+        show_training_curve(cfg, adapter)  # in the UI now, not only in a release a failing gate may stop
         evaluation = evaluate_task(cfg, data, adapter).result()
         finetune_gate = gate_task(cfg, "finetune", evaluation).result()
         merged = merge_task(cfg, data, adapter).result()
@@ -77,6 +82,7 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
         quantized = quantize_task(cfg, data, merged).result()
         gguf = export_gguf_task(cfg, merged).result() if "gguf" in cfg.release.formats else None
         quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized, gguf).result()
+        show_model_comparison(cfg, evaluation, quantized_evaluation)
         published_evaluation = evaluate_published_task(cfg, data, quantized).result()  # None: nothing published
         quantized_gate = gate_task(cfg, "quantized", quantized_evaluation, published_evaluation).result()
         serving_gate = serving_gate_task(cfg, quantized, adapter, gguf).result()  # the engines it is for load it
@@ -98,6 +104,30 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
                                 if f["severity"] == "note" and f["setting"] != "-"],
               {k: v - verified_before[k] for k, v in verification_stats().items()}, training_line(trained))
     return PipelineResult(release=release, stages=stages)
+
+
+def show_training_curve(cfg: PipelineConfig, adapter: StageResult) -> None:
+    """The adapter's training curve (tasks/lib/charts.py) as the run's `training-curve` artifact: drawn here
+    from train_metrics.json, so a cache hit shows it too and the train stage's code (its key) stays as it is."""
+    trained = json.loads((ArtifactStore(cfg.artifacts.root).local_path(adapter.ref) / "train_metrics.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="qlora-pictures-") as tmp:
+        png = charts.training_curve_png(trained, Path(tmp) / charts.TRAINING_CURVE)
+        create_markdown_artifact(
+            key="training-curve", description="Training curve: train loss, held-out loss, learning rate",
+            markdown=charts.png_markdown(png, "training curve") + f"\n\n{training_line(trained)}.")
+
+
+def show_model_comparison(cfg: PipelineConfig, evaluation: StageResult, quantized_evaluation: StageResult) -> None:
+    """Held-out perplexity and ROUGE-L of every model the evaluate stages scored, as the run's `model-comparison`
+    artifact: the picture the release's card shows, before the release is made."""
+    store = ArtifactStore(cfg.artifacts.root)
+    scores = {"finetune": ScoreSheet.read(store.local_path(evaluation.ref) / "metrics.json"),
+              "quantized": ScoreSheet.read(store.local_path(quantized_evaluation.ref) / "metrics.json")}
+    with tempfile.TemporaryDirectory(prefix="qlora-pictures-") as tmp:
+        png = charts.model_comparison_png([(name, model_scores.dump()) for name, model_scores in compared_models(scores)],
+                                          Path(tmp) / charts.MODEL_COMPARISON)
+        create_markdown_artifact(key="model-comparison", description="Models on the held-out rows",
+                                 markdown=charts.png_markdown(png, "model comparison"))
 
 
 def summarize(stages: list[StageResult], release: Release, serving_notes: list[str] = (),

@@ -1,9 +1,10 @@
 """Stage 6, publish: assemble the release bundle, then put it into the registry or onto the Hub.
 
 The release is first assembled as a *release bundle* artifact in the artifact store (kind
-`release`): the GPTQ model, adapter/, README.md (model card), metrics.json and release.json. Its
-identity is the release hash, the hash of the artifacts it is made of. The bundle is then
-published to `publish.target`:
+`release`): the GPTQ model, adapter/, README.md (model card), metrics.json, release.json and pictures/ (the
+training curve and the models' comparison, which the card shows). Its identity is the release hash, the hash of
+the artifacts it is made of (not of the bundle's own files, so a re-drawn picture is the same release). The bundle
+is then published to `publish.target`:
 
 - `local` (the embedded default), a registry folder laid out like a model hub:
 
@@ -32,12 +33,12 @@ from prefect import runtime, task
 from prefect.cache_policies import NONE
 
 from pipeline_config import PipelineConfig
-from tasks.lib import artifacts, hub
+from tasks.lib import artifacts, charts, hub
 from tasks.lib.artifacts import ArtifactRef, ArtifactStore, sha256_json
 from tasks.lib.decisions import GATE_SETS, GateDecision
 from tasks.lib.hub_sources import base_model_name, source_of, source_of_file
 from tasks.lib.lineage import data_source_hash, git_commit
-from tasks.lib.model_card import as_hub_file, display_repo, extra_card, lineage_config, model_card
+from tasks.lib.model_card import as_hub_file, compared_models, display_repo, extra_card, lineage_config, model_card
 from tasks.lib.registry import RELEASE_FILE, Release, publish_local
 from tasks.lib.scores import ScoreSheet
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, run_stage
@@ -50,6 +51,11 @@ RELEASE = StageSpec(
     reads=("run_name", "seed", "device", "data", "model", "lora", "train", "eval", "gates", "merge", "quantize",
            "release", "publish"),
     key_config=lambda cfg: {"repo": display_repo(cfg), "target": cfg.publish.target, "config": lineage_config(cfg)})
+
+
+# The release's PNGs (tasks/lib/charts.py), beside the model files; the card links them by this relative path, which
+# the Hub and any Markdown viewer of the registry folder resolve.
+PICTURES = "pictures"
 
 
 def mixture_name(cfg: StageConfig) -> str:
@@ -119,9 +125,20 @@ def write_bundle(cfg: StageConfig, store: ArtifactStore, parts: ReleaseParts, re
     (workdir / "metrics.json").write_text(json.dumps(
         {**{name: sheet.dump() for name, sheet in scores.items()},
          "gates": {k: [d.model_dump() for d in v] for k, v in gates.items()}}, indent=1))
-    (workdir / "README.md").write_text(model_card(cfg, scores, gates, record, serving,
-                                                  read(parts.adapter, "train_metrics.json")))
+    trained = read(parts.adapter, "train_metrics.json")
+    pictures = draw_pictures(scores, trained, workdir)
+    (workdir / "README.md").write_text(model_card(cfg, scores, gates, record, serving, trained, pictures))
     record.write(workdir / RELEASE_FILE)
+
+
+def draw_pictures(scores: dict[str, ScoreSheet], trained: dict, workdir: Path) -> dict[str, str]:
+    """The release's pictures, under pictures/: the training curve and the models' comparison. Returns their paths
+    in the release by name ("training", "comparison"), as the card links them."""
+    pictures = {"training": f"{PICTURES}/{charts.TRAINING_CURVE}", "comparison": f"{PICTURES}/{charts.MODEL_COMPARISON}"}
+    charts.training_curve_png(trained, workdir / pictures["training"])
+    charts.model_comparison_png([(name, model_scores.dump()) for name, model_scores in compared_models(scores)],
+                                workdir / pictures["comparison"])
+    return pictures
 
 
 def build_bundle(cfg: PipelineConfig, store: ArtifactStore, parts: ReleaseParts,

@@ -29,10 +29,25 @@ def task_run_states(flow_run_id) -> dict[str, str]:
         return {re.sub(r"-[0-9a-f]{3}$", "", run["name"]): run["state"]["name"] for run in json.load(response)}
 
 
+def run_artifacts(flow_run_id) -> dict[str, dict]:
+    """Key -> artifact (type, data, ...) of the artifacts one flow run created, asked of the session's Prefect
+    server as task_run_states asks it."""
+    request = urllib.request.Request(
+        f"{os.environ['PREFECT_API_URL']}/artifacts/filter", method="POST",
+        data=json.dumps({"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return {artifact["key"]: artifact for artifact in json.load(response) if artifact["key"]}
+
+
+PICTURES = ("pictures/training_curve.png", "pictures/model_comparison.png")
+
+
 @pytest.mark.slow
 def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
     cfg = load_config(tiny_config)
-    first = qlora_pipeline(config=str(tiny_config))
+    first_state = qlora_pipeline(config=str(tiny_config), return_state=True)
+    first = first_state.result()
     release = first.release
     assert release.created and release.version == "v1"
     assert not any(cache_hits(first).values())
@@ -57,6 +72,13 @@ def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
     assert "| ROUGE-L |" in card and card.count("| 13 / 16 (3 dropped, 0 truncated) |") == 4
     assert "min-scored-share" in {d["gate"] for d in metrics["gates"]["finetune"]} & \
         {d["gate"] for d in metrics["gates"]["quantized"]}
+    # Issue 27: the training curve and the models' comparison, in the release, shown by the card and in the UI.
+    pictures = {name: (version_dir / name).read_bytes() for name in PICTURES}
+    assert all(data.startswith(b"\x89PNG\r\n\x1a\n") and 5_000 < len(data) < 300_000 for data in pictures.values())
+    assert all(f"]({name})" in card for name in PICTURES)
+    shown = run_artifacts(first_state.state_details.flow_run_id)
+    for key in ("training-curve", "model-comparison"):
+        assert shown[key]["type"] == "markdown" and "](data:image/png;base64,iVBORw0KGgo" in shown[key]["data"]
 
     # The published GPTQ model loads through transformers and generates.
     from tasks.lib.gptq import load_quantized
@@ -90,6 +112,8 @@ def test_pipeline_publishes_then_caches_then_reruns_only_gates(tiny_config):
                     "gate-merge": False, "quantize": True, "evaluate-quantized": True, "gate-quantized": False,
                     "gate-serving": True}
     assert third.release.created and third.release.version == "v2"
+    # The pictures are drawn again for the new bundle, from the same numbers: the same bytes.
+    assert {name: (Path(third.release.path) / name).read_bytes() for name in PICTURES} == pictures
 
 
 @pytest.mark.slow

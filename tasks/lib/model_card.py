@@ -14,7 +14,7 @@ from tasks.lib import serving as serving_source
 from tasks.lib.decisions import GateDecision, decisions_markdown
 from tasks.lib.hub import EXTRA_SUFFIX
 from tasks.lib.hub_sources import base_model_name, source_of, source_of_file
-from tasks.lib.scores import ScoreSheet
+from tasks.lib.scores import ModelScores, ScoreSheet
 from tasks.lib.serving import max_lora_rank
 from tasks.lib.stage import StageConfig
 from tasks.lib.stage_io import ReleaseRecord
@@ -58,6 +58,10 @@ Training mixture: the sources mixed by seed to their weights, counted in tokens 
 |{{ " %.3f" | format(m.rouge_l) if "rouge_l" in m }} | {{ m.heldout_rows.scored }} / {{ m.heldout_rows.asked }} \
 ({{ m.heldout_rows.dropped }} dropped, {{ m.heldout_rows.truncated }} truncated) |
 {% endfor %}
+{% if pictures.comparison -%}
+![Held-out response perplexity and ROUGE-L of each model]({{ pictures.comparison }})
+
+{% endif -%}
 {{ gate_tables }}
 {% if serving -%}
 ## Serving
@@ -105,6 +109,10 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
 
 {% if trained -%}
 {{ trained }}.
+
+{% endif -%}
+{% if pictures.training -%}
+![Training curve: train loss, held-out loss and learning rate by optimizer step]({{ pictures.training }})
 
 {% endif -%}
 ```yaml
@@ -226,16 +234,28 @@ def training_line(trained: dict) -> str:
     return line + ")"
 
 
+def compared_models(scores: dict[str, ScoreSheet]) -> list[tuple[str, ModelScores]]:
+    """The release's models as the card's table and the comparison picture show them, by display name: base,
+    fine-tuned, merged, the published GPTQ model and each published GGUF type. scores: the evaluate stages' score
+    sheets ("finetune", "quantized")."""
+    finetune, quantized = scores["finetune"], scores["quantized"]
+    return [("base", finetune["base"]), ("fine-tuned (NF4 + LoRA)", finetune["finetuned"]),
+            ("merged", quantized["merged"]), ("GPTQ (published)", quantized["gptq"]),
+            *((f"GGUF {name.removeprefix('gguf-')} (published)", model_scores)
+              for name, model_scores in quantized.models.items() if name.startswith("gguf-"))]
+
+
 def model_card(cfg: StageConfig, scores: dict[str, ScoreSheet], gates: dict[str, list[GateDecision]],
-               record: ReleaseRecord, serving: dict | None = None, trained: dict | None = None) -> str:
+               record: ReleaseRecord, serving: dict | None = None, trained: dict | None = None,
+               pictures: dict[str, str] | None = None) -> str:
     """The release's README.md: Hub metadata built by huggingface_hub (ModelCardData, with the GPTQ model's
     held-out perplexity as its eval result), the body from CARD_TEMPLATE. scores: the evaluate stages' score
     sheets ("finetune", "quantized"); serving: the serving gate's serving.json (engines, their verdicts and notes),
     for the card's Serving section. trained: the adapter's train_metrics.json, for the training line
-    (training_line)."""
+    (training_line). pictures: the release's PNGs by name ("comparison", "training"), paths relative to the card,
+    shown under the metrics table and the training line."""
     repo, dataset_name = display_repo(cfg), dataset_id(cfg)
-    finetune, quantized = scores["finetune"], scores["quantized"]
-    gptq = quantized["gptq"]
+    gptq = scores["quantized"]["gptq"]
     lineage = record.dump()
     card_data = ModelCardData(
         base_model=base_model_name(cfg), library_name="transformers", pipeline_tag="text-generation",
@@ -247,16 +267,12 @@ def model_card(cfg: StageConfig, scores: dict[str, ScoreSheet], gates: dict[str,
             dataset_split="eval", metric_type="perplexity", metric_name="held-out response perplexity (GPTQ)",
             metric_value=round(gptq.perplexity, 4))],
     )
-    models = [("base", finetune["base"]), ("fine-tuned (NF4 + LoRA)", finetune["finetuned"]),
-              ("merged", quantized["merged"]), ("GPTQ (published)", gptq),
-              *((f"GGUF {name.removeprefix('gguf-')} (published)", model_scores)
-                for name, model_scores in quantized.models.items() if name.startswith("gguf-"))]
     card = ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE,
         repo=repo, on_hub=hub.is_hub_target(cfg), base_model=card_data.base_model,
         train_path=as_hub_file(cfg.data.train_path) or " + ".join(source.name for source in cfg.data.sources),
         lora_r=cfg.lora.r, bits=cfg.quantize.bits, group_size=cfg.quantize.group_size, lineage=lineage,
-        models=[(name, model_scores.dump()) for name, model_scores in models],
+        models=[(name, model_scores.dump()) for name, model_scores in compared_models(scores)],
         serving=serving and {
             "checked_against": serving_source.CHECKED_AGAINST, "tested_with": serving_source.TESTED_WITH,
             "engines": serving_rows(serving),
@@ -267,6 +283,7 @@ def model_card(cfg: StageConfig, scores: dict[str, ScoreSheet], gates: dict[str,
                                 sort_keys=False).strip(),
         lineage_json=json.dumps(lineage, indent=1),
         trained=training_line(trained) if trained else "",
+        pictures=pictures or {},
     )
     return card.content + "\n"
 
