@@ -5,6 +5,10 @@ ratio to the previous size of the same stage. Every measurement runs the real st
     .venv/bin/python bench/scale.py                       # validate at 10k/100k/1M alpaca rows + 100k messages,
                                                           # the streamed merge at 1B and 3B (float32) and 8B (bf16)
     .venv/bin/python bench/scale.py --rows 10000 100000 --messages 0 --models 1b
+    .venv/bin/python bench/scale.py --rows --messages 0 --models --evaluate 1b --publish   # one row: evaluate 1B
+
+Training steps and GPTQ at these shapes are bench/train_throughput.py and bench/quantize.py (--device cpu and the
+shape's flags); the README's table holds their 1B rows.
 
 Data: alpaca-sized rows (bench/data_prep.py's generator) and multi-turn `messages` rows, through
 `tasks.lib.prep.validate_dataset` (contract, render, tokenize, dedup, leakage, split, pack statistics).
@@ -182,6 +186,32 @@ def child_merge(shape: str, work: Path) -> dict:
             "largest_shard": max(base_shard, out_shard)}
 
 
+EVAL_EXAMPLES, EVAL_TOKENS = 64, 256  # the embedded default scores 64 held-out rows; 256 tokens each, half answer
+
+
+def child_evaluate(shape: str, work: Path) -> dict:
+    """The evaluate stages' perplexity (metrics.packed_perplexity) of the merged model as evaluate loads it on a
+    CPU (modeling.load_full, float32), on random-token examples whose second half carries the loss."""
+    import torch
+
+    from tasks.lib import chat, metrics, modeling
+
+    generator = torch.Generator().manual_seed(3)
+    vocab = SHAPES[shape][5]
+    examples = []
+    for _ in range(EVAL_EXAMPLES):
+        ids = torch.randint(0, vocab, (EVAL_TOKENS,), generator=generator).tolist()
+        examples.append(chat.TokenizedExample(ids, [chat.IGNORE_INDEX] * (EVAL_TOKENS // 2) + ids[EVAL_TOKENS // 2:]))
+    start = time.perf_counter()
+    model = modeling.load_full(work / "base", torch.float32, "cpu")
+    loaded = time.perf_counter() - start
+    perplexity = metrics.packed_perplexity(model, examples)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "disk": 0, "note": f"float32 model loaded in {loaded:.0f} s, then {EVAL_EXAMPLES} "
+            f"examples of {EVAL_TOKENS} tokens scored in {seconds - loaded:.0f} s (perplexity {perplexity:.0f}, "
+            "random weights)"}
+
+
 # --------------------------------------------------------------------------- publish
 
 
@@ -294,6 +324,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--messages", type=int, default=100_000, help="multi-turn rows (0: none)")
     parser.add_argument("--models", nargs="*", default=["1b", "3b", "8b"], choices=sorted(SHAPES))
+    parser.add_argument("--evaluate", nargs="*", default=["1b"], choices=sorted(SHAPES),
+                        help="shapes whose merged model is loaded (float32) and scored as the evaluate stages do")
     parser.add_argument("--publish", type=float, nargs="*", default=[1, 8],
                         help="release sizes in GB to publish to the loopback Hub; the last is also killed and re-pushed")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
@@ -319,6 +351,15 @@ def main() -> None:
             result = measure(["merge", shape, str(folder)])
             rows.append(("merge (streamed)", f"{shape} ({SHAPES[shape][-1]})", result, previous))
             previous = result
+            if shape in args.evaluate:
+                rows.append(("evaluate (float32 on CPU)", f"{shape} ({SHAPES[shape][-1]})",
+                             measure(["evaluate", shape, str(folder)]), None))
+            shutil.rmtree(folder, ignore_errors=True)
+        for shape in sorted(set(args.evaluate) - set(args.models)):
+            folder = work / shape
+            subprocess.run([sys.executable, __file__, "_child", "make-model", shape, str(folder)], cwd=REPO, check=True)
+            rows.append(("evaluate (float32 on CPU)", f"{shape} ({SHAPES[shape][-1]})",
+                         measure(["evaluate", shape, str(folder)]), None))
             shutil.rmtree(folder, ignore_errors=True)
         if args.publish:
             rows += publish_rows(work, args.publish)
@@ -346,6 +387,8 @@ def child_main(argv: list[str]) -> None:
         return
     elif kind == "publish":
         result = child_publish(Path(argv[1]), argv[2], argv[3])
+    elif kind == "evaluate":
+        result = child_evaluate(argv[1], Path(argv[2]))
     else:
         result = child_merge(argv[1], Path(argv[2]))
     print(json.dumps(result))
