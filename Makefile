@@ -9,6 +9,7 @@ ASSETS  ?= .qlora/assets
 # local models load as local files, and `make demo SET=publish.target=hf://ORG/NAME` must reach the Hub.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true  # MLflow reads DO_NOT_TRACK only as `true`
 export GPTQMODEL_CPU_WORKERS ?= 2
 
 .PHONY: install assets demo test test-fast lint clean serve-env serve-check gpu-carry
