@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, write_tiny_config
+from conftest import REPO, write_config, write_tiny_config
 
 from flows.pipeline import qlora_pipeline
+from pipeline_config import load_config
+from tasks import train
 from tasks.lib.artifacts import ArtifactStore
+from tasks.lib.checkpoints import Checkpoints
 from tasks.lib.metric_loggers import TrackingTarget
 from tasks.train import launch_command
 
@@ -126,8 +129,9 @@ def test_tracked_runs_log_everything_and_only_passing_gates_move_the_aliases(tmp
     assert version.tags["release_hash"] == result.release.release_hash
     assert version.tags["release.uri"] == Path(result.release.path).resolve().as_uri()
     assert version.tags["release.version"] == "v1" and version.run_id == run_id
-    logged = mlflow.get_logged_model(version.model_id)
-    assert logged.tags["mlflow.model.isExternal"] == "true"
+    logged = mlflow.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.tags["mlflow.model.isExternal"] == "true" and logged.source_run_id == run_id
+    assert logged.tags["release.uri"] == version.tags["release.uri"]
     assert logged.params["artifact.gptq"] == next(s.ref.uri for s in result.stages if s.stage == "quantize")
     assert aliases(mlflow, "tiny-release") == {"candidate": "1", "champion": "1"}
 
@@ -192,3 +196,32 @@ def test_launched_trainers_are_told_the_run():
                              tracking=TrackingTarget("http://127.0.0.1:5000", "abc123"))
     assert command[-4:] == ["--tracking-uri", "http://127.0.0.1:5000", "--tracking-run", "abc123"]
     assert "--tracking-run" not in launch_command(2, Path("c.yaml"), Path("d"), Path("o"), Path("s"))
+
+
+@pytest.mark.slow
+def test_under_accelerate_launch_rank_0_logs_the_curves_once(tmp_path, assets, tiny_model, validated_data,
+                                                             mlflow_server):
+    """Two trainer processes (accelerate launch, gloo on the CPU): rank 0 alone sends the curves, every step once,
+    into the run the stage was given; the TensorBoard events are in the adapter as before."""
+    from tasks.lib import tracking
+    from tests.reference import read_events
+
+    config = write_config(
+        tmp_path / "train.yaml", run_name="launched",
+        data={"train_path": str(assets["data"] / "train.jsonl"), "max_seq_len": 128},
+        model={"base": str(tiny_model), "name": "tiny-llama"}, lora={"r": 4, "alpha": 8},
+        train={"max_steps": 4, "tokens_per_step": 256, "learning_rate": 1e-3, "warmup_steps": 0, "log_every": 2,
+               "num_processes": 2},
+        device="cpu", publish={"repo": "unused"})
+    cfg = load_config(config)
+    run = tracking.Tracker.open(mlflow_server, EXPERIMENT, "launched", "flow-run-launched")
+    out = tmp_path / "adapter"
+    out.mkdir()
+    train.launch_trainer(2, train.write_resolved_config(cfg, tmp_path / "resolved.yaml"), validated_data(cfg), out,
+                         Checkpoints(tmp_path / "scratch"), run.target)
+    assert json.loads((out / "train_metrics.json").read_text())["processes"] == 2
+    mlflow = client(mlflow_server)
+    assert steps(mlflow, run.run_id, "train/loss") == [1, 2, 3, 4]
+    assert steps(mlflow, run.run_id, "train/grad_norm") == [1, 2, 3, 4]
+    events = read_events(next((out / "tensorboard").glob("events.out.tfevents.*")))
+    assert sorted(e.step for e in events for v in e.summary.value if v.tag == "train/loss") == [1, 2, 3, 4]

@@ -200,10 +200,17 @@ class Tracker:
                                "makes it when the release passes its gates)")
         for key, value in (("release.uri", uri), ("release.version", version_name)):
             self.client.set_model_version_tag(model, version.version, key, value)
-            if version.model_id:
-                self.client.set_logged_model_tags(version.model_id, {key: value})
+            if model_id := logged_model_id(version):
+                self.client.set_logged_model_tags(model_id, {key: value})
         self.client.set_registered_model_alias(model, CHAMPION, version.version)
         return version.version
+
+
+def logged_model_id(version) -> str | None:
+    """The logged model a registered version was made from: its source `models:/<id>` (the server's answer leaves
+    the version's model_id empty)."""
+    return version.model_id or (version.source.removeprefix("models:/") if version.source.startswith("models:/")
+                                else None)
 
 
 def champion(uri: str, model: str) -> dict[str, str] | None:
