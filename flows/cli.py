@@ -206,6 +206,8 @@ def configure_process() -> None:
     """What the command line sets for itself before Prefect and the libraries load (Prefect reads its settings
     once, on import). A setting the user made wins.
 
+    - MLflow (imported when the config has a `tracking:` section) sends no usage telemetry: it would post to
+      MLflow's own endpoint, and it reads DO_NOT_TRACK only as `true`.
     - The temporary Prefect server it starts when no API URL is set sends no telemetry (which fails offline
       and logs an ERROR), and is given 120 s to answer instead of Prefect's 20: on a new machine it first
       creates and migrates its database, which took over 20 s on a busy 2-core CPU (the run then failed).
@@ -213,6 +215,7 @@ def configure_process() -> None:
       install, are not logged, so a successful run logs no ERROR or WARNING that is not one."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # a tracked run reports to its own server only
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     from tasks.lib.log import quiet_library_bars

@@ -42,7 +42,8 @@ class RunTracking:
         flow_run_id = str(runtime.flow_run.id or "local")
         self.tracker = tracking.Tracker.open(settings.uri, settings.experiment,
                                              settings.run_name or runtime.flow_run.name or cfg.run_name, flow_run_id)
-        self.tracker.log_config(cfg.model_dump(mode="json"))
+        # Not the tracking section itself: the run is where it points, and a URI may carry credentials.
+        self.tracker.log_config(cfg.model_dump(mode="json", exclude={"tracking"}))
         create_link_artifact(key="mlflow-run", link=self.tracker.url, link_text=f"MLflow run {self.tracker.run_id}",
                              description=f"This flow run's MLflow run (experiment {settings.experiment})")
         logger().info("tracking: MLflow run %s (%s)", self.tracker.run_id, self.tracker.url)

@@ -102,7 +102,8 @@ def test_tracked_runs_log_everything_and_only_passing_gates_move_the_aliases(tmp
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     assert run.data.params["train.max_steps"] == "4" and run.data.params["lora.r"] == "4"
-    assert run.data.params["tracking.uri"] == mlflow_server and run.data.params["data.eval_path"].endswith("eval.jsonl")
+    assert run.data.params["data.eval_path"].endswith("eval.jsonl") and "train.eval_every" in run.data.params
+    assert not any(key.startswith("tracking.") for key in run.data.params)  # a URI may hold credentials
     # The cached adapter's curves, from its train_metrics.json: every step, the held-out loss every 2.
     assert steps(mlflow, run_id, "train/loss") == [1, 2, 3, 4]
     assert steps(mlflow, run_id, "train/lr") == [1, 2, 3, 4]
