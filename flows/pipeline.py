@@ -96,6 +96,7 @@ def run_pipeline(cfg, tracked: RunTracking, verified_before: dict[str, float]) -
         tracked.scores(quantized_evaluation)
         published_evaluation = evaluate_published_task(cfg, data, quantized).result()  # None: nothing published
         tracked.scores(published_evaluation)
+        tracked.baseline(cfg, published_evaluation)  # the target's release, compared with @champion
         quantized_gate = tracked.gate("quantized", lambda: gate_task(cfg, "quantized", quantized_evaluation,
                                                                      published_evaluation).result())
         # the engines it is for load it

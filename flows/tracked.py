@@ -90,6 +90,24 @@ class RunTracking:
             fidelity = json.loads((self.folder(merged) / "fidelity.json").read_text())
             self.tracker.log_metrics({"model/merged/max_abs_logit_diff": fidelity["max_abs_logit_diff"]})
 
+    def baseline(self, cfg: PipelineConfig, published: StageResult | None) -> None:
+        """The regression gate's baseline is the release published at the target (evaluate-published re-scored it),
+        which stays the truth; @champion is what the tracker believes is published. Recorded (tags
+        `baseline.release_hash`, `baseline.champion`), and a disagreement (a publish the tracker did not see: an
+        untracked run, another tracking server) is a warning."""
+        if not self.tracker or published is None:
+            return
+        sheet = json.loads((self.folder(published) / "metrics.json").read_text())
+        found = self.tracking.champion(self.tracker.uri, self.tracking.registered_model_name(cfg))
+        champion_hash = found["release_hash"] if found else None
+        agrees = champion_hash == sheet["release_hash"]
+        self.tracker.set_tags({"baseline.release_hash": sheet["release_hash"], "baseline.version": sheet["version"],
+                               "baseline.champion": "agrees" if agrees else f"differs: {champion_hash or 'none'}"})
+        if not agrees:
+            logger().warning("tracking: the release published at the target (%s, %s) is not @champion (%s); the "
+                             "regression gate compares with the target's", sheet["version"],
+                             sheet["release_hash"][:12], (champion_hash or "none")[:12])
+
     def gate(self, name: str, run: Callable[[], StageResult]) -> StageResult:
         """Run a gate stage; its table goes to the run (gates/<name>.json, and gates/<name>/passed 1 or 0) whether
         it passes or stops the run."""

@@ -158,7 +158,10 @@ def test_tracked_runs_log_everything_and_only_passing_gates_move_the_aliases(tmp
     assert steps(mlflow, live, "eval/held_out_loss") == [2, 4, 6]
     history = mlflow.get_metric_history(live, "train/loss")
     assert history[0].timestamp < history[-1].timestamp  # sent while training ran, not at its end
-    assert "model/published/perplexity" in mlflow.get_run(live).data.metrics  # v1 re-scored as the baseline
+    live_run = mlflow.get_run(live).data
+    assert "model/published/perplexity" in live_run.metrics  # v1 re-scored as the regression baseline ...
+    assert live_run.tags["baseline.release_hash"] == version.tags["release_hash"]  # ... which @champion named
+    assert live_run.tags["baseline.champion"] == "agrees"
     assert aliases(mlflow, "tiny-release") == {"candidate": "2", "champion": "2"}
     champion = mlflow.get_model_version_by_alias("tiny-release", "champion")
     assert champion.tags["release.uri"] == Path(result.release.path).resolve().as_uri()
