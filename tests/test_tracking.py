@@ -229,3 +229,35 @@ def test_under_accelerate_launch_rank_0_logs_the_curves_once(tmp_path, assets, t
     assert steps(mlflow, run.run_id, "train/grad_norm") == [1, 2, 3, 4]
     events = read_events(next((out / "tensorboard").glob("events.out.tfevents.*")))
     assert sorted(e.step for e in events for v in e.summary.value if v.tag == "train/loss") == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_resumed_trainer_continues_the_curves_without_repeating_a_step(tmp_path, assets, tiny_model,
+                                                                         validated_data, mlflow_server):
+    """The trainer run again from its step-2 checkpoint into the same MLflow run (a retried train stage): it redoes
+    steps 3-4, and the run holds every step once; the adapter's TensorBoard events cover the whole run again."""
+    from tasks.lib import tracking, trainer
+    from tests.reference import read_events
+
+    config = write_config(
+        tmp_path / "train.yaml", run_name="resumed",
+        data={"train_path": str(assets["data"] / "train.jsonl"), "max_seq_len": 128},
+        model={"base": str(tiny_model), "name": "tiny-llama"}, lora={"r": 4, "alpha": 8},
+        train={"max_steps": 4, "tokens_per_step": 256, "learning_rate": 1e-3, "warmup_steps": 0, "log_every": 1,
+               "checkpoint_every": 2},
+        device="cpu", publish={"repo": "unused"})
+    cfg = load_config(config)
+    run = tracking.Tracker.open(mlflow_server, EXPERIMENT, "resumed-trainer", "flow-run-resumed-trainer")
+    scratch = tmp_path / "scratch"
+    first = trainer.train_adapter(cfg, validated_data(cfg), tmp_path / "first", scratch, run.target)
+    assert first["resumed_from_step"] == 0
+    mlflow = client(mlflow_server)
+    assert steps(mlflow, run.run_id, "train/loss") == [1, 2, 3, 4]
+
+    again = trainer.train_adapter(cfg, validated_data(cfg), tmp_path / "again", scratch, run.target)
+    assert again["resumed_from_step"] == 2 and again["steps"] == 4
+    assert steps(mlflow, run.run_id, "train/loss") == [1, 2, 3, 4]
+    assert [m.value for m in mlflow.get_metric_history(run.run_id, "train/loss")] == pytest.approx(
+        [h["loss"] for h in again["history"]], rel=1e-6)  # the redone steps are the same steps
+    events = read_events(next((tmp_path / "again" / "tensorboard").glob("events.out.tfevents.*")))
+    assert sorted(e.step for e in events for v in e.summary.value if v.tag == "train/loss") == [1, 2, 3, 4]
