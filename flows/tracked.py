@@ -144,5 +144,10 @@ class RunTracking:
             logger().info("tracking: %s version %s (%s) is @champion", model, version, uri)
 
     def end(self, status: str) -> None:
+        """Best effort: the flow run's outcome is decided, and a tracker that cannot be told must not replace a
+        failure's own error (the run then stays RUNNING in MLflow, and the warning says why)."""
         if self.tracker:
-            self.tracker.end(status)
+            try:
+                self.tracker.end(status)
+            except Exception as problem:  # noqa: BLE001 - any client or connection error
+                logger().warning("tracking: could not mark MLflow run %s %s: %s", self.tracker.run_id, status, problem)
