@@ -124,7 +124,8 @@ def test_tracked_runs_log_everything_and_only_passing_gates_move_the_aliases(tmp
     assert run.data.tags["data.fingerprint"] == fingerprint["fingerprint"]
     assert run.data.tags["release.uri"] == Path(result.release.path).resolve().as_uri()
     links = link_artifacts(flow_run_id)
-    assert len(links) == 1 and f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run_id}" in links[0]["data"]
+    page = f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    assert len(links) == 1 and page in links[0]["data"]
     # The published release is version 1 of the registry repo's model, by reference: an external logged model.
     version = mlflow.get_model_version("tiny-release", "1")
     assert version.tags["release_hash"] == result.release.release_hash
