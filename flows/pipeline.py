@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from flows.approval import await_approval
 from flows.locking import release_lock
+from flows.tracked import RunTracking
 from pipeline_config import PipelineConfig, load_config
 from tasks.evaluate import evaluate_quantized_task, evaluate_task
 from tasks.evaluate_published import evaluate_published_task
@@ -62,6 +63,17 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
     quiet_transformers()
     quiet_library_bars()
     verified_before = verification_stats()
+    tracked = RunTracking(cfg)  # the MLflow run of this flow run (tracking: set), else a tracker that does nothing
+    try:
+        result = run_pipeline(cfg, tracked, verified_before)
+    except Exception:
+        tracked.end("FAILED")
+        raise  # a suspended run (approval) raises no Exception: its MLflow run stays open for the resumed run
+    tracked.end("FINISHED")
+    return result
+
+
+def run_pipeline(cfg, tracked: RunTracking, verified_before: dict[str, float]) -> PipelineResult:
     with release_lock(cfg):  # one run at a time per publish target (concurrency.mode: wait | fail)
         checked = preflight_task(cfg)  # base model and publish target can be had (tokens, visibility): no GPU yet
         fetched = fetch_base_model_task(cfg, checked.base_model).result() if checked.base_model else None
@@ -73,26 +85,38 @@ def qlora_pipeline(config: str | None = None, overrides: list[str] | None = None
                                         for key, result in fetched_data.items()})
 
         data = validate_task(cfg).result()
-        adapter = train_task(cfg, data).result()
+        tracked.data(data)
+        adapter = train_task(cfg, data, tracked.target).result()  # the curves go to the MLflow run live
         show_training_curve(cfg, adapter)  # in the UI now, not only in a release a failing gate may stop
+        tracked.training(adapter)
         evaluation = evaluate_task(cfg, data, adapter).result()
-        finetune_gate = gate_task(cfg, "finetune", evaluation).result()
+        tracked.scores(evaluation)
+        finetune_gate = tracked.gate("finetune", lambda: gate_task(cfg, "finetune", evaluation).result())
         merged = merge_task(cfg, data, adapter).result()
-        merge_gate = gate_task(cfg, "merge", merged).result()  # the merged model is the trained model
+        tracked.fidelity(merged)
+        merge_gate = tracked.gate("merge", lambda: gate_task(cfg, "merge", merged).result())  # merged = trained model
         quantized = quantize_task(cfg, data, merged).result()
         gguf = export_gguf_task(cfg, merged).result() if "gguf" in cfg.release.formats else None
         quantized_evaluation = evaluate_quantized_task(cfg, data, merged, quantized, gguf).result()
         show_model_comparison(cfg, evaluation, quantized_evaluation)
+        tracked.scores(quantized_evaluation)
         published_evaluation = evaluate_published_task(cfg, data, quantized).result()  # None: nothing published
-        quantized_gate = gate_task(cfg, "quantized", quantized_evaluation, published_evaluation).result()
-        serving_gate = serving_gate_task(cfg, quantized, adapter, gguf).result()  # the engines it is for load it
+        tracked.scores(published_evaluation)
+        tracked.baseline(cfg, published_evaluation)  # the target's release, compared with @champion
+        quantized_gate = tracked.gate("quantized", lambda: gate_task(cfg, "quantized", quantized_evaluation,
+                                                                     published_evaluation).result())
+        # the engines it is for load it
+        serving_gate = tracked.gate("serving", lambda: serving_gate_task(cfg, quantized, adapter, gguf).result())
         parts = ReleaseParts(
             data=data, adapter=adapter, evaluation=evaluation, gate_finetune=finetune_gate, merged=merged,
             gate_merge=merge_gate, gptq=quantized, gguf=gguf, quantized_evaluation=quantized_evaluation,
             gate_quantized=quantized_gate, gate_serving=serving_gate)
         # The approval names the release it approves: the hash of the parts' payloads, known before the wait.
-        review = await_approval(cfg.approval.timeout_s, release_hash(parts)) if cfg.approval.required else None
+        digest = release_hash(parts)
+        tracked.candidate(cfg, parts, digest)  # every gate passed: a registered version, @candidate
+        review = await_approval(cfg.approval.timeout_s, digest) if cfg.approval.required else None
         release = publish_task(cfg, parts, review)
+        tracked.champion(cfg, release)  # published: @champion
 
     stages = [*([fetched] if fetched else []), *fetched_data.values(), data, adapter, evaluation, finetune_gate,
               merged, merge_gate, quantized, *([gguf] if gguf else []), quantized_evaluation,

@@ -493,6 +493,15 @@ class ConcurrencyConfig(Section):
     lease_s: float = Field(300, ge=60, description="A crashed run's slot is freed this long after it died.")
 
 
+class TrackingConfig(Section):
+    """An MLflow tracking server (tasks/lib/tracking.py): no stage's cache key holds any of this."""
+
+    uri: str = Field(description="Tracking URI, e.g. http://127.0.0.1:5000 (`mlflow server`); a database URI "
+                                 "(sqlite:///...) works without a server.")
+    experiment: str = Field("qlora-pipeline", description="Experiment the runs go into (created when missing).")
+    run_name: str | None = Field(None, description="Name of the MLflow run; unset: the Prefect flow run's name.")
+
+
 class PipelineConfig(Section):
     run_name: str = "qlora-run"
     seed: int = 42
@@ -511,3 +520,5 @@ class PipelineConfig(Section):
     publish: PublishConfig
     artifacts: ArtifactsConfig = ArtifactsConfig()
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
+    tracking: TrackingConfig | None = Field(None, description="Run tracking and model registry in MLflow; unset: none "
+                                                              "(mlflow is not imported).")

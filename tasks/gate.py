@@ -29,7 +29,18 @@ GateSet = Literal["finetune", "merge", "quantized"]
 
 
 class GateFailed(Exception):
-    """One or more release gates failed; the message names every failing gate."""
+    """One or more release gates failed; the message names every failing gate. `decisions`: the whole table (as
+    JSON data), for a tracker to record the failed gate set as it records a passed one (gates.json)."""
+
+    def __init__(self, message: str, decisions: list[dict] | None = None):
+        super().__init__(message, decisions or [])  # both in args: the exception pickles whole
+
+    @property
+    def decisions(self) -> list[dict]:
+        return self.args[1]
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def check(gate: str, metric: str, value: float, comparison: str, threshold: float,
@@ -160,7 +171,8 @@ def record_decisions(name: str, decisions: list[GateDecision], out_dir: Path) ->
     if failing:
         raise GateFailed(f"{name} gates failed: " + "; ".join(
             f"{d.gate} ({d.metric} = {number(d.value)}, required {d.comparison} {number(d.threshold)}"
-            + (f", baseline {number(d.baseline)} from {d.reference}" if d.reference else "") + ")" for d in failing))
+            + (f", baseline {number(d.baseline)} from {d.reference}" if d.reference else "") + ")" for d in failing),
+            [d.model_dump() for d in decisions])
     (out_dir / "gates.json").write_text(json.dumps([d.model_dump() for d in decisions], indent=1))
     skipped = [d for d in decisions if d.skipped]
     log.logger().info("gate %s: %d gates passed, %d skipped%s", name, len(decisions) - len(skipped), len(skipped),

@@ -28,6 +28,7 @@ from pipeline_config import PipelineConfig
 from tasks.lib import log
 from tasks.lib.artifacts import ArtifactStore, sha256_path
 from tasks.lib.checkpoints import Checkpoints
+from tasks.lib.metric_loggers import TrackingTarget
 from tasks.lib.stage import StageConfig, StageResult, StageSpec, reported, run_stage
 from tasks.lib.trainer import train_adapter
 
@@ -40,8 +41,10 @@ STEP_LINE = re.compile(r"train: step (\d+)/(\d+)")
 
 
 def launch_command(num_processes: int, config_file: Path, data_dir: Path, out_dir: Path, scratch_dir: Path,
-                   scratch_remote: str | None = None, main_process_port: int | None = None) -> list[str]:
-    """`accelerate launch` running this module in num_processes processes (deploy/accelerate/ddp.yaml).
+                   scratch_remote: str | None = None, main_process_port: int | None = None,
+                   tracking: TrackingTarget | None = None) -> list[str]:
+    """`accelerate launch` running this module in num_processes processes (deploy/accelerate/ddp.yaml); with
+    tracking, rank 0 logs the curves into that MLflow run.
     (`python -m accelerate.commands.launch` is `accelerate launch` without depending on the venv's bin/
     being on PATH.)"""
     return [
@@ -55,6 +58,7 @@ def launch_command(num_processes: int, config_file: Path, data_dir: Path, out_di
         "--out-dir", str(out_dir),
         "--scratch-dir", str(scratch_dir),
         *(["--scratch-remote", scratch_remote] if scratch_remote else []),
+        *(["--tracking-uri", tracking.uri, "--tracking-run", tracking.run_id] if tracking else []),
     ]
 
 
@@ -74,13 +78,13 @@ def free_port() -> int:
 
 
 def launch_trainer(num_processes: int, config_file: Path, data_dir: Path, out_dir: Path,
-                   checkpoints: Checkpoints) -> None:
+                   checkpoints: Checkpoints, tracking: TrackingTarget | None = None) -> None:
     """Run the multi-process trainer to completion, its output streamed into this stage's log and its
     step lines into the progress bar. A non-zero exit fails the stage (the task's retry then resumes)."""
     logger = log.logger()
     report_progress = log.progress_reporter("train: optimizer steps done")
     command = launch_command(num_processes, config_file, data_dir, out_dir, checkpoints.local_dir,
-                             checkpoints.remote, main_process_port=free_port())
+                             checkpoints.remote, main_process_port=free_port(), tracking=tracking)
     logger.info("train: %s", shlex.join(command))
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
@@ -93,17 +97,19 @@ def launch_trainer(num_processes: int, config_file: Path, data_dir: Path, out_di
 
 
 def build_adapter(cfg: StageConfig, store: ArtifactStore, data: StageResult, workdir: Path, key: str,
-                  config_file: Path | None) -> None:
+                  config_file: Path | None, tracking: TrackingTarget | None = None) -> None:
     checkpoints = Checkpoints(store.scratch_dir("train", key), store.remote_scratch("train", key))
     if cfg.train.num_processes > 1:
-        launch_trainer(cfg.train.num_processes, config_file, store.local_path(data.ref), workdir, checkpoints)
+        launch_trainer(cfg.train.num_processes, config_file, store.local_path(data.ref), workdir, checkpoints, tracking)
     else:
-        train_adapter(cfg, store.local_path(data.ref), workdir, checkpoints)
+        train_adapter(cfg, store.local_path(data.ref), workdir, checkpoints, tracking)
     checkpoints.clear()
 
 
 @task(name="train", retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def train_task(cfg: PipelineConfig, data: StageResult):
+def train_task(cfg: PipelineConfig, data: StageResult, tracking: TrackingTarget | None = None):
+    """tracking: the flow's MLflow run, which the curves go to live (not part of the key: where curves go changes
+    no weight; a cache hit's curves are logged by the flow from train_metrics.json)."""
     store = ArtifactStore(cfg.artifacts.root)
     with tempfile.TemporaryDirectory(prefix="qlora-train-") as tmp:
         # Launched processes read the resolved config from a file, and see only TRAIN's part of it (main).
@@ -111,7 +117,7 @@ def train_task(cfg: PipelineConfig, data: StageResult):
         return reported(run_stage(
             TRAIN, store, cfg,
             inputs={"data": data.ref.payload, "base_model": sha256_path(Path(cfg.model.base))},
-            build=lambda view, workdir, key: build_adapter(view, store, data, workdir, key, config_file),
+            build=lambda view, workdir, key: build_adapter(view, store, data, workdir, key, config_file, tracking),
         ))
 
 
@@ -125,6 +131,8 @@ def cli_parser():
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--scratch-dir", required=True, help="checkpoints; reused to resume")
     parser.add_argument("--scratch-remote", help="also mirror checkpoints here (an fsspec URL, e.g. s3://...)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI: rank 0 logs the curves into --tracking-run")
+    parser.add_argument("--tracking-run", help="the MLflow run id (with --tracking-uri)")
     return parser
 
 
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     try:
         cfg = TRAIN.view(load_config(args.config, args.set))
-        train_adapter(cfg, Path(args.data_dir), out, Checkpoints(Path(args.scratch_dir), args.scratch_remote))
+        tracking = TrackingTarget(args.tracking_uri, args.tracking_run) if args.tracking_run else None
+        train_adapter(cfg, Path(args.data_dir), out, Checkpoints(Path(args.scratch_dir), args.scratch_remote), tracking)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

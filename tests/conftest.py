@@ -55,7 +55,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+    os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", MLFLOW_DISABLE_TELEMETRY="true",
                       GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
 
 
@@ -252,6 +252,31 @@ def embedded_adapter(assets, tmp_path_factory, validated_data):
     adapter.mkdir()
     trainer.train_adapter(cfg, validated_data(cfg), adapter, work / "scratch")
     return cfg, adapter
+
+
+# -- an MLflow tracking server: `mlflow server` as the README starts it, on a sqlite store -------------------------
+def mlflow_server_command(folder: Path, port: int) -> list[str]:
+    """The README's `mlflow server` command (section "Tracking with MLflow"), its paths in `folder`."""
+    return [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+            "--default-artifact-root", str(folder / "mlflow-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (its URI) for the module's tests; stopped after them. Its job runner (GenAI
+    features, and the `huey` package the tracking group leaves out) is off, as the README starts it."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(folder / "server.log", "wb")
+    server = subprocess.Popen(mlflow_server_command(folder, port), stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", timeout=120, process=server)
+        yield url
+    finally:
+        stop(server)
 
 
 # -- an S3 endpoint: moto in server mode, a real S3 HTTP API on loopback -------------------------------------

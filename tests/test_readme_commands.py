@@ -148,6 +148,29 @@ def test_readme_hub_run_and_republish_as_written(tiny_config, tmp_path):
         server.stop()
 
 
+# -- tracking with MLflow --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_readme_tracked_run_and_champion_as_written(tiny_config, tmp_path, mlflow_server):
+    """`qlora-pipeline run --set tracking.uri=...`, then `qlora-pipeline champion --set tracking.uri=...`, against
+    the README's `mlflow server` (conftest.mlflow_server). The tiny config is the only addition (--config)."""
+    env = readme_env(tmp_path)
+    tracked = ["--config", str(tiny_config), "--set", f"tracking.uri={mlflow_server}"]
+    untracked = qlora_pipeline("champion", "--config", str(tiny_config), env=env)
+    assert untracked.returncode == 2 and "no `tracking:` section" in untracked.stderr, untracked.stderr
+    nothing = qlora_pipeline("champion", *tracked, env=env)
+    assert nothing.returncode == 1 and "tiny-release has no @champion" in nothing.stderr, nothing.stderr
+
+    run = qlora_pipeline("run", *tracked, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "release: tiny-release/v1 at " in run.stdout
+    champion = qlora_pipeline("champion", *tracked, env=env)
+    assert champion.returncode == 0, champion.stderr
+    release = (tmp_path / "registry" / "tiny-release" / "v1").resolve()
+    assert champion.stdout.startswith(f"tiny-release@champion: version 1: v1 at {release.as_uri()}\n")
+    record = json.loads((release / "release.json").read_text())
+    assert f"release hash: {record['release_hash']}" in champion.stdout
+
+
 @pytest.mark.slow
 def test_importing_the_pipeline_changes_no_environment_variable():
     """Import every module a run uses in a fresh interpreter: the process environment is the same after."""

@@ -1,4 +1,4 @@
-"""The QLoRA trainer: the model, the loss, one optimizer step, and the loop with checkpoints and TensorBoard.
+"""The QLoRA trainer: the model, the loss, one optimizer step, and the loop with checkpoints and its curves.
 
 NF4 + double-quantized base (bitsandbytes), LoRA adapters (peft), paged AdamW, gradient
 checkpointing, padding-free packed batches with the loss on response tokens only.
@@ -18,7 +18,9 @@ How long it runs: train.max_steps, or train.epochs passes over the validated dat
 the last step's, or (train.keep: best) the step with the lowest held-out loss, measured every train.eval_every
 steps on a seeded subset of the held-out rows, which can also stop the run early (train.early_stopping).
 
-Rank 0 alone writes checkpoints, TensorBoard events and the adapter; all ranks resume from the same checkpoint.
+Rank 0 alone writes checkpoints, the curves and the adapter; all ranks resume from the same checkpoint. The curves go
+to TensorBoard events in the adapter and, when the flow's run is tracked, to its MLflow run (tasks/lib/metric_loggers.py:
+the loop writes to a MetricLogger and does not know which).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import itertools
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 
 from pipeline_config import ConfigError
 from pipeline_config.schema import DEFAULT_MAX_STEPS
-from tasks.lib import chat, datarows, log, metrics, modeling, packing
+from tasks.lib import chat, datarows, log, metric_loggers, metrics, modeling, packing
 from tasks.lib.checkpoints import (
     Checkpoints,
     adapter_state,
@@ -46,6 +47,7 @@ from tasks.lib.checkpoints import (
     save_checkpoint,
 )
 from tasks.lib.lora_settings import peft_kwargs
+from tasks.lib.metric_loggers import MetricLogger, TrackingTarget
 from tasks.lib.packing import Pack, count_targets, micro_batches
 from tasks.lib.ranks import Ranks, all_reduce_sum, barrier, join_ranks, ranks_from_env, seed_everything, sum_gradients
 from tasks.lib.stage import StageConfig
@@ -385,40 +387,36 @@ SCALARS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens
 EVAL_SCALARS = {"eval_loss": "eval/held_out_loss"}  # the steps train.eval_every evaluates
 
 
-def open_tensorboard(out_dir: Path, history: list[dict]):
-    """A TensorBoard event writer in the adapter's tensorboard/ folder. The steps before a resumed run's
-    checkpoint are written again from its history, so its events cover the whole run; events an
-    interrupted run left in the same folder are dropped (their steps after the checkpoint are redone)."""
-    from tensorboardX import SummaryWriter
-
-    shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
-    writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), flush_secs=30)
-    for entry in history:
-        log_scalars(writer, entry)
-    return writer
+def scalars(entry: dict) -> dict[str, float]:
+    """A history entry's curves, by the names every metric logger gets them under."""
+    return {tag: entry[key] for key, tag in (SCALARS | EVAL_SCALARS).items() if key in entry}
 
 
-def log_scalars(writer, entry: dict) -> None:
-    for key, tag in (SCALARS | EVAL_SCALARS).items():
-        if key in entry:
-            writer.add_scalar(tag, entry[key], entry["step"])
+def open_metric_logger(out_dir: Path, history: list[dict], tracking: TrackingTarget | None) -> MetricLogger:
+    """The curves' destinations (the adapter's tensorboard/ folder, and the flow's MLflow run when tracked), given
+    the steps a resumed run trained before its checkpoint, so that each covers the whole run once."""
+    return metric_loggers.training_loggers(out_dir / TENSORBOARD_DIR, [(scalars(h), h["step"]) for h in history],
+                                           tracking)
 
 
-def train_adapter(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints | Path) -> dict:
+def train_adapter(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints | Path,
+                  tracking: TrackingTarget | None = None) -> dict:
     """Train the LoRA adapter; write it, the tokenizer, train_metrics.json and TensorBoard events into out_dir.
 
     checkpoints: where resumable state is kept (a local folder, or a `Checkpoints` mirrored to the store).
+    tracking: the flow's MLflow run, which the curves also go to (none: TensorBoard only).
     Under a launcher (WORLD_SIZE > 1) every process calls this; rank 0 alone writes files."""
     if not isinstance(checkpoints, Checkpoints):
         checkpoints = Checkpoints(checkpoints)
     precision = torch.get_float32_matmul_precision()
     try:
-        return run_training(cfg, Path(dataset_dir), Path(out_dir), checkpoints)
+        return run_training(cfg, Path(dataset_dir), Path(out_dir), checkpoints, tracking)
     finally:
         torch.set_float32_matmul_precision(precision)  # build_model's TF32 is for training, not later stages
 
 
-def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints) -> dict:
+def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints: Checkpoints,
+                 tracking: TrackingTarget | None = None) -> dict:
     logger = log.logger()
     ranks = ranks_from_env()
     seed_everything(cfg.seed)  # the same on every process: identical LoRA initialisation
@@ -458,7 +456,7 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
     else:
         probe_before = probe_loss(model, probe, device)
     resumed_from = step
-    writer = open_tensorboard(out_dir, history) if ranks.main else None
+    curves = open_metric_logger(out_dir, history, tracking) if ranks.main else None
 
     model.train()
     progress = log.ProgressLine("train", plan.steps, "step", done_before=step) if ranks.main else None
@@ -478,15 +476,15 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
                 best.step)
             stopped_early = stopping is not None and best.stale >= stopping.patience and step < plan.steps
         history.append(entry)
-        if writer is not None:
-            log_scalars(writer, entry)
+        if curves is not None:
+            curves.log(scalars(entry), step)
         if step % cfg.train.log_every == 0 or step == plan.steps or stopped_early:
             if progress is not None:  # a line at most every log.PROGRESS_EVERY_S, however small log_every is
                 progress.update(step, f"loss {entry['loss']:.4f}, "
                                 f"{tokens_this_run / (time.perf_counter() - start):.0f} tokens/s, "
                                 f"grad norm {entry['grad_norm']:.3f}", force=stopped_early)
-            if writer is not None:
-                writer.flush()
+            if curves is not None:
+                curves.flush()
         if stopped_early:
             say("train: stopping early at step %d of %d: the held-out loss has not improved by more than %g in %d "
                 "evaluations (best %.4f at step %d)", step, plan.steps, stopping.min_delta, stopping.patience,
@@ -506,7 +504,7 @@ def run_training(cfg: StageConfig, dataset_dir: Path, out_dir: Path, checkpoints
     if not ranks.main:
         barrier(ranks)
         return {}
-    writer.close()
+    curves.close()
     tokenizer.save_pretrained(out_dir)
     losses = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
     record = {
