@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from pipeline_config import ConfigError, load_config
 
@@ -20,10 +21,26 @@ def cmd_prepare_assets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def missing_embedded_assets(paths: list[str | None]) -> int | None:
+    """EXIT_USAGE, saying what to run, when a path the command reads is one of the embedded default's and is not in
+    the working folder (the default names .qlora/assets/... relative to it, which prepare-assets makes); else None."""
+    default = load_config()
+    embedded = {default.model.base, default.data.train_path, default.data.eval_path}
+    missing = sorted(path for path in set(paths) & embedded if not Path(path).exists())
+    if not missing:
+        return None
+    print(f"error: {', '.join(missing)}: not found in {Path.cwd()}; the embedded default's model and data are made "
+          f"in the working folder by `qlora-pipeline prepare-assets`: run it here first", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Exit 0: the data passed (report on stdout); 1: it failed or cannot be read (the problem and
     where it is on stderr, never a traceback); 2: usage or config error."""
     cfg = load_config(args.config, args.set)
+    data_paths = [] if args.data else [cfg.data.train_path, cfg.data.eval_path]
+    if (refused := missing_embedded_assets([cfg.data.tokenizer or cfg.model.base, *data_paths])) is not None:
+        return refused
     try:
         from tasks.lib.datarows import DataError
         from tasks.validate import validate_for_cli
@@ -51,7 +68,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    load_config(args.config, args.set)  # fail fast, before Prefect starts, on a bad config
+    cfg = load_config(args.config, args.set)  # fail fast, before Prefect starts, on a bad config
+    if (refused := missing_embedded_assets([cfg.model.base, cfg.data.train_path, cfg.data.eval_path])) is not None:
+        return refused
     from flows.pipeline import qlora_pipeline
 
     state = qlora_pipeline(config=args.config, overrides=args.set, return_state=True)
@@ -197,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.set_defaults(func=cmd_store)
 
     assets = commands.add_parser("prepare-assets", help="build the embedded default's model and data")
-    assets.add_argument("--dir", default=".qlora/assets")
+    assets.add_argument("--dir", default=".qlora/assets", help="where (default: .qlora/assets, where the embedded "
+                                                              "default's paths point, relative to the working folder)")
     assets.set_defaults(func=cmd_prepare_assets)
     return parser
 

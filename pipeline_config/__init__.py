@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 
 from pipeline_config.schema import PipelineConfig
 
-DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+DEFAULT_CONFIG = Path(resources.files(__name__)) / "default.yaml"  # package data
 
 
 class ConfigError(Exception):

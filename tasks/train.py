@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from tasks.lib.trainer import train_adapter
 TRAIN = StageSpec("train", __name__, reads=("seed", "device", "model.compute_dtype", "lora", "train", "data.max_seq_len"),
                   uses=("model.base", "train.log_every"),
                   reports=("README.md", "tensorboard/*", "train_metrics.json"))
-ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "accelerate" / "ddp.yaml"
+ACCELERATE_CONFIG = Path(resources.files("deploy")) / "accelerate" / "ddp.yaml"  # package data
 STEP_LINE = re.compile(r"train: step (\d+)/(\d+)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,22 @@ def test_sharegpt_rows_map_to_messages_and_role_order_is_checked(tmp_path):
     order = rule_result(report, "role-order-valid")
     assert not report.passed and [(s.line, s.value) for s in order.sample_rows] == [(4, "assistant,user")]
     assert rule_result(report, "token-length-1-to-8192").status == "skipped"  # no tokenizer in this test
+
+
+def test_the_default_contracts_key_is_the_shipped_suites_not_their_package_folder(tmp_path, monkeypatch):
+    """data_contracts is a package (so the suites install with the wheel): its __init__.py and the __pycache__/ an
+    import leaves beside it are no contract, and must not change the validate stage's key; a suite's edit must."""
+    from tasks.lib import contracts
+    from tasks.lib.prep import contract_hash
+
+    shipped = tmp_path / "data_contracts"
+    shutil.copytree(contracts.CONTRACTS_DIR, shipped, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(contracts, "CONTRACTS_DIR", shipped)
+    before = contract_hash(None, "data.contract")
+    (shipped / "__pycache__").mkdir()
+    (shipped / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"\0")
+    assert contract_hash(None, "data.contract") == before
+    suite = json.loads((shipped / "messages.json").read_text())
+    suite["expectations"][0]["meta"]["severity"] = "warning"
+    (shipped / "messages.json").write_text(json.dumps(suite))
+    assert contract_hash(None, "data.contract") != before

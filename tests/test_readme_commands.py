@@ -2,7 +2,9 @@
 repository root, with only the environment the README tells the user to set (plus PATH and a fresh HOME, so
 Prefect's temporary server and every cache start empty, as on a new machine). No constant is patched.
 
-`make demo` and `make test` themselves run in `.ci/run`; the deployment commands in test_deployment.py."""
+`make demo` and `make test` themselves run in `.ci/run`; the deployment commands in test_deployment.py; the
+package's ("Installing it as a package": pip, prepare-assets, validate and run from an empty folder) in
+test_package.py."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -326,7 +327,7 @@ def tokenizer_hash(cfg: PipelineConfig) -> dict[str, str]:
     return hashes
 
 
-SHIPPED_TEMPLATES = Path(__file__).resolve().parents[2] / "pipeline_config" / "chat_templates"
+SHIPPED_TEMPLATES = Path(resources.files("pipeline_config")) / "chat_templates"  # package data
 
 
 def chat_template_file(setting: str) -> Path:

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,9 @@ from tasks.lib.datarows import DERIVED_COLUMNS, LINE_COLUMN, DataError, _decode_
 
 Severity = Literal["error", "warning"]
 
-CONTRACTS_DIR = Path(__file__).resolve().parents[2] / "data_contracts"
+# The shipped suites, package data of `data_contracts` (an installed wheel and a checkout alike). A Path: GX and the
+# cache keys read them as files, which pip's unzipped install gives.
+CONTRACTS_DIR = Path(resources.files("data_contracts"))
 DEFAULT_SEVERITY: Severity = "error"
 SAMPLE_ROW_LIMIT = 5
 SAMPLE_VALUE_MAX_CHARS = 120
@@ -488,6 +491,11 @@ def _plain(value: Any) -> Any:
 
 def default_contract(fmt: str) -> Path:
     return CONTRACTS_DIR / f"{fmt.replace('-', '_')}.json"
+
+
+def shipped_suites() -> list[Path]:
+    """The suites a format can pick, without the package's own files (__init__.py, __pycache__/)."""
+    return sorted(CONTRACTS_DIR.glob("*.json"))
 
 
 def render_data_docs(validation, path: Path) -> bool:

@@ -10,12 +10,16 @@ from tasks.lib.artifacts import sha256_json, sha256_path
 
 
 def git_commit() -> str | None:
+    """The commit of the checkout the code runs from; None from an installed wheel. Only a work tree whose top is the
+    folder holding tasks/ counts: a git repository around a venv's site-packages is another project's."""
+    checkout = Path(__file__).resolve().parents[2]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=checkout)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    top, _, commit = out.stdout.strip().partition("\n")
+    return commit if out.returncode == 0 and Path(top).resolve() == checkout else None
 
 
 def data_source_hash(cfg) -> str:

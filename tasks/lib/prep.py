@@ -380,8 +380,10 @@ def source_hash(path: str) -> str:
 
 
 def contract_hash(contract: str | None, key: str) -> str:
-    """The named suite's hash, or (unset) the shipped suites' folder's: the detected format picks one of them."""
-    path = Path(contract) if contract else contracts.CONTRACTS_DIR
+    """The named suite's hash, or (unset) the shipped suites': the detected format picks one of them."""
+    if not contract:
+        return artifacts.sha256_json({suite.name: artifacts.sha256_path(suite) for suite in contracts.shipped_suites()})
+    path = Path(contract)
     if not path.exists():
         raise DataError(f"{path}: contract file not found ({key})")
     return artifacts.sha256_path(path)
