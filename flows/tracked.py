@@ -32,7 +32,7 @@ SCORES = ("perplexity", "exact_match", "rouge_l", "regression_perplexity", "json
 class RunTracking:
     def __init__(self, cfg: PipelineConfig):
         self.tracker = None
-        self.store = ArtifactStore(cfg.artifacts.root)
+        self.store_root = cfg.artifacts.root  # opened when read: an untracked run must not make the store's folder
         if cfg.tracking is None:
             return
         from tasks.lib import tracking  # noqa: PLC0415 (mlflow only when tracked)
@@ -53,7 +53,7 @@ class RunTracking:
         return self.tracker.target if self.tracker else None
 
     def folder(self, result: StageResult) -> Path:
-        return self.store.local_path(result.ref)
+        return ArtifactStore(self.store_root).local_path(result.ref)
 
     def data(self, data: StageResult) -> None:
         if self.tracker:
