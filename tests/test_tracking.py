@@ -203,6 +203,16 @@ def test_launched_trainers_are_told_the_run():
     assert "--tracking-run" not in launch_command(2, Path("c.yaml"), Path("d"), Path("o"), Path("s"))
 
 
+def tiny_trainer_config(tmp_path, assets, tiny_model, run_name: str, **train):
+    """Four steps of the tiny model on the embedded rows, for the trainer tests; `train`: the fields they vary."""
+    return load_config(write_config(
+        tmp_path / "train.yaml", run_name=run_name,
+        data={"train_path": str(assets["data"] / "train.jsonl"), "max_seq_len": 128},
+        model={"base": str(tiny_model), "name": "tiny-llama"}, lora={"r": 4, "alpha": 8},
+        train={"max_steps": 4, "tokens_per_step": 256, "learning_rate": 1e-3, "warmup_steps": 0, **train},
+        device="cpu", publish={"repo": "unused"}))
+
+
 @pytest.mark.slow
 def test_under_accelerate_launch_rank_0_logs_the_curves_once(tmp_path, assets, tiny_model, validated_data,
                                                              mlflow_server):
@@ -211,14 +221,7 @@ def test_under_accelerate_launch_rank_0_logs_the_curves_once(tmp_path, assets, t
     from tasks.lib import tracking
     from tests.reference import read_events
 
-    config = write_config(
-        tmp_path / "train.yaml", run_name="launched",
-        data={"train_path": str(assets["data"] / "train.jsonl"), "max_seq_len": 128},
-        model={"base": str(tiny_model), "name": "tiny-llama"}, lora={"r": 4, "alpha": 8},
-        train={"max_steps": 4, "tokens_per_step": 256, "learning_rate": 1e-3, "warmup_steps": 0, "log_every": 2,
-               "num_processes": 2},
-        device="cpu", publish={"repo": "unused"})
-    cfg = load_config(config)
+    cfg = tiny_trainer_config(tmp_path, assets, tiny_model, "launched", log_every=2, num_processes=2)
     run = tracking.Tracker.open(mlflow_server, EXPERIMENT, "launched", "flow-run-launched")
     out = tmp_path / "adapter"
     out.mkdir()
@@ -240,14 +243,7 @@ def test_a_resumed_trainer_continues_the_curves_without_repeating_a_step(tmp_pat
     from tasks.lib import tracking, trainer
     from tests.reference import read_events
 
-    config = write_config(
-        tmp_path / "train.yaml", run_name="resumed",
-        data={"train_path": str(assets["data"] / "train.jsonl"), "max_seq_len": 128},
-        model={"base": str(tiny_model), "name": "tiny-llama"}, lora={"r": 4, "alpha": 8},
-        train={"max_steps": 4, "tokens_per_step": 256, "learning_rate": 1e-3, "warmup_steps": 0, "log_every": 1,
-               "checkpoint_every": 2},
-        device="cpu", publish={"repo": "unused"})
-    cfg = load_config(config)
+    cfg = tiny_trainer_config(tmp_path, assets, tiny_model, "resumed", log_every=1, checkpoint_every=2)
     run = tracking.Tracker.open(mlflow_server, EXPERIMENT, "resumed-trainer", "flow-run-resumed-trainer")
     scratch = tmp_path / "scratch"
     first = trainer.train_adapter(cfg, validated_data(cfg), tmp_path / "first", scratch, run.target)
